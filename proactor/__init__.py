@@ -1,0 +1,1 @@
+"""Completion-based (Proactor) event loop: io_uring, with an emulated engine."""

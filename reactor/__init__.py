@@ -1,0 +1,1 @@
+"""Readiness-based (Reactor) event loop on epoll."""
