@@ -88,3 +88,12 @@ def available() -> list[str]:
 def loop_factory(name: str) -> LoopFactory:
     """The loop factory registered under ``name``; `BackendUnavailable` if none works."""
     return get(name).loop_factory()
+
+
+def resolve(name: str) -> Backend:
+    """``auto`` is the fastest backend available here; any other name is looked up."""
+    if name == "auto":
+        for preferred in ("uvloop", "asyncio"):
+            if is_available(preferred):
+                return get(preferred)
+    return get(name)

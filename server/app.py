@@ -1,0 +1,154 @@
+"""Routing: from a request's method and path to a handler.
+
+    app = App()
+
+    @app.get("/items/{item_id}")
+    async def show_item(request: Request) -> Response:
+        return Response.json({"id": request.params["item_id"]})
+
+A handler is either an ``async def`` (it may await; it runs as a task) or a
+plain ``def`` that returns at once (it runs inline on the event loop, the
+cheapest path: no task, no coroutine; it must not block). Either returns a
+`Response` (or str / bytes / dict / list, converted).
+
+Static paths are one dict lookup; paths with ``{name}`` or ``{name:path}``
+placeholders are tried in the order they were added. A GET route answers HEAD
+too. An unknown path is 404; a known path with another method is 405 with an
+``Allow`` header.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from server.http import Request, Response, error_response
+
+Handler = Callable[[Request], Any] | Callable[[Request], Awaitable[Any]]
+
+_PLACEHOLDER = re.compile(r"{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?}")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One handler for one method on one path pattern."""
+
+    path: str
+    method: str
+    handler: Handler
+    is_async: bool
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    regex: re.Pattern[str]
+    routes: dict[str, Route]
+
+
+class App:
+    """A set of routes. Call `resolve()` to find the route for a request."""
+
+    def __init__(self) -> None:
+        self._static: dict[str, dict[str, Route]] = {}
+        self._patterns: dict[str, _Pattern] = {}
+
+    def route(
+        self, path: str, methods: tuple[str, ...] | list[str] = ("GET",), **options: Any
+    ) -> Callable[[Handler], Handler]:
+        """Register a handler; ``options`` are kept on the `Route` for middleware to read."""
+        if not path.startswith("/"):
+            raise ValueError(f"route path {path!r} must start with '/'")
+
+        def register(handler: Handler) -> Handler:
+            is_async = inspect.iscoroutinefunction(handler)
+            table = self._table_for(path)
+            for method in methods:
+                method = method.upper()
+                if method in table:
+                    raise ValueError(f"{method} {path} is already routed")
+                table[method] = Route(path, method, handler, is_async, dict(options))
+            return handler
+
+        return register
+
+    def _table_for(self, path: str) -> dict[str, Route]:
+        if not _PLACEHOLDER.search(path):
+            return self._static.setdefault(path, {})
+        pattern = self._patterns.get(path)
+        if pattern is None:
+            pattern = _Pattern(re.compile(_compile(path)), {})
+            self._patterns[path] = pattern
+        return pattern.routes
+
+    def get(self, path: str, **options: Any) -> Callable[[Handler], Handler]:
+        return self.route(path, ("GET",), **options)
+
+    def post(self, path: str, **options: Any) -> Callable[[Handler], Handler]:
+        return self.route(path, ("POST",), **options)
+
+    def put(self, path: str, **options: Any) -> Callable[[Handler], Handler]:
+        return self.route(path, ("PUT",), **options)
+
+    def patch(self, path: str, **options: Any) -> Callable[[Handler], Handler]:
+        return self.route(path, ("PATCH",), **options)
+
+    def delete(self, path: str, **options: Any) -> Callable[[Handler], Handler]:
+        return self.route(path, ("DELETE",), **options)
+
+    def resolve(self, request: Request) -> Route | Response:
+        """The route for ``request`` (its ``params`` filled in), or a 404/405 response."""
+        path = request.path
+        routes = self._static.get(path)
+        if routes is None:
+            for pattern in self._patterns.values():
+                match = pattern.regex.fullmatch(path)
+                if match is not None:
+                    routes = pattern.routes
+                    request.params = match.groupdict()
+                    break
+            else:
+                return error_response(404, f"no route for {path}")
+        route = routes.get(request.method)
+        if route is None and request.method == "HEAD":
+            route = routes.get("GET")
+        if route is None:
+            allowed = sorted(set(routes) | ({"HEAD"} if "GET" in routes else set()))
+            response = error_response(405, f"{request.method} is not allowed on {path}")
+            response.headers.append(("Allow", ", ".join(allowed)))
+            return response
+        return route
+
+
+def _compile(path: str) -> str:
+    parts = []
+    position = 0
+    for match in _PLACEHOLDER.finditer(path):
+        parts.append(re.escape(path[position : match.start()]))
+        name, kind = match.group(1), match.group(2)
+        parts.append(f"(?P<{name}>.+)" if kind == "path" else f"(?P<{name}>[^/]+)")
+        position = match.end()
+    parts.append(re.escape(path[position:]))
+    return "".join(parts)
+
+
+def import_app(spec: str) -> App:
+    """``"package.module:attribute"`` → the App it names, with errors a user can act on."""
+    import importlib
+
+    module_name, _, attribute = spec.partition(":")
+    attribute = attribute or "app"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"cannot import app module {module_name!r}: {exc}") from exc
+    try:
+        app = getattr(module, attribute)
+    except AttributeError:
+        raise ImportError(f"module {module_name!r} has no attribute {attribute!r}") from None
+    if not isinstance(app, App):
+        raise ImportError(f"{spec} is a {type(app).__name__}, not a forkloop App")
+    return app

@@ -1,0 +1,342 @@
+"""Requests and responses: what a handler sees and what it gives back.
+
+A `Request` is built by the connection layer (`server.protocol`) once a whole
+request has arrived and its framing has been checked; its body is already
+buffered (bounded by ``--max-body-size``), so a handler never starts for a
+request whose framing turns out to be bad. Headers stay as the raw bytes the
+parser produced until a handler asks for them.
+
+A `Response` is plain data: status, headers, and either a bytes body or an
+async iterator of bytes (streamed, chunked when its length is unknown). The
+head is encoded here, with every header name and value checked: a handler
+cannot inject CR/LF into the stream. `HeaderError` is what it raises instead,
+and the connection answers 500.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import re
+from collections.abc import AsyncIterable, Iterable, Iterator, Mapping
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs, unquote_to_bytes
+
+HeaderItems = Mapping[str, str] | Iterable[tuple[str, str]]
+
+SERVER_NAME = "forkloop"
+
+STATUS_LINES: dict[int, bytes] = {
+    status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode() for status in HTTPStatus
+}
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
+# Framing headers belong to the server: it computes them from the body.
+_SERVER_OWNED = frozenset({"content-length", "transfer-encoding", "date", "server"})
+
+
+class HeaderError(ValueError):
+    """A handler set a header that cannot be sent safely."""
+
+
+def status_line(status: int) -> bytes:
+    line = STATUS_LINES.get(status)
+    if line is None:
+        if not 100 <= status <= 999:
+            raise HeaderError(f"status {status} is not a three-digit HTTP status")
+        line = STATUS_LINES[status] = f"HTTP/1.1 {status} Unknown\r\n".encode()
+    return line
+
+
+def encode_header(name: str, value: str) -> bytes:
+    """``name: value\\r\\n``, refusing anything that would break the framing."""
+    if not _TOKEN.fullmatch(name):
+        raise HeaderError(f"header name {name!r} is not an HTTP token")
+    value = str(value)
+    if _FORBIDDEN_IN_VALUE.search(value):
+        raise HeaderError(f"header {name} has CR, LF or NUL in its value")
+    return f"{name}: {value}\r\n".encode("latin-1")
+
+
+class Headers:
+    """Case-insensitive, multi-valued view of a request's raw headers."""
+
+    __slots__ = ("raw", "_index")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.raw = raw
+        self._index: dict[str, list[str]] | None = None
+
+    def _build_index(self) -> dict[str, list[str]]:
+        index: dict[str, list[str]] = {}
+        for name, value in self.raw:
+            index.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+        self._index = index
+        return index
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The value of ``name``; several values are joined with ", " (RFC 9110 5.3)."""
+        values = (self._index or self._build_index()).get(name.lower())
+        return ", ".join(values) if values else default
+
+    def get_all(self, name: str) -> list[str]:
+        return list((self._index or self._build_index()).get(name.lower(), ()))
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in (self._index or self._build_index())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index or self._build_index())
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def items(self) -> list[tuple[str, str]]:
+        return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.raw]
+
+    def __repr__(self) -> str:
+        return f"Headers({self.items()!r})"
+
+
+class Request:
+    """One HTTP request, complete and well-framed.
+
+    ``path`` is percent-decoded (UTF-8); ``raw_path`` is what the client sent.
+    ``params`` holds the values of the route's ``{placeholders}``.
+    """
+
+    __slots__ = (
+        "method",
+        "target",
+        "version",
+        "raw_headers",
+        "client",
+        "keep_alive",
+        "params",
+        "service",
+        "_body",
+        "_headers",
+        "_path",
+        "_query",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        target: bytes,
+        version: str,
+        raw_headers: list[tuple[bytes, bytes]],
+        client: tuple[str, int] | None,
+        keep_alive: bool,
+        body: bytes = b"",
+        service: Any = None,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.raw_headers = raw_headers
+        self.client = client
+        self.keep_alive = keep_alive
+        self.params: dict[str, str] = {}
+        self.service = service
+        self._body = body
+        self._headers: Headers | None = None
+        self._path: str | None = None
+        self._query: bytes = b""
+
+    @property
+    def headers(self) -> Headers:
+        """The request headers, case-insensitive (built on first use)."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = Headers(self.raw_headers)
+        return headers
+
+    def _split_target(self) -> str:
+        target = self.target
+        if b"?" not in target and b"%" not in target and target[:1] == b"/":
+            path = self._path = target.decode("utf-8", "replace")  # the common case
+            return path
+        if target[:1] != b"/" and target != b"*":
+            # absolute-form (RFC 9112 3.2.2): keep only the path and query
+            scheme_end = target.find(b"://")
+            if scheme_end >= 0:
+                slash = target.find(b"/", scheme_end + 3)
+                target = target[slash:] if slash >= 0 else b"/"
+        raw_path, _, self._query = target.partition(b"?")
+        if b"%" in raw_path:
+            path = unquote_to_bytes(raw_path).decode("utf-8", "replace")
+        else:
+            path = raw_path.decode("utf-8", "replace")
+        self._path = path
+        return path
+
+    @property
+    def path(self) -> str:
+        return self._path if self._path is not None else self._split_target()
+
+    @property
+    def raw_path(self) -> bytes:
+        return self.target.partition(b"?")[0]
+
+    @property
+    def query_string(self) -> str:
+        if self._path is None:
+            self._split_target()
+        return self._query.decode("latin-1")
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        """Query parameters, each name mapped to the list of its values."""
+        return parse_qs(self.query_string, keep_blank_values=True)
+
+    def query_param(self, name: str, default: str | None = None) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else default
+
+    async def body(self) -> bytes:
+        """The whole body (already received and bounded by the body-size limit)."""
+        return self._body
+
+    async def stream(self, chunk_size: int = 65536) -> AsyncIterable[bytes]:
+        """The body in chunks of at most ``chunk_size`` bytes."""
+        body = memoryview(self._body)
+        for start in range(0, len(body), chunk_size):
+            yield bytes(body[start : start + chunk_size])
+
+    async def text(self, encoding: str = "utf-8") -> str:
+        return self._body.decode(encoding)
+
+    async def json(self) -> Any:
+        return jsonlib.loads(self._body)
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.target.decode('latin-1')} HTTP/{self.version}>"
+
+
+class Response:
+    """Status, headers and a body: ``bytes`` or an async iterator of ``bytes``.
+
+    ``Response("hi")``, ``Response.json({...}, status=201)``,
+    ``Response(stream=generate(), content_type="text/csv")``.
+    """
+
+    __slots__ = ("status", "headers", "body", "stream", "content_type")
+
+    def __init__(
+        self,
+        body: bytes | str = b"",
+        status: int = 200,
+        headers: HeaderItems | None = None,
+        content_type: str | None = "text/plain; charset=utf-8",
+        stream: AsyncIterable[bytes] | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body if body.__class__ is bytes else _encode_body(body)
+        self.stream = stream
+        self.content_type = content_type
+        if headers is None:
+            self.headers: list[tuple[str, str]] = []
+        elif isinstance(headers, Mapping):
+            self.headers = list(headers.items())
+        else:
+            self.headers = list(headers)
+
+    @classmethod
+    def text(cls, text: str, status: int = 200, headers: HeaderItems | None = None) -> Response:
+        return cls(text.encode(), status, headers)
+
+    @classmethod
+    def json(cls, data: Any, status: int = 200, headers: HeaderItems | None = None) -> Response:
+        body = jsonlib.dumps(data, separators=(",", ":")).encode()
+        return cls(body, status, headers, content_type="application/json")
+
+    @classmethod
+    def html(cls, html: str, status: int = 200, headers: HeaderItems | None = None) -> Response:
+        return cls(html.encode(), status, headers, content_type="text/html; charset=utf-8")
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        lowered = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lowered:
+                return value
+        if lowered == "content-type" and self.content_type is not None:
+            return self.content_type
+        return default
+
+    def wants_close(self) -> bool:
+        """True when the handler asked for ``Connection: close``."""
+        value = self.header("connection")
+        return value is not None and "close" in value.lower()
+
+    def encode_headers(self) -> bytes:
+        """The handler's own header lines, validated; framing headers are the server's."""
+        lines = []
+        content_type = self.content_type
+        for name, value in self.headers:
+            lowered = name.lower()
+            if lowered in _SERVER_OWNED or lowered == "connection":
+                continue
+            if lowered == "content-type":
+                content_type = None
+            lines.append(encode_header(name, value))
+        if content_type is not None:
+            lines.append(content_type_line(content_type))
+        return b"".join(lines)
+
+    def declared_length(self) -> int | None:
+        """Content-Length a streaming handler promised, if any."""
+        value = self.header("content-length")
+        if value is None:
+            return None
+        if not value.isdigit():
+            raise HeaderError(f"Content-Length {value!r} set by the handler is not a number")
+        return int(value)
+
+    def __repr__(self) -> str:
+        kind = "stream" if self.stream is not None else f"{len(self.body)} bytes"
+        return f"<Response {self.status} {kind}>"
+
+
+_CONTENT_TYPE_LINES: dict[str, bytes] = {}
+
+
+def _encode_body(body: bytes | bytearray | memoryview | str) -> bytes:
+    if isinstance(body, str):
+        return body.encode()
+    if isinstance(body, bytes | bytearray | memoryview):
+        return bytes(body)
+    raise TypeError(f"response body must be bytes or str, not {type(body).__name__}")
+
+
+def content_type_line(content_type: str) -> bytes:
+    line = _CONTENT_TYPE_LINES.get(content_type)
+    if line is None:
+        line = encode_header("Content-Type", content_type)
+        if len(_CONTENT_TYPE_LINES) < 256:
+            _CONTENT_TYPE_LINES[content_type] = line
+    return line
+
+
+def as_response(result: Any) -> Response:
+    """What a handler returned, as a Response (str, bytes, dict and list are accepted)."""
+    if result.__class__ is Response or isinstance(result, Response):
+        return result
+    if isinstance(result, bytes | str):
+        return Response(result)
+    if isinstance(result, dict | list):
+        return Response.json(result)
+    raise TypeError(f"handler returned {type(result).__name__}; expected a Response")
+
+
+def error_response(status: int, reason: str) -> Response:
+    """A short plain-text error page: ``400 Bad Request: duplicate Content-Length``."""
+    phrase = HTTPStatus(status).phrase if status in STATUS_LINES else "Error"
+    return Response(f"{status} {phrase}: {reason}\n".encode(), status)

@@ -1,0 +1,683 @@
+"""The HTTP/1.1 connection layer: one `asyncio.Protocol` for every loop backend.
+
+It uses nothing but the transport contract (write, close, pause/resume
+reading, get_extra_info, pause_writing/resume_writing callbacks), so asyncio,
+uvloop and forkloop's own loops all run it unchanged.
+
+How a connection works
+----------------------
+Bytes go into httptools; its callbacks assemble one request at a time. Only
+when a request is *complete* (``on_message_complete``) is it appended to the
+``pending`` queue: a handler never starts for a request whose framing might
+still turn out bad, and the body is already buffered (bounded by
+``max_body_size``). After each feed, `_run_pending` answers queued requests in
+order, one at a time:
+
+* a plain ``def`` handler runs inline and its response is appended to
+  ``output``;
+* an ``async def`` handler runs as a task (eagerly started on Python 3.12+, so
+  a handler that never suspends finishes inside this call too); while it runs,
+  later requests wait in ``pending`` and responses stay in request order.
+
+Everything appended to ``output`` during one `data_received` goes out in one
+``transport.write``: a burst of 16 pipelined requests costs one send.
+
+Rules that keep it honest
+-------------------------
+1. At most one request is *active* (running an async handler or streaming a
+   body) per connection; responses leave in request order.
+2. A framing error (`_reject`) stops parsing at once. Requests complete before
+   the error are still answered; then the error response goes out with
+   ``Connection: close`` and the connection closes. Nothing after it is read.
+3. Backpressure is logical first: while the write buffer is above its
+   high-water mark or ``max_pipelined`` requests are queued, new bytes are
+   stashed, not parsed. The transport keeps reading (so a client that hangs up
+   is noticed, and its handler cancelled) until the stash itself is full.
+4. Deadlines are stored on the connection (`deadline`, `deadline_kind`) and
+   enforced by the service's housekeeping tick: setting one per request is an
+   attribute write, not a timer. The header deadline runs from the first byte
+   of a request and is not extended by later bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from server.http import (
+    STATUS_LINES,
+    HeaderError,
+    Request,
+    Response,
+    as_response,
+    error_response,
+    status_line,
+)
+
+if TYPE_CHECKING:
+    from server.service import HttpService
+
+log = logging.getLogger("forkloop.http")
+
+EAGER_TASKS = sys.version_info >= (3, 12)
+
+# deadline kinds
+HEAD, BODY, IDLE = "head", "body", "idle"
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_BODY_STATUSES = frozenset({204, 304})
+_STASH_LIMIT = 256 * 1024
+_STARTING = object()  # `active` while an eager task runs its first step
+
+_METHODS: dict[bytes, str] = {}
+
+
+class _Rejected(Exception):
+    """Raised from a parser callback to stop parsing; the reason is on the connection."""
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection: parse, dispatch, respond, enforce limits."""
+
+    def __init__(self, service: HttpService) -> None:
+        self.service = service
+        self.limits = limits = service.config.limits
+        self.loop = service.loop
+        self.max_header_bytes = limits.max_header_bytes
+        self.max_header_count = limits.max_header_count
+        self.transport: Any = None
+        self.client: tuple[str, int] | None = None
+        self.parser = httptools.HttpRequestParser(self)
+
+        # the request being parsed
+        self.parsing = False
+        self.head_done = False
+        self.url = b""
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.head_chunk_bytes = 0
+        self.host_count = 0
+        self.content_length = 0
+        self.chunked = False
+        self.expect_continue = False
+        self.body: list[bytes] = []
+        self.body_size = 0
+
+        # requests and responses
+        self.pending: deque[Request] = deque()
+        self.active: Any = None
+        self.output: list[bytes] = []
+        self.served = 0
+        self.continue_owed = False
+        self.rejection: tuple[int, str] | None = None
+        self.closing = False
+        self.peer_closed = False
+
+        # flow control
+        self.read_paused = False
+        self.transport_paused = False
+        self.stash: list[bytes] = []
+        self.stash_size = 0
+        self.write_paused = False
+        self.drain_waiter: asyncio.Future[None] | None = None
+
+        # deadlines, enforced by HttpService.sweep()
+        self.deadline = 0.0
+        self.deadline_kind = HEAD
+        self.send_deadline = 0.0
+
+    # ------------------------------------------------------------------ transport events
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.client = (peer[0], peer[1])
+        self.service.connection_opened(self)
+        self.deadline = self.service.clock + self.limits.header_timeout
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing or self.rejection is not None:
+            return  # nothing after Connection: close or a framing error is read
+        if self.read_paused:
+            self._stash(data)
+            return
+        self._feed(data)
+        self._run_pending()
+
+    def eof_received(self) -> bool:
+        self.peer_closed = True
+        if self.pending:
+            return True  # half-closed: answer what was pipelined, then close
+        if self.active is not None:
+            self.active.cancel("client closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.pending.clear()
+        self.service.connection_closed(self)
+        if self.active is not None and self.active is not _STARTING:
+            self.active.cancel("client connection lost")
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_exception(ConnectionResetError("client connection lost"))
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.send_deadline = self.service.clock + self.limits.send_timeout
+        self.read_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.send_deadline = 0.0
+        waiter = self.drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if not self.closing:
+            self._run_pending()
+
+    # ------------------------------------------------------------------ parsing
+
+    def _feed(self, data: bytes) -> None:
+        in_head = self.parsing and not self.head_done
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._decline_upgrade(data, upgrade.args[0])
+        except (httptools.HttpParserCallbackError, _Rejected):
+            if self.rejection is None:
+                self.rejection = (500, "internal error while parsing")
+        except httptools.HttpParserError as exc:
+            self._record_parser_error(exc)
+        else:
+            if in_head and self.parsing and not self.head_done:
+                # the whole chunk was head bytes still buffered inside the parser
+                self.head_chunk_bytes += len(data)
+                if self.head_chunk_bytes > self.limits.max_header_bytes:
+                    self.rejection = (431, _head_too_large(self.limits.max_header_bytes))
+
+    def _record_parser_error(self, exc: Exception) -> None:
+        message = str(exc)
+        if isinstance(exc, httptools.HttpParserInvalidMethodError):
+            self.rejection = (400, "client sent an invalid request method or request line")
+        elif "HTTP version" in message:
+            self.rejection = (505, "client sent an unsupported HTTP version")
+        else:
+            self.rejection = (400, f"client sent a malformed request ({message})")
+
+    def _reject(self, status: int, reason: str) -> None:
+        self.rejection = (status, reason)
+        raise _Rejected(reason)
+
+    def _decline_upgrade(self, data: bytes, offset: int) -> None:
+        """httptools stops at Upgrade/CONNECT; we don't switch protocols, so carry on as HTTP."""
+        last = self.pending[-1] if self.pending else None
+        if last is not None and last.method == "CONNECT":
+            last.keep_alive = False  # tunnel bytes follow: answer, then close
+            return
+        self.parser = httptools.HttpRequestParser(self)
+        if offset < len(data):
+            self._feed(data[offset:])
+
+    def on_message_begin(self) -> None:
+        self.parsing = True
+        self.head_done = False
+        self.url = b""
+        self.headers = []
+        self.head_size = 0
+        self.head_chunk_bytes = 0
+        self.host_count = 0
+        self.content_length = 0
+        self.chunked = False
+        self.expect_continue = False
+        self.body_size = 0
+        if self.deadline_kind is not HEAD:
+            self.deadline_kind = HEAD
+            self.deadline = self.service.clock + self.limits.header_timeout
+
+    def on_url(self, piece: bytes) -> None:
+        self.url += piece
+        if len(self.url) > self.limits.max_request_line:
+            self._reject(414, f"request target is longer than {self.limits.max_request_line} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self.headers
+        headers.append((name, value))
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.max_header_bytes:
+            self._reject(431, _head_too_large(self.max_header_bytes))
+        if len(headers) > self.max_header_count:
+            self._reject(431, f"client sent more than {self.max_header_count} header fields")
+        if len(name) in _CHECKED_NAME_LENGTHS:
+            check = _HEADER_CHECKS.get(name.lower())
+            if check is not None:
+                check(self, value)
+
+    def _on_host(self, value: bytes) -> None:
+        self.host_count += 1
+
+    def _on_content_length(self, value: bytes) -> None:
+        self.content_length = int(value)  # the parser has already checked the digits
+
+    def _on_transfer_encoding(self, value: bytes) -> None:
+        if self.parser.get_http_version() == "1.0":
+            self._reject(400, "client sent Transfer-Encoding in an HTTP/1.0 request")
+        codings = [coding.strip().lower() for coding in value.split(b",")]
+        if codings == [b"chunked"] and not self.chunked:
+            self.chunked = True
+        elif b"chunked" in codings[:-1] or self.chunked:
+            self._reject(400, "client sent chunked, but not as the final transfer coding")
+        else:
+            coding = value.decode("latin-1")
+            self._reject(501, f"client sent an unsupported Transfer-Encoding: {coding}")
+
+    def _on_expect(self, value: bytes) -> None:
+        if value.lower() == b"100-continue":
+            self.expect_continue = True
+        else:
+            self._reject(417, f"client sent an unsupported Expect: {value.decode('latin-1')}")
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+        version = self.version = self.parser.get_http_version()
+        if version != "1.1" or self.host_count != 1:
+            self._check_version_and_host(version)
+        if self.chunked or self.content_length:
+            self._expect_body()
+
+    def _check_version_and_host(self, version: str) -> None:
+        if version == "1.1":
+            problem = "no Host header" if self.host_count == 0 else "duplicate Host headers"
+            self._reject(400, f"client sent {problem} in an HTTP/1.1 request")
+        elif version == "0.9":
+            self._reject(400, "client sent an HTTP/0.9 request line")
+        elif version != "1.0":
+            self._reject(505, f"client sent HTTP/{version}, which this server does not speak")
+
+    def _expect_body(self) -> None:
+        if self.content_length > self.limits.max_body_size:
+            self._reject(413, _body_too_large(self.limits.max_body_size))
+        self.body = []
+        self.deadline_kind = BODY
+        self.deadline = self.service.clock + self.limits.body_timeout
+        if self.expect_continue:
+            if self.active is None and not self.pending:
+                self.output.append(CONTINUE)
+            else:
+                self.continue_owed = True
+
+    def on_body(self, chunk: bytes) -> None:
+        self.body_size += len(chunk)
+        if self.body_size > self.limits.max_body_size:
+            self._reject(413, _body_too_large(self.limits.max_body_size))
+        self.body.append(chunk)
+        self.deadline = self.service.clock + self.limits.body_timeout
+
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method)
+        if method is None:
+            method = _METHODS.setdefault(raw_method, raw_method.decode("ascii"))
+        body = b""
+        if self.body_size:
+            body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+            self.body = []
+        request = Request(
+            method,
+            self.url,
+            self.version,
+            self.headers,
+            self.client,
+            parser.should_keep_alive(),
+            body,
+            self.service,
+        )
+        self.parsing = False
+        self.deadline = 0.0
+        self.deadline_kind = IDLE
+        if self.continue_owed:
+            self.continue_owed = False  # the client sent the body without waiting for 100
+        self.pending.append(request)
+        if len(self.pending) >= self.limits.max_pipelined:
+            self.read_paused = True
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _run_pending(self) -> None:
+        """Answer queued requests in order until one has to wait; then flush."""
+        pending = self.pending
+        while True:
+            while pending and self.active is None and not self.closing:
+                self._dispatch(pending.popleft())
+            if self.active is not None or self.closing:
+                break
+            if self.rejection is None and not (
+                self.peer_closed or self.read_paused or self.continue_owed
+            ):
+                if not self.parsing:  # idle: the keep-alive timeout runs from now
+                    self.deadline_kind = IDLE
+                    self.deadline = self.service.clock + self.limits.keepalive_timeout
+                break
+            if not self._settle_pipeline():
+                break
+        self._flush()
+
+    def _settle_pipeline(self) -> bool:
+        """The queue is empty and nothing runs: act on errors, EOF, pauses, owed 100s.
+
+        True when there may be new requests to run."""
+        if self.rejection is not None:
+            self._send_rejection()
+            return False
+        if self.peer_closed:
+            self.closing = True
+            return False
+        if self.read_paused and not self.write_paused:
+            self._resume_reading()
+            if self.pending or self.rejection is not None:
+                return True
+        if self.continue_owed and self.parsing:
+            self.continue_owed = False
+            self.output.append(CONTINUE)
+        if not self.read_paused and not self.parsing and not self.pending:
+            self.deadline_kind = IDLE
+            self.deadline = self.service.clock + self.limits.keepalive_timeout
+        return False
+
+    def _dispatch(self, request: Request) -> None:
+        service = self.service
+        service.stats.requests += 1
+        route = service.app.resolve(request)
+        if route.__class__ is Response:
+            self._respond(request, route)
+            return
+        if not route.is_async:
+            try:
+                response = as_response(route.handler(request))
+            except Exception:
+                response = self._handler_failed(request)
+            if response.stream is None:
+                self._respond(request, response)
+            else:
+                self.active = self.loop.create_task(self._stream(request, response))
+            return
+        self.active = _STARTING
+        coroutine = self._run_handler(request, route.handler)
+        if EAGER_TASKS:
+            task = asyncio.Task(coroutine, loop=self.loop, eager_start=True)
+        else:
+            task = self.loop.create_task(coroutine)
+        if self.active is _STARTING:
+            self.active = task
+
+    async def _run_handler(self, request: Request, handler: Any) -> None:
+        try:
+            try:
+                response = as_response(await handler(request))
+            except asyncio.CancelledError:
+                if self.transport is None or self.peer_closed:
+                    return  # the client is gone: nobody to answer
+                raise
+            except Exception:
+                response = self._handler_failed(request)
+            if response.stream is None:
+                self._respond(request, response)
+            else:
+                await self._stream(request, response, finish=False)
+        finally:
+            finished_inline = self.active is _STARTING
+            self.active = None
+            if not finished_inline and self.transport is not None:
+                self._run_pending()
+
+    def _handler_failed(self, request: Request) -> Response:
+        log.exception("handler for %s %s raised", request.method, request.path)
+        return error_response(500, "the handler raised an exception")
+
+    # ------------------------------------------------------------------ responses
+
+    def _keep_alive_after(self, request: Request, response: Response) -> bool:
+        self.served += 1
+        return (
+            request.keep_alive
+            and self.served < self.limits.max_keepalive_requests
+            and not (self.peer_closed and not self.pending)
+            and not self.service.draining
+            and not (response.headers and response.wants_close())
+        )
+
+    def _respond(self, request: Request, response: Response) -> None:
+        """Append a complete (bytes-body) response to the output."""
+        keep_alive = self._keep_alive_after(request, response)
+        status = response.status
+        try:
+            if response.headers:
+                head = (STATUS_LINES.get(status) or status_line(status)) + b"".join(
+                    (self.service.date_and_server, response.encode_headers())
+                )
+            else:
+                head = self.service.response_prefix(status, response.content_type)
+        except HeaderError as exc:
+            log.error("response to %s %s dropped: %s", request.method, request.path, exc)
+            response = error_response(500, "the handler produced an invalid response header")
+            status, head = 500, self.service.response_prefix(500, response.content_type)
+        body = response.body
+        if status < 200 or status in _NO_BODY_STATUSES:
+            body = b""
+            head += _connection_line(request, keep_alive) + b"\r\n"
+        elif keep_alive and request.version == "1.1":
+            head = b"%sContent-Length: %d\r\n\r\n" % (head, len(body))
+        else:
+            head = b"%sContent-Length: %d\r\n%s\r\n" % (
+                head,
+                len(body),
+                _connection_line(request, keep_alive),
+            )
+        output = self.output
+        if body and request.method != "HEAD":
+            output.append(head)
+            output.append(body)
+        else:
+            output.append(head)
+        self.service.count_response(request, status, len(body))
+        if not keep_alive:
+            self.closing = True
+
+    async def _stream(self, request: Request, response: Response, finish: bool = True) -> None:
+        """Send a streaming response: chunked, or close-delimited for HTTP/1.0 clients."""
+        try:
+            keep_alive = self._keep_alive_after(request, response)
+            declared = response.declared_length()
+            chunked = declared is None and request.version == "1.1"
+            if declared is None and not chunked:
+                keep_alive = False  # the end of the body is the end of the connection
+            framing = (
+                b"Transfer-Encoding: chunked\r\n"
+                if chunked
+                else (b"Content-Length: %d\r\n" % declared if declared is not None else b"")
+            )
+            head = (
+                status_line(response.status)
+                + self.service.date_and_server
+                + response.encode_headers()
+                + framing
+                + _connection_line(request, keep_alive)
+                + b"\r\n"
+            )
+        except HeaderError as exc:
+            log.error("response to %s %s dropped: %s", request.method, request.path, exc)
+            self._respond(request, error_response(500, "the handler set an invalid header"))
+            await _close_stream(response.stream)
+            if finish:
+                self.active = None
+                self._run_pending()
+            return
+        self.output.append(head)
+        self._flush()
+        sent = 0
+        try:
+            if request.method != "HEAD":
+                async for chunk in response.stream:
+                    if not chunk:
+                        continue
+                    sent += len(chunk)
+                    if declared is not None and sent > declared:
+                        raise RuntimeError(f"stream sent more than its Content-Length {declared}")
+                    if self.transport is None:
+                        return
+                    self.transport.write(
+                        b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
+                    )
+                    if self.write_paused:
+                        await self._drain()
+            if chunked and self.transport is not None:
+                self.transport.write(b"0\r\n\r\n")
+            if declared is not None and sent != declared and request.method != "HEAD":
+                raise RuntimeError(f"stream sent {sent} of its Content-Length {declared}")
+        except (asyncio.CancelledError, ConnectionError):
+            self.closing = True
+            raise
+        except Exception:
+            log.exception("streaming response to %s %s failed", request.method, request.path)
+            keep_alive = False  # the client cannot tell where the body ended: close
+        finally:
+            await _close_stream(response.stream)
+        self.service.count_response(request, response.status, sent)
+        if not keep_alive:
+            self.closing = True
+        if finish:
+            self.active = None
+            self._run_pending()
+
+    async def _drain(self) -> None:
+        waiter = self.drain_waiter = self.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self.drain_waiter = None
+
+    def _send_rejection(self) -> None:
+        status, reason = self.rejection or (400, "bad request")
+        log.info("%s: answered %d and closed: %s", _peer(self.client), status, reason)
+        self.service.stats.rejected += 1
+        response = error_response(status, reason)
+        self.output.append(
+            STATUS_LINES[status]
+            + self.service.date_and_server
+            + response.encode_headers()
+            + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(response.body)
+            + response.body
+        )
+        self.service.count_response(None, status, len(response.body))
+        self.closing = True
+
+    def _flush(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        output = self.output
+        if output:
+            transport.write(output[0] if len(output) == 1 else b"".join(output))
+            output.clear()
+        if self.closing and self.active is None:
+            transport.close()
+
+    # ------------------------------------------------------------------ flow control
+
+    def _stash(self, data: bytes) -> None:
+        self.stash.append(data)
+        self.stash_size += len(data)
+        if self.stash_size > _STASH_LIMIT and not self.transport_paused:
+            self.transport_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if len(self.pending) >= self.limits.max_pipelined:
+            return
+        self.read_paused = False
+        if self.transport_paused:
+            self.transport_paused = False
+            self.transport.resume_reading()
+        if self.stash:
+            data = b"".join(self.stash)
+            self.stash.clear()
+            self.stash_size = 0
+            self._feed(data)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def check_deadlines(self, now: float) -> None:
+        """Called by the service's tick: enforce whichever deadline has passed."""
+        if self.send_deadline and now >= self.send_deadline:
+            log.info(
+                "%s: closed: client read nothing for %ss",
+                _peer(self.client),
+                self.limits.send_timeout,
+            )
+            self.service.stats.timeouts += 1
+            self.transport.abort()
+            return
+        if not self.deadline or now < self.deadline:
+            return
+        self.deadline = 0.0
+        kind = self.deadline_kind
+        if kind is IDLE or (kind is HEAD and not self.parsing):
+            self.closing = True
+            self._flush()  # idle or nothing received: close quietly, as nginx does
+            return
+        self.service.stats.timeouts += 1
+        if kind is HEAD:
+            reason = f"client sent no complete request head within {self.limits.header_timeout}s"
+        else:
+            reason = f"client sent no body data for {self.limits.body_timeout}s"
+        self.rejection = (408, reason)
+        self._run_pending()
+
+    def close_if_idle(self) -> bool:
+        """For graceful shutdown: close now if no request is in progress."""
+        if self.active is None and not self.pending and not self.parsing:
+            self.closing = True
+            self._flush()
+            return True
+        return False
+
+
+_HEADER_CHECKS = {
+    b"host": HttpConnection._on_host,
+    b"content-length": HttpConnection._on_content_length,
+    b"transfer-encoding": HttpConnection._on_transfer_encoding,
+    b"expect": HttpConnection._on_expect,
+}
+_CHECKED_NAME_LENGTHS = frozenset(len(name) for name in _HEADER_CHECKS)
+
+
+def _connection_line(request: Request, keep_alive: bool) -> bytes:
+    if not keep_alive:
+        return b"Connection: close\r\n"
+    return b"" if request.version == "1.1" else b"Connection: keep-alive\r\n"
+
+
+async def _close_stream(stream: Any) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _head_too_large(limit: int) -> str:
+    return f"request head is larger than {limit} bytes"
+
+
+def _body_too_large(limit: int) -> str:
+    return f"request body is larger than the {limit}-byte limit"
+
+
+def _peer(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "unix client"
