@@ -54,6 +54,9 @@ class App:
 
     def __init__(self) -> None:
         self._static: dict[str, dict[str, Route]] = {}
+        # the same tables keyed by the raw request target, for targets that need no
+        # decoding (no query, no percent-escapes): the common case costs one lookup
+        self._static_raw: dict[bytes, dict[str, Route]] = {}
         self._patterns: dict[str, _Pattern] = {}
 
     def route(
@@ -77,7 +80,10 @@ class App:
 
     def _table_for(self, path: str) -> dict[str, Route]:
         if not _PLACEHOLDER.search(path):
-            return self._static.setdefault(path, {})
+            table = self._static.setdefault(path, {})
+            if path.isascii() and "%" not in path and "?" not in path:
+                self._static_raw[path.encode()] = table
+            return table
         pattern = self._patterns.get(path)
         if pattern is None:
             pattern = _Pattern(re.compile(_compile(path)), {})
@@ -101,6 +107,11 @@ class App:
 
     def resolve(self, request: Request) -> Route | Response:
         """The route for ``request`` (its ``params`` filled in), or a 404/405 response."""
+        routes = self._static_raw.get(request.target)
+        if routes is not None:
+            route = routes.get(request.method)
+            if route is not None:
+                return route
         path = request.path
         routes = self._static.get(path)
         if routes is None:

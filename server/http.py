@@ -19,6 +19,7 @@ import json as jsonlib
 import re
 from collections.abc import AsyncIterable, Iterable, Iterator, Mapping
 from http import HTTPStatus
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qs, unquote_to_bytes
 
@@ -112,20 +113,12 @@ class Request:
     ``params`` holds the values of the route's ``{placeholders}``.
     """
 
-    __slots__ = (
-        "method",
-        "target",
-        "version",
-        "raw_headers",
-        "client",
-        "keep_alive",
-        "params",
-        "service",
-        "_body",
-        "_headers",
-        "_path",
-        "_query",
-    )
+    # Filled in on first use; immutable defaults keep __init__ to the eight fields
+    # every request has.
+    params: Mapping[str, str] = MappingProxyType({})
+    _headers: Headers | None = None
+    _path: str | None = None
+    _query: bytes = b""
 
     def __init__(
         self,
@@ -144,12 +137,8 @@ class Request:
         self.raw_headers = raw_headers
         self.client = client
         self.keep_alive = keep_alive
-        self.params: dict[str, str] = {}
         self.service = service
         self._body = body
-        self._headers: Headers | None = None
-        self._path: str | None = None
-        self._query: bytes = b""
 
     @property
     def headers(self) -> Headers:

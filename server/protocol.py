@@ -77,6 +77,10 @@ _STARTING = object()  # `active` while an eager task runs its first step
 _METHODS: dict[bytes, str] = {}
 
 
+def _method_name(raw: bytes) -> str:
+    return _METHODS.setdefault(raw, raw.decode("ascii"))
+
+
 class _Rejected(Exception):
     """Raised from a parser callback to stop parsing; the reason is on the connection."""
 
@@ -90,14 +94,21 @@ class HttpConnection(asyncio.Protocol):
         self.loop = service.loop
         self.max_header_bytes = limits.max_header_bytes
         self.max_header_count = limits.max_header_count
+        self.max_request_line = limits.max_request_line
+        self.max_pipelined = limits.max_pipelined
+        self.requests_left = limits.max_keepalive_requests
+        self.header_timeout = limits.header_timeout
+        self.keepalive_timeout = limits.keepalive_timeout
+        self.stats = service.stats
+        self.resolve = service.app.resolve
         self.transport: Any = None
         self.client: tuple[str, int] | None = None
         self.parser = httptools.HttpRequestParser(self)
 
         # the request being parsed
-        self.parsing = False
+        self.url = b""  # non-empty while a request is in progress
         self.head_done = False
-        self.url = b""
+        self.framing = False  # a body, framing header or oversized head was seen
         self.version = "1.1"
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0
@@ -113,7 +124,6 @@ class HttpConnection(asyncio.Protocol):
         self.pending: deque[Request] = deque()
         self.active: Any = None
         self.output: list[bytes] = []
-        self.served = 0
         self.continue_owed = False
         self.rejection: tuple[int, str] | None = None
         self.closing = False
@@ -184,24 +194,33 @@ class HttpConnection(asyncio.Protocol):
             self._run_pending()
 
     # ------------------------------------------------------------------ parsing
+    #
+    # A request is "in progress" from its first URL byte (``url`` non-empty)
+    # until on_message_complete, which also resets the per-request state for
+    # the next one. Fields that only some requests touch (body, framing
+    # headers) are reset only when ``framing`` says one was touched.
 
     def _feed(self, data: bytes) -> None:
-        in_head = self.parsing and not self.head_done
+        in_head = self.url and not self.head_done
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._decline_upgrade(data, upgrade.args[0])
-        except (httptools.HttpParserCallbackError, _Rejected):
+        except httptools.HttpParserCallbackError:
             if self.rejection is None:
                 self.rejection = (500, "internal error while parsing")
         except httptools.HttpParserError as exc:
             self._record_parser_error(exc)
         else:
-            if in_head and self.parsing and not self.head_done:
-                # the whole chunk was head bytes still buffered inside the parser
-                self.head_chunk_bytes += len(data)
-                if self.head_chunk_bytes > self.limits.max_header_bytes:
-                    self.rejection = (431, _head_too_large(self.limits.max_header_bytes))
+            if in_head and self.url and not self.head_done:
+                self._count_head_chunk(len(data))
+
+    def _count_head_chunk(self, size: int) -> None:
+        """A whole chunk went into a head still incomplete: it is buffered in the parser."""
+        self.framing = True
+        self.head_chunk_bytes += size
+        if self.head_chunk_bytes > self.max_header_bytes:
+            self.rejection = (431, _head_too_large(self.max_header_bytes))
 
     def _record_parser_error(self, exc: Exception) -> None:
         message = str(exc)
@@ -226,42 +245,35 @@ class HttpConnection(asyncio.Protocol):
         if offset < len(data):
             self._feed(data[offset:])
 
-    def on_message_begin(self) -> None:
-        self.parsing = True
-        self.head_done = False
-        self.url = b""
-        self.headers = []
-        self.head_size = 0
-        self.head_chunk_bytes = 0
-        self.host_count = 0
-        self.content_length = 0
-        self.chunked = False
-        self.expect_continue = False
-        self.body_size = 0
-        if self.deadline_kind is not HEAD:
-            self.deadline_kind = HEAD
-            self.deadline = self.service.clock + self.limits.header_timeout
-
     def on_url(self, piece: bytes) -> None:
-        self.url += piece
-        if len(self.url) > self.limits.max_request_line:
-            self._reject(414, f"request target is longer than {self.limits.max_request_line} bytes")
+        url = self.url
+        if url:
+            url = self.url = url + piece
+        else:
+            url = self.url = piece
+            if self.deadline_kind is not HEAD:  # a new request: its head deadline starts now
+                self.deadline_kind = HEAD
+                self.deadline = self.service.clock + self.header_timeout
+        if len(url) > self.max_request_line:
+            self._reject(414, f"request target is longer than {self.max_request_line} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self.headers
         headers.append((name, value))
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.max_header_bytes:
+        size = self.head_size = self.head_size + len(name) + len(value) + 4
+        if size > self.max_header_bytes:
             self._reject(431, _head_too_large(self.max_header_bytes))
         if len(headers) > self.max_header_count:
             self._reject(431, f"client sent more than {self.max_header_count} header fields")
         if len(name) in _CHECKED_NAME_LENGTHS:
-            check = _HEADER_CHECKS.get(name.lower())
-            if check is not None:
-                check(self, value)
-
-    def _on_host(self, value: bytes) -> None:
-        self.host_count += 1
+            name = name.lower()
+            if name == b"host":
+                self.host_count += 1
+            else:
+                check = _HEADER_CHECKS.get(name)
+                if check is not None:
+                    self.framing = True
+                    check(self, value)
 
     def _on_content_length(self, value: bytes) -> None:
         self.content_length = int(value)  # the parser has already checked the digits
@@ -289,7 +301,7 @@ class HttpConnection(asyncio.Protocol):
         version = self.version = self.parser.get_http_version()
         if version != "1.1" or self.host_count != 1:
             self._check_version_and_host(version)
-        if self.chunked or self.content_length:
+        if self.framing:
             self._expect_body()
 
     def _check_version_and_host(self, version: str) -> None:
@@ -302,9 +314,10 @@ class HttpConnection(asyncio.Protocol):
             self._reject(505, f"client sent HTTP/{version}, which this server does not speak")
 
     def _expect_body(self) -> None:
+        if not (self.chunked or self.content_length):
+            return
         if self.content_length > self.limits.max_body_size:
             self._reject(413, _body_too_large(self.limits.max_body_size))
-        self.body = []
         self.deadline_kind = BODY
         self.deadline = self.service.clock + self.limits.body_timeout
         if self.expect_continue:
@@ -322,32 +335,42 @@ class HttpConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         parser = self.parser
-        raw_method = parser.get_method()
-        method = _METHODS.get(raw_method)
-        if method is None:
-            method = _METHODS.setdefault(raw_method, raw_method.decode("ascii"))
-        body = b""
-        if self.body_size:
-            body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-            self.body = []
-        request = Request(
-            method,
-            self.url,
-            self.version,
-            self.headers,
-            self.client,
-            parser.should_keep_alive(),
-            body,
-            self.service,
+        method = _METHODS.get(parser.get_method()) or _method_name(parser.get_method())
+        self.pending.append(
+            Request(
+                method,
+                self.url,
+                self.version,
+                self.headers,
+                self.client,
+                parser.should_keep_alive(),
+                self._take_body() if self.framing else b"",
+                self.service,
+            )
         )
-        self.parsing = False
+        self.url = b""
+        self.headers = []
+        self.head_size = 0
+        self.host_count = 0
+        self.head_done = False
         self.deadline = 0.0
         self.deadline_kind = IDLE
-        if self.continue_owed:
-            self.continue_owed = False  # the client sent the body without waiting for 100
-        self.pending.append(request)
-        if len(self.pending) >= self.limits.max_pipelined:
+        if len(self.pending) >= self.max_pipelined:
             self.read_paused = True
+
+    def _take_body(self) -> bytes:
+        """The body of the request just completed; resets the rarely used fields."""
+        body = self.body
+        payload = (body[0] if len(body) == 1 else b"".join(body)) if body else b""
+        self.body = []
+        self.body_size = 0
+        self.content_length = 0
+        self.chunked = False
+        self.expect_continue = False
+        self.head_chunk_bytes = 0
+        self.continue_owed = False  # a client may send its body without waiting for 100
+        self.framing = False
+        return payload
 
     # ------------------------------------------------------------------ dispatch
 
@@ -362,9 +385,9 @@ class HttpConnection(asyncio.Protocol):
             if self.rejection is None and not (
                 self.peer_closed or self.read_paused or self.continue_owed
             ):
-                if not self.parsing:  # idle: the keep-alive timeout runs from now
-                    self.deadline_kind = IDLE
-                    self.deadline = self.service.clock + self.limits.keepalive_timeout
+                if not self.deadline and self.deadline_kind is IDLE:
+                    # the last request is answered: the keep-alive timeout runs from now
+                    self.deadline = self.service.clock + self.keepalive_timeout
                 break
             if not self._settle_pipeline():
                 break
@@ -384,18 +407,16 @@ class HttpConnection(asyncio.Protocol):
             self._resume_reading()
             if self.pending or self.rejection is not None:
                 return True
-        if self.continue_owed and self.parsing:
+        if self.continue_owed and self.url:
             self.continue_owed = False
             self.output.append(CONTINUE)
-        if not self.read_paused and not self.parsing and not self.pending:
-            self.deadline_kind = IDLE
-            self.deadline = self.service.clock + self.limits.keepalive_timeout
+        if not self.read_paused and not self.deadline and self.deadline_kind is IDLE:
+            self.deadline = self.service.clock + self.keepalive_timeout
         return False
 
     def _dispatch(self, request: Request) -> None:
-        service = self.service
-        service.stats.requests += 1
-        route = service.app.resolve(request)
+        self.stats.requests += 1
+        route = self.resolve(request)
         if route.__class__ is Response:
             self._respond(request, route)
             return
@@ -444,31 +465,19 @@ class HttpConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ responses
 
-    def _keep_alive_after(self, request: Request, response: Response) -> bool:
-        self.served += 1
-        return (
-            request.keep_alive
-            and self.served < self.limits.max_keepalive_requests
-            and not (self.peer_closed and not self.pending)
-            and not self.service.draining
-            and not (response.headers and response.wants_close())
-        )
+    def _keep_alive_after(self, request: Request) -> bool:
+        """Count one more response; may the connection stay open after it?"""
+        left = self.requests_left = self.requests_left - 1
+        return request.keep_alive and left > 0 and not self.service.draining
 
     def _respond(self, request: Request, response: Response) -> None:
         """Append a complete (bytes-body) response to the output."""
-        keep_alive = self._keep_alive_after(request, response)
+        keep_alive = self._keep_alive_after(request)
         status = response.status
-        try:
-            if response.headers:
-                head = (STATUS_LINES.get(status) or status_line(status)) + b"".join(
-                    (self.service.date_and_server, response.encode_headers())
-                )
-            else:
-                head = self.service.response_prefix(status, response.content_type)
-        except HeaderError as exc:
-            log.error("response to %s %s dropped: %s", request.method, request.path, exc)
-            response = error_response(500, "the handler produced an invalid response header")
-            status, head = 500, self.service.response_prefix(500, response.content_type)
+        if response.headers:
+            head, status, keep_alive = self._head_with_headers(request, response, keep_alive)
+        else:
+            head = self.service.response_prefix(status, response.content_type)
         body = response.body
         if status < 200 or status in _NO_BODY_STATUSES:
             body = b""
@@ -476,25 +485,40 @@ class HttpConnection(asyncio.Protocol):
         elif keep_alive and request.version == "1.1":
             head = b"%sContent-Length: %d\r\n\r\n" % (head, len(body))
         else:
-            head = b"%sContent-Length: %d\r\n%s\r\n" % (
-                head,
-                len(body),
-                _connection_line(request, keep_alive),
-            )
-        output = self.output
-        if body and request.method != "HEAD":
-            output.append(head)
-            output.append(body)
+            connection = _connection_line(request, keep_alive)
+            head = b"%sContent-Length: %d\r\n%s\r\n" % (head, len(body), connection)
+        if not body or request.method == "HEAD":
+            self.output.append(head)
+        elif len(body) <= 4096:
+            self.output.append(head + body)
         else:
-            output.append(head)
-        self.service.count_response(request, status, len(body))
+            self.output += (head, body)
+        self.stats.responses[status] += 1
+        if self.service.access_log is not None:
+            self.service.access_log.write(request, status, len(body))
         if not keep_alive:
             self.closing = True
+
+    def _head_with_headers(
+        self, request: Request, response: Response, keep_alive: bool
+    ) -> tuple[bytes, int, bool]:
+        """Status line, Date, Server and the handler's own (validated) header lines."""
+        try:
+            own = response.encode_headers()
+        except HeaderError as exc:
+            log.error("response to %s %s dropped: %s", request.method, request.path, exc)
+            response.body = error_response(500, "the handler set an invalid header").body
+            return self.service.response_prefix(500, "text/plain; charset=utf-8"), 500, keep_alive
+        status = response.status
+        head = b"".join(
+            (STATUS_LINES.get(status) or status_line(status), self.service.date_and_server, own)
+        )
+        return head, status, keep_alive and not response.wants_close()
 
     async def _stream(self, request: Request, response: Response, finish: bool = True) -> None:
         """Send a streaming response: chunked, or close-delimited for HTTP/1.0 clients."""
         try:
-            keep_alive = self._keep_alive_after(request, response)
+            keep_alive = self._keep_alive_after(request) and not response.wants_close()
             declared = response.declared_length()
             chunked = declared is None and request.version == "1.1"
             if declared is None and not chunked:
@@ -600,7 +624,7 @@ class HttpConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _resume_reading(self) -> None:
-        if len(self.pending) >= self.limits.max_pipelined:
+        if len(self.pending) >= self.max_pipelined:
             return
         self.read_paused = False
         if self.transport_paused:
@@ -629,7 +653,7 @@ class HttpConnection(asyncio.Protocol):
             return
         self.deadline = 0.0
         kind = self.deadline_kind
-        if kind is IDLE or (kind is HEAD and not self.parsing):
+        if kind is IDLE or (kind is HEAD and not self.url):
             self.closing = True
             self._flush()  # idle or nothing received: close quietly, as nginx does
             return
@@ -643,20 +667,20 @@ class HttpConnection(asyncio.Protocol):
 
     def close_if_idle(self) -> bool:
         """For graceful shutdown: close now if no request is in progress."""
-        if self.active is None and not self.pending and not self.parsing:
+        if self.active is None and not self.pending and not self.url:
             self.closing = True
             self._flush()
             return True
         return False
 
 
+# Headers that change how a request is framed; Host is counted inline in on_header.
 _HEADER_CHECKS = {
-    b"host": HttpConnection._on_host,
     b"content-length": HttpConnection._on_content_length,
     b"transfer-encoding": HttpConnection._on_transfer_encoding,
     b"expect": HttpConnection._on_expect,
 }
-_CHECKED_NAME_LENGTHS = frozenset(len(name) for name in _HEADER_CHECKS)
+_CHECKED_NAME_LENGTHS = frozenset(len(name) for name in (b"host", *_HEADER_CHECKS))
 
 
 def _connection_line(request: Request, keep_alive: bool) -> bytes:
