@@ -422,7 +422,9 @@ class HttpConnection(asyncio.Protocol):
             return
         if not route.is_async:
             try:
-                response = as_response(route.handler(request))
+                response = route.handler(request)
+                if response.__class__ is not Response:
+                    response = as_response(response)
             except Exception:
                 response = self._handler_failed(request)
             if response.stream is None:
