@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -58,8 +59,34 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "-w",
         type=int,
         default=os.cpu_count() or 1,
-        help="worker processes the master pre-forks (default: CPU count). Until the master "
-        "process lands this release serves from a single process and ignores larger values.",
+        help="worker processes the master pre-forks (default: CPU count)",
+    )
+    parser.add_argument(
+        "--no-master",
+        action="store_true",
+        help="serve from this one process, no master and no workers (for debugging)",
+    )
+    parser.add_argument(
+        "--config", "-c", default=None, help="TOML file of settings; HUP re-reads it"
+    )
+    parser.add_argument("--pid-file", default=None, help="write the master's pid here")
+    parser.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=30.0,
+        help="a worker whose event loop is blocked this long is killed and replaced",
+    )
+    parser.add_argument(
+        "--max-requests",
+        type=int,
+        default=0,
+        help="a worker retires gracefully after this many requests (0: never)",
+    )
+    parser.add_argument(
+        "--max-requests-jitter",
+        type=int,
+        default=0,
+        help="add up to this many to --max-requests per worker, so they don't retire together",
     )
     parser.add_argument("--backlog", type=int, default=2048, help="listen() backlog per socket")
     parser.add_argument(
@@ -113,39 +140,122 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace, serve_argv: list[str]) -> int:
+    from server.listeners import inherited_sockets
+    from server.master import Master
     from server.worker import Worker, bind_all
 
     config = config_from_args(args)
     configure_logging(config.log_level)
     log = logging.getLogger("forkloop")
     try:
-        backend = backends.resolve(config.loop)
-        backend.loop_factory()
-        sockets = bind_all(config)
+        backends.resolve(config.loop).loop_factory()
+        sockets = inherited_sockets()
+        if not sockets and not (config.reuse_port and not args.no_master):
+            sockets = bind_all(config)
     except (backends.BackendUnavailable, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2
+    if args.no_master:
+        try:
+            return Worker(config, sockets, graceful_timeout=args.graceful_timeout).run()
+        except ImportError as exc:
+            log.error("%s", exc)
+            return 3
+    from server.master import _set_process_title
+
+    _set_process_title("forkloop: master process " + " ".join(["forkloop", "serve", *serve_argv]))
+    master = Master(
+        config,
+        sockets,
+        reload_config=lambda: config_from_args(parse_serve_args(serve_argv)),
+        upgrade_argv=serve_argv,
+        pid_file=args.pid_file,
+        worker_timeout=args.worker_timeout,
+        graceful_timeout=args.graceful_timeout,
+        max_requests=args.max_requests,
+        max_requests_jitter=args.max_requests_jitter,
+    )
+    return master.run()
+
+
+def parse_serve_args(serve_argv: Sequence[str]) -> argparse.Namespace:
+    """The serve options: the command line over the ``--config`` file over the defaults."""
+    parser = argparse.ArgumentParser(prog="forkloop serve")
+    add_serve_arguments(parser)
+    args = parser.parse_args(serve_argv)
+    if args.config:
+        parser.set_defaults(**read_config_file(args.config, parser))
+        args = parser.parse_args(serve_argv)
+    return args
+
+
+def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, object]:
+    """A TOML file whose keys are the long options: ``workers = 4``, ``bind = ["..."]``."""
+    import tomllib
+
+    with open(path, "rb") as handle:
+        values = tomllib.load(handle)
+    known = {action.dest for action in parser._actions}
+    settings: dict[str, object] = {}
+    for key, value in values.items():
+        dest = {"bind": "binds"}.get(key.replace("-", "_"), key.replace("-", "_"))
+        if dest not in known or dest in ("config", "help"):
+            raise ValueError(f"{path}: unknown setting {key!r}")
+        if dest == "binds" and isinstance(value, str):
+            value = [value]
+        settings[dest] = value
+    return settings
+
+
+SIGNAL_COMMANDS = {
+    "reload": (signal.SIGHUP, "re-read the configuration, replace the workers"),
+    "stop": (signal.SIGTERM, "fast shutdown"),
+    "quit": (signal.SIGQUIT, "graceful shutdown"),
+    "reopen": (signal.SIGUSR1, "reopen log files"),
+}
+
+
+def send_signal(args: argparse.Namespace) -> int:
+    """``forkloop reload`` and friends: signal the master named in the pid file."""
+    signum = SIGNAL_COMMANDS[args.command][0]
     try:
-        Worker(config, sockets, graceful_timeout=args.graceful_timeout).run()
-    except ImportError as exc:
-        log.error("%s", exc)
-        return 3
+        with open(args.pid_file) as handle:
+            pid = int(handle.read().strip())
+        os.kill(pid, signum)
+    except FileNotFoundError:
+        print(f"forkloop {args.command}: no pid file at {args.pid_file}", file=sys.stderr)
+        return 1
+    except ValueError:
+        print(f"forkloop {args.command}: {args.pid_file} holds no process id", file=sys.stderr)
+        return 1
+    except ProcessLookupError:
+        print(f"forkloop {args.command}: no process {pid} (stale {args.pid_file})", file=sys.stderr)
+        return 1
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="forkloop", description="HTTP/1.1 server and event-loop toolkit"
     )
     commands = parser.add_subparsers(dest="command", required=True)
     add_serve_arguments(commands.add_parser("serve", help="run the HTTP server"))
+    for name, (signum, description) in SIGNAL_COMMANDS.items():
+        command = commands.add_parser(
+            name, help=f"send {signal.Signals(signum).name} to the master: {description}"
+        )
+        command.add_argument("--pid-file", required=True, help="the master's pid file")
     from loadtest import bench
 
     bench.add_arguments(commands.add_parser("bench", help="CPU-per-request benchmark vs uvicorn"))
     args = parser.parse_args(argv)
     if args.command == "serve":
-        return serve(args)
+        serve_argv = argv[argv.index("serve") + 1 :]
+        return serve(parse_serve_args(serve_argv), serve_argv)
+    if args.command in SIGNAL_COMMANDS:
+        return send_signal(args)
     return bench.main(args)
 
 

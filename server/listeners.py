@@ -76,3 +76,40 @@ def _remove_stale_unix_socket(path: str) -> None:
             os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def describe(sock: socket.socket) -> str:
+    """``http://127.0.0.1:8000``, ``http://[::1]:8000`` or ``unix:/path``."""
+    address = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{address}"
+    if sock.family == socket.AF_INET6:
+        return f"http://[{address[0]}]:{address[1]}"
+    return f"http://{address[0]}:{address[1]}"
+
+
+SD_LISTEN_FDS_START = 3
+
+
+def inherited_sockets(environ: dict[str, str] | None = None) -> list[socket.socket]:
+    """Listening sockets handed over by an upgrading master or by systemd, if any.
+
+    ``FORKLOOP_LISTEN_FDS=3,4`` is what `forkloop` sets on USR2; systemd socket
+    activation sets ``LISTEN_FDS=N`` (fds 3..3+N-1) and ``LISTEN_PID``.
+    """
+    environ = os.environ if environ is None else environ
+    fds: list[int] = []
+    if environ.get("FORKLOOP_LISTEN_FDS"):
+        fds = [int(fd) for fd in environ["FORKLOOP_LISTEN_FDS"].split(",")]
+    elif environ.get("LISTEN_FDS") and environ.get("LISTEN_PID") == str(os.getpid()):
+        count = int(environ["LISTEN_FDS"])
+        fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
+    sockets = []
+    for fd in fds:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        os.set_inheritable(fd, False)
+        sockets.append(sock)
+    for name in ("FORKLOOP_LISTEN_FDS", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    return sockets

@@ -72,6 +72,7 @@ HEAD, BODY, IDLE = "head", "body", "idle"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUSES = frozenset({204, 304})
 _STASH_LIMIT = 256 * 1024
+FIRST_REQUEST_GRACE = 1.0  # seconds a fresh connection gets to send a request during shutdown
 _STARTING = object()  # `active` while an eager task runs its first step
 
 _METHODS: dict[bytes, str] = {}
@@ -668,12 +669,22 @@ class HttpConnection(asyncio.Protocol):
         self._run_pending()
 
     def close_if_idle(self) -> bool:
-        """For graceful shutdown: close now if no request is in progress."""
-        if self.active is None and not self.pending and not self.url:
-            self.closing = True
-            self._flush()
-            return True
-        return False
+        """For graceful shutdown: close now if no request is in progress.
+
+        A connection that has not sent its first request yet may have one on the
+        wire: closing it would answer that request with a reset. It gets
+        FIRST_REQUEST_GRACE seconds to arrive (and is answered with
+        ``Connection: close``), then is closed quietly."""
+        if self.active is not None or self.pending or self.url:
+            return False
+        if self.requests_left == self.limits.max_keepalive_requests:
+            grace = self.service.clock + FIRST_REQUEST_GRACE
+            self.deadline_kind = HEAD
+            self.deadline = min(self.deadline, grace) if self.deadline else grace
+            return False
+        self.closing = True
+        self._flush()
+        return True
 
 
 # Headers that change how a request is framed; Host is counted inline in on_header.

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
@@ -41,6 +42,22 @@ class Stats:
         self.timeouts = 0
         self.connections_total = 0
         self.responses = [0] * 1000  # indexed by status: cheaper than a Counter per response
+
+    def counters(self, open_connections: int) -> dict[str, int]:
+        """The flat counters the scoreboard publishes across workers."""
+        responses = self.responses
+        return {
+            "requests": self.requests,
+            "responses": sum(responses),
+            "responses_2xx": sum(responses[200:300]),
+            "responses_3xx": sum(responses[300:400]),
+            "responses_4xx": sum(responses[400:500]),
+            "responses_5xx": sum(responses[500:]),
+            "rejected": self.rejected,
+            "timeouts": self.timeouts,
+            "open_connections": open_connections,
+            "connections_total": self.connections_total,
+        }
 
     def snapshot(self, open_connections: int) -> dict[str, Any]:
         by_status = {str(status): n for status, n in enumerate(self.responses) if n}
@@ -70,6 +87,8 @@ class HttpService:
         self.draining = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.servers: list[asyncio.AbstractServer] = []
+        # set by a supervised worker: own counters -> counters summed over the server
+        self.server_totals: Callable[[dict[str, int]], dict[str, int]] | None = None
         self.date_and_server = b""
         self.clock = 0.0  # loop.time() as of the last tick: what deadlines are set from
         self._date_second = -1
@@ -174,4 +193,6 @@ class HttpService:
     def snapshot(self) -> dict[str, Any]:
         snapshot = self.stats.snapshot(len(self.connections))
         snapshot["loop"] = f"{type(self.loop).__module__}.{type(self.loop).__qualname__}"
+        if self.server_totals is not None:
+            snapshot["server"] = self.server_totals(self.stats.counters(len(self.connections)))
         return snapshot

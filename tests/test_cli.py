@@ -14,6 +14,11 @@ from loadtest.servers import ServerProcess, free_port, wait_until_answering
 from server import backends
 
 
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rpartition(")")[2].split()[1])
+
+
 def _get(port: int, path: str) -> tuple[int, bytes]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
         return response.status, response.read()
@@ -29,6 +34,8 @@ def test_python_dash_m_server_serves_the_default_app_and_stops_on_sigterm(backen
         f"127.0.0.1:{port}",
         "--loop",
         backend.backend,
+        "--workers",
+        "2",
     ]
     server = ServerProcess("forkloop", command, port).start()
     try:
@@ -36,7 +43,8 @@ def test_python_dash_m_server_serves_the_default_app_and_stops_on_sigterm(backen
         status, body = _get(port, "/stats")
         snapshot = json.loads(body)
         assert status == 200
-        assert snapshot["pid"] == server.process.pid
+        assert _parent_of(snapshot["pid"]) == server.process.pid  # a worker of this master
+        assert snapshot["server"]["workers"] == 2
         assert snapshot["requests"] >= 1
         assert _get(port, "/healthz") == (200, b"ok\n")
         request = urllib.request.Request(

@@ -360,3 +360,23 @@ def test_stats_counts_requests_and_statuses(backend):
         assert snapshot["responses_by_status"] == {"200": 2, "404": 1, "500": 1}
         assert snapshot["errors_by_status"] == {"404": 1, "500": 1}
         assert snapshot["open_connections"] == 1
+
+
+# ---------------------------------------------------------------------- graceful shutdown
+
+
+def test_graceful_shutdown_closes_idle_connections_and_answers_busy_ones_with_close(backend):
+    with running_server(backend, app) as server:
+        with RawClient(server.port) as idle, RawClient(server.port) as busy:
+            idle.request("GET", "/")
+            assert idle.read_reply().status == 200
+            busy.request("GET", "/sleep?ms=300")
+            time.sleep(0.1)  # the slow request is in flight
+            server.loop.call_soon_threadsafe(
+                lambda: asyncio.ensure_future(server.service.shutdown(5.0))
+            )
+            assert idle.is_closed_by_server(timeout=2)
+            reply = busy.read_reply()
+            assert reply.status == 200
+            assert reply.header("connection") == "close"
+            assert busy.is_closed_by_server(timeout=2)
