@@ -32,6 +32,7 @@ _LIMIT_FLAGS = {
     "max_header_count": "most header fields in a request; more is 431",
     "max_body_size": "largest request body in bytes, chunked included; larger is 413",
     "max_pipelined": "complete requests queued on a connection before it stops reading",
+    "request_timeout": "seconds a handler may run before it is cancelled and 504 sent (0: off)",
     "write_buffer_high": "write-buffer bytes above which a connection stops reading",
 }
 

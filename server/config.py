@@ -32,6 +32,9 @@ class Limits:
     max_header_count: int = 100
     # client_max_body_size 1m: larger bodies are 413, chunked ones included.
     max_body_size: int = 1024 * 1024
+    # A handler still running this long after its request arrived is cancelled: 504
+    # (like nginx's proxy_read_timeout 60s). 0 turns it off.
+    request_timeout: float = 60.0
     # Complete requests queued behind a busy one before the connection stops reading.
     max_pipelined: int = 32
     # Write-buffer high-water mark: above it the connection stops reading new requests.

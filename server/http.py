@@ -15,15 +15,18 @@ and the connection answers 500.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json as jsonlib
 import re
-from collections.abc import AsyncIterable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, Awaitable, Iterable, Iterator, Mapping
 from http import HTTPStatus
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote_to_bytes
 
 HeaderItems = Mapping[str, str] | Iterable[tuple[str, str]]
+T = TypeVar("T")
 
 SERVER_NAME = "forkloop"
 
@@ -116,6 +119,8 @@ class Request:
     # Filled in on first use; immutable defaults keep __init__ to the eight fields
     # every request has.
     params: Mapping[str, str] = MappingProxyType({})
+    # why the handler was cancelled: "disconnect", "deadline", "shutdown" (None: it wasn't)
+    cancel_reason: str | None = None
     _headers: Headers | None = None
     _path: str | None = None
     _query: bytes = b""
@@ -199,6 +204,20 @@ class Request:
         body = memoryview(self._body)
         for start in range(0, len(body), chunk_size):
             yield bytes(body[start : start + chunk_size])
+
+    async def shield(self, awaitable: Awaitable[T]) -> T:
+        """Run a critical section to its end even if the request is cancelled meanwhile.
+
+        The cancellation is not lost: it is raised once the section is done, and
+        ``cancel_reason`` says why it came."""
+        inner = asyncio.ensure_future(awaitable)
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            while not inner.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({inner})
+            raise
 
     async def text(self, encoding: str = "utf-8") -> str:
         return self._body.decode(encoding)

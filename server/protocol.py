@@ -69,8 +69,16 @@ EAGER_TASKS = sys.version_info >= (3, 12)
 # deadline kinds
 HEAD, BODY, IDLE = "head", "body", "idle"
 
+# why a handler was cancelled (Request.cancel_reason)
+DISCONNECT, DEADLINE, SHUTDOWN = "disconnect", "deadline", "shutdown"
+
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUSES = frozenset({204, 304})
+_CANCEL_EXPLANATIONS = {
+    DISCONNECT: "the client went away",
+    DEADLINE: "the request timeout passed",
+    SHUTDOWN: "the server is shutting down",
+}
 _STASH_LIMIT = 256 * 1024
 FIRST_REQUEST_GRACE = 1.0  # seconds a fresh connection gets to send a request during shutdown
 _STARTING = object()  # `active` while an eager task runs its first step
@@ -123,7 +131,10 @@ class HttpConnection(asyncio.Protocol):
 
         # requests and responses
         self.pending: deque[Request] = deque()
-        self.active: Any = None
+        self.active: Any = None  # the task of the request being answered, if it needs one
+        self.active_request: Request | None = None
+        self.request_timer: asyncio.TimerHandle | None = None
+        self.request_timeout = limits.request_timeout
         self.output: list[bytes] = []
         self.continue_owed = False
         self.rejection: tuple[int, str] | None = None
@@ -166,16 +177,14 @@ class HttpConnection(asyncio.Protocol):
         self.peer_closed = True
         if self.pending:
             return True  # half-closed: answer what was pipelined, then close
-        if self.active is not None:
-            self.active.cancel("client closed the connection")
+        self.cancel_active(DISCONNECT)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.pending.clear()
         self.service.connection_closed(self)
-        if self.active is not None and self.active is not _STARTING:
-            self.active.cancel("client connection lost")
+        self.cancel_active(DISCONNECT)
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_exception(ConnectionResetError("client connection lost"))
         self.transport = None
@@ -430,37 +439,87 @@ class HttpConnection(asyncio.Protocol):
                 response = self._handler_failed(request)
             if response.stream is None:
                 self._respond(request, response)
-            else:
-                self.active = self.loop.create_task(self._stream(request, response))
+                return
+            self._start_task(request, self._run_handler(request, None, response))
             return
+        self._start_task(request, self._run_handler(request, route.handler))
+
+    def _start_task(self, request: Request, coroutine: Any) -> None:
+        """Run ``coroutine`` as the request's task; eager where Python has it."""
         self.active = _STARTING
-        coroutine = self._run_handler(request, route.handler)
+        self.active_request = request
         if EAGER_TASKS:
             task = asyncio.Task(coroutine, loop=self.loop, eager_start=True)
         else:
             task = self.loop.create_task(coroutine)
-        if self.active is _STARTING:
+        if self.active is _STARTING:  # it suspended: from now on it can overrun its deadline
             self.active = task
+            if self.request_timeout:
+                self.request_timer = self.loop.call_later(
+                    self.request_timeout, self.cancel_active, DEADLINE
+                )
 
-    async def _run_handler(self, request: Request, handler: Any) -> None:
+    async def _run_handler(
+        self, request: Request, handler: Any, response: Response | None = None
+    ) -> None:
+        """Await the handler (unless ``response`` is ready), then send what it gave."""
         try:
             try:
-                response = as_response(await handler(request))
+                if response is None:
+                    response = as_response(await handler(request))
             except asyncio.CancelledError:
-                if self.transport is None or self.peer_closed:
-                    return  # the client is gone: nobody to answer
-                raise
+                response = self._answer_for_cancelled(request)
+                if response is None:
+                    return
             except Exception:
                 response = self._handler_failed(request)
             if response.stream is None:
                 self._respond(request, response)
             else:
-                await self._stream(request, response, finish=False)
+                await self._stream(request, response)
         finally:
+            if self.request_timer is not None:
+                self.request_timer.cancel()
+                self.request_timer = None
             finished_inline = self.active is _STARTING
             self.active = None
+            self.active_request = None
             if not finished_inline and self.transport is not None:
                 self._run_pending()
+
+    def cancel_active(self, reason: str) -> None:
+        """Cancel the running handler (or stream) for ``reason``: disconnect, deadline, shutdown."""
+        task, request = self.active, self.active_request
+        if task is None or task is _STARTING or task.done():
+            return
+        if request is not None and request.cancel_reason is None:
+            request.cancel_reason = reason
+            self.stats.cancelled[reason] += 1
+            log.info(
+                "%s: %s %s cancelled: %s",
+                _peer(self.client),
+                request.method,
+                request.path,
+                _CANCEL_EXPLANATIONS[reason],
+            )
+        task.cancel(f"request cancelled: {reason}")
+
+    def _answer_for_cancelled(self, request: Request) -> Response | None:
+        """What to send once a handler is cancelled: nothing to a client that is gone,
+        504 past the deadline, 503 at shutdown. A cancellation that is not ours
+        (the loop itself shutting down) propagates."""
+        reason = request.cancel_reason
+        if reason is None:
+            raise asyncio.CancelledError
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # handled here: the request's own task ends normally
+        if reason == DISCONNECT or self.transport is None:
+            return None
+        request.keep_alive = False
+        if reason == DEADLINE:
+            return error_response(504, f"the handler did not answer within {self.request_timeout}s")
+        return error_response(503, "the server is shutting down")
 
     def _handler_failed(self, request: Request) -> Response:
         log.exception("handler for %s %s raised", request.method, request.path)
@@ -518,8 +577,11 @@ class HttpConnection(asyncio.Protocol):
         )
         return head, status, keep_alive and not response.wants_close()
 
-    async def _stream(self, request: Request, response: Response, finish: bool = True) -> None:
-        """Send a streaming response: chunked, or close-delimited for HTTP/1.0 clients."""
+    async def _stream(self, request: Request, response: Response) -> None:
+        """Send a streaming response: chunked, or close-delimited for HTTP/1.0 clients.
+
+        A body cut short (error, cancellation) can only be told to the client by
+        closing the connection, so that is what happens."""
         try:
             keep_alive = self._keep_alive_after(request) and not response.wants_close()
             declared = response.declared_length()
@@ -543,15 +605,13 @@ class HttpConnection(asyncio.Protocol):
             log.error("response to %s %s dropped: %s", request.method, request.path, exc)
             self._respond(request, error_response(500, "the handler set an invalid header"))
             await _close_stream(response.stream)
-            if finish:
-                self.active = None
-                self._run_pending()
             return
         self.output.append(head)
         self._flush()
         sent = 0
+        body_wanted = request.method != "HEAD"
         try:
-            if request.method != "HEAD":
+            if body_wanted:
                 async for chunk in response.stream:
                     if not chunk:
                         continue
@@ -565,24 +625,28 @@ class HttpConnection(asyncio.Protocol):
                     )
                     if self.write_paused:
                         await self._drain()
-            if chunked and self.transport is not None:
-                self.transport.write(b"0\r\n\r\n")
-            if declared is not None and sent != declared and request.method != "HEAD":
+            if declared is not None and sent != declared and body_wanted:
                 raise RuntimeError(f"stream sent {sent} of its Content-Length {declared}")
+            if chunked and body_wanted and self.transport is not None:
+                self.transport.write(b"0\r\n\r\n")
         except (asyncio.CancelledError, ConnectionError):
-            self.closing = True
+            self._cut_short()
             raise
         except Exception:
             log.exception("streaming response to %s %s failed", request.method, request.path)
-            keep_alive = False  # the client cannot tell where the body ended: close
+            self._cut_short()
         finally:
             await _close_stream(response.stream)
-        self.service.count_response(request, response.status, sent)
+        self.stats.responses[response.status] += 1
+        if self.service.access_log is not None:
+            self.service.access_log.write(request, response.status, sent)
         if not keep_alive:
             self.closing = True
-        if finish:
-            self.active = None
-            self._run_pending()
+
+    def _cut_short(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
 
     async def _drain(self) -> None:
         waiter = self.drain_waiter = self.loop.create_future()

@@ -26,7 +26,7 @@ from server.app import App
 from server.config import Config
 from server.http import SERVER_NAME, STATUS_LINES, Request, content_type_line, status_line
 from server.logs import AccessLog
-from server.protocol import HttpConnection
+from server.protocol import SHUTDOWN, HttpConnection
 
 log = logging.getLogger("forkloop")
 
@@ -34,7 +34,7 @@ log = logging.getLogger("forkloop")
 class Stats:
     """Per-process counters, served as JSON by ``/stats``."""
 
-    __slots__ = ("requests", "rejected", "timeouts", "connections_total", "responses")
+    __slots__ = ("requests", "rejected", "timeouts", "connections_total", "responses", "cancelled")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -42,6 +42,7 @@ class Stats:
         self.timeouts = 0
         self.connections_total = 0
         self.responses = [0] * 1000  # indexed by status: cheaper than a Counter per response
+        self.cancelled = {"disconnect": 0, "deadline": 0, "shutdown": 0}
 
     def counters(self, open_connections: int) -> dict[str, int]:
         """The flat counters the scoreboard publishes across workers."""
@@ -57,6 +58,7 @@ class Stats:
             "timeouts": self.timeouts,
             "open_connections": open_connections,
             "connections_total": self.connections_total,
+            **{f"cancelled_{reason}": n for reason, n in self.cancelled.items()},
         }
 
     def snapshot(self, open_connections: int) -> dict[str, Any]:
@@ -72,6 +74,7 @@ class Stats:
             "timeouts": self.timeouts,
             "open_connections": open_connections,
             "connections_total": self.connections_total,
+            "cancelled": dict(self.cancelled),
         }
 
 
@@ -130,9 +133,11 @@ class HttpService:
         self.draining = True
         for connection in list(self.connections):
             connection.close_if_idle()
-        deadline = self.loop.time() + timeout
-        while self.connections and self.loop.time() < deadline:
-            await asyncio.sleep(min(0.05, self.tick_interval))
+        await self._wait_for_connections(timeout)
+        if self.connections:  # past the grace: cancel what still runs, answer 503 where we can
+            for connection in list(self.connections):
+                connection.cancel_active(SHUTDOWN)
+            await self._wait_for_connections(min(1.0, timeout) if timeout else 0.1)
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.abort()
@@ -140,6 +145,11 @@ class HttpService:
             self._tick_handle.cancel()
         for server in self.servers:
             await server.wait_closed()
+
+    async def _wait_for_connections(self, timeout: float) -> None:
+        deadline = self.loop.time() + timeout
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(min(0.05, self.tick_interval))
 
     # ------------------------------------------------------------------ connections
 
