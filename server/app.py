@@ -9,7 +9,9 @@
 A handler is either an ``async def`` (it may await; it runs as a task) or a
 plain ``def`` that returns at once (it runs inline on the event loop, the
 cheapest path: no task, no coroutine; it must not block). Either returns a
-`Response` (or str / bytes / dict / list, converted).
+`Response` (or str / bytes / dict / list, converted). A plain handler may also
+return an awaitable when it cannot answer at once: that one is then awaited
+in a task. The response cache works this way: hits inline, misses in a task.
 
 Static paths are one dict lookup; paths with ``{name}`` or ``{name:path}``
 placeholders are tried in the order they were added. A GET route answers HEAD
@@ -25,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from server.cache import CachePolicy, ResponseCache
 from server.http import Request, Response, error_response
 
 Handler = Callable[[Request], Any] | Callable[[Request], Awaitable[Any]]
@@ -52,7 +55,8 @@ class _Pattern:
 class App:
     """A set of routes. Call `resolve()` to find the route for a request."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache: ResponseCache | None = None) -> None:
+        self._cache = cache
         self._static: dict[str, dict[str, Route]] = {}
         # the same tables keyed by the raw request target, for targets that need no
         # decoding (no query, no percent-escapes): the common case costs one lookup
@@ -66,14 +70,19 @@ class App:
         if not path.startswith("/"):
             raise ValueError(f"route path {path!r} must start with '/'")
 
+        policy = options.get("cache")
+        if policy is not None and not isinstance(policy, CachePolicy):
+            raise TypeError(f"cache= takes a CachePolicy, not {type(policy).__name__}")
+
         def register(handler: Handler) -> Handler:
-            is_async = inspect.iscoroutinefunction(handler)
+            serving = handler if policy is None else self.cache.wrap(handler, policy)
+            is_async = inspect.iscoroutinefunction(serving)
             table = self._table_for(path)
             for method in methods:
                 method = method.upper()
                 if method in table:
                     raise ValueError(f"{method} {path} is already routed")
-                table[method] = Route(path, method, handler, is_async, dict(options))
+                table[method] = Route(path, method, serving, is_async, dict(options))
             return handler
 
         return register
@@ -89,6 +98,17 @@ class App:
             pattern = _Pattern(re.compile(_compile(path)), {})
             self._patterns[path] = pattern
         return pattern.routes
+
+    @property
+    def cache(self) -> ResponseCache:
+        """The response cache shared by this app's cached routes (made on first use)."""
+        if self._cache is None:
+            self._cache = ResponseCache()
+        return self._cache
+
+    @property
+    def cache_stats(self) -> dict[str, int] | None:
+        return self._cache.stats.as_dict() if self._cache is not None else None
 
     def get(self, path: str, **options: Any) -> Callable[[Handler], Handler]:
         return self.route(path, ("GET",), **options)

@@ -4,6 +4,8 @@
 /echo      POST: answers with the request body
 /slow      waits ``?ms=N`` milliseconds, then answers
 /stream    streams ``?chunks=N`` chunks of ``?size=B`` bytes (chunked encoding)
+/cached/K  computes for ``?ms=N`` ms, then answers ``value of K``; cached
+           (max-age 10 s, stale-while-revalidate 5 s) with single-flight fills
 /healthz   "ok"
 /stats     this process's counters as JSON
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 
 from server.app import App
+from server.cache import CachePolicy
 from server.http import Request, Response, error_response
 
 app = App()
@@ -53,6 +56,18 @@ def stream(request: Request) -> Response:
             yield block
 
     return Response(stream=generate(), content_type="application/octet-stream")
+
+
+@app.get("/cached/{key}", cache=CachePolicy(ttl=10, stale_while_revalidate=5))
+async def cached(request: Request) -> Response:
+    milliseconds = _int_param(request, "ms", 50)
+    if milliseconds is None:
+        return error_response(400, "ms must be a whole number of milliseconds")
+    await asyncio.sleep(milliseconds / 1000)
+    return Response(
+        f"value of {request.params['key']}\n",
+        headers={"Cache-Control": "max-age=10, stale-while-revalidate=5"},
+    )
 
 
 @app.get("/healthz")

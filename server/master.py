@@ -107,7 +107,8 @@ class Master:
 
     def __post_init__(self) -> None:
         self.target = self.config.workers
-        self.generation = 1
+        self.generation = 1  # the generation serving now; a reload starts a newer one
+        self.generations_started = 1
         self.scoreboard = Scoreboard(max(64, 4 * self.target))
         self.signals: list[int] = []
         self.stopping: str | None = None  # "fast" | "graceful"
@@ -203,12 +204,14 @@ class Master:
             log.error("no free scoreboard slot: %d workers already", len(self.workers))
             return None
         jitter = random.randint(0, self.max_requests_jitter) if self.max_requests_jitter else 0
+        # Claimed before the fork: afterwards only the worker writes its slot (a write
+        # from here could land after the worker's READY and hide it).
+        self.scoreboard.claim(slot, 0, generation)
         pid = os.fork()
         if pid == 0:  # the worker
             self._become_worker(
                 slot, generation, self.max_requests + jitter if self.max_requests else 0
             )
-        self.scoreboard.claim(slot, pid, generation)
         record = WorkerRecord(pid, slot, generation, time.monotonic())
         self.workers[pid] = record
         return record
@@ -279,7 +282,6 @@ class Master:
                     other.stopping = True
                     self._signal_worker(other, signal.SIGTERM)
             self.config, self.target = self.before_reload
-            self.generation = max(r.generation for r in self.workers.values() if not r.stopping)
             self.reload_generation = None
             return
         self.boot_failures += 1
@@ -352,15 +354,21 @@ class Master:
         self.before_reload = (self.config, self.target)
         self.config = config
         self.target = config.workers
-        self.generation += 1
-        self.reload_generation = self.generation
-        log.info("reload: starting %d workers of generation %d", self.target, self.generation)
+        self.generations_started += 1
+        self.reload_generation = self.generations_started
+        log.info(
+            "reload: starting %d workers of generation %d", self.target, self.reload_generation
+        )
         for _ in range(self.target):
-            self.spawn_worker(self.generation)
+            self.spawn_worker(self.reload_generation)
 
     def _advance_reload(self) -> None:
-        new = [r for r in self.workers.values() if r.generation == self.reload_generation]
-        if not all(self.scoreboard.read(r.slot)[2] == READY for r in new):
+        new = [
+            r
+            for r in self.workers.values()
+            if r.generation == self.reload_generation and not r.stopping
+        ]
+        if not new or not all(self.scoreboard.read(r.slot)[2] == READY for r in new):
             return
         for record in self.workers.values():
             if record.generation != self.reload_generation and not record.stopping:
@@ -368,6 +376,7 @@ class Master:
         log.info(
             "reload: generation %d serving; old workers stop gracefully", self.reload_generation
         )
+        self.generation = self.reload_generation
         self.reload_generation = None
 
     def reopen_logs(self) -> None:

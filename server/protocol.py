@@ -42,6 +42,7 @@ Rules that keep it honest
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import sys
 from collections import deque
@@ -434,6 +435,9 @@ class HttpConnection(asyncio.Protocol):
             try:
                 response = route.handler(request)
                 if response.__class__ is not Response:
+                    if inspect.isawaitable(response):  # the cheap path declined: await the rest
+                        self._start_task(request, self._run_handler(request, _awaiting(response)))
+                        return
                     response = as_response(response)
             except Exception:
                 response = self._handler_failed(request)
@@ -764,6 +768,15 @@ def _connection_line(request: Request, keep_alive: bool) -> bytes:
     if not keep_alive:
         return b"Connection: close\r\n"
     return b"" if request.version == "1.1" else b"Connection: keep-alive\r\n"
+
+
+def _awaiting(awaitable: Any) -> Any:
+    """A handler-shaped callable that awaits what a plain handler returned."""
+
+    async def handler(request: Request) -> Any:
+        return await awaitable
+
+    return handler
 
 
 async def _close_stream(stream: Any) -> None:

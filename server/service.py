@@ -30,6 +30,8 @@ from server.protocol import SHUTDOWN, HttpConnection
 
 log = logging.getLogger("forkloop")
 
+ACCEPTED_SETTLE = 0.1  # seconds for already-accepted connections to arrive at shutdown
+
 
 class Stats:
     """Per-process counters, served as JSON by ``/stats``."""
@@ -131,6 +133,10 @@ class HttpService:
         """Stop accepting, let in-flight requests finish (up to ``timeout``), close the rest."""
         self.stop_accepting()
         self.draining = True
+        # A connection the loop accepted just before the close may reach
+        # connection_made a loop turn or two later (asyncio creates transports in a
+        # task); counting the connections before it arrives would reset it at exit.
+        await asyncio.sleep(ACCEPTED_SETTLE)
         for connection in list(self.connections):
             connection.close_if_idle()
         await self._wait_for_connections(timeout)
@@ -200,9 +206,17 @@ class HttpService:
                 self._prefixes[(status, content_type)] = prefix
         return prefix
 
+    def counters(self) -> dict[str, int]:
+        """Flat counters for the scoreboard: HTTP, cancellations and the cache."""
+        counters = self.stats.counters(len(self.connections))
+        for name, value in (self.app.cache_stats or {}).items():
+            counters[f"cache_{name}"] = value
+        return counters
+
     def snapshot(self) -> dict[str, Any]:
         snapshot = self.stats.snapshot(len(self.connections))
+        snapshot["cache"] = self.app.cache_stats or {}
         snapshot["loop"] = f"{type(self.loop).__module__}.{type(self.loop).__qualname__}"
         if self.server_totals is not None:
-            snapshot["server"] = self.server_totals(self.stats.counters(len(self.connections)))
+            snapshot["server"] = self.server_totals(self.counters())
         return snapshot

@@ -114,7 +114,7 @@ class Worker:
             supervision.scoreboard.set_state(supervision.slot, STOPPING)
         await service.shutdown(self.graceful_timeout if graceful else 0.0)
         if supervision is not None:
-            supervision.scoreboard.beat(supervision.slot, service.stats.counters(0))
+            supervision.scoreboard.beat(supervision.slot, service.counters())
 
     def _beat(self) -> None:
         """Heartbeat and counters to the scoreboard; retire or leave when it is time."""
@@ -123,7 +123,7 @@ class Worker:
         if self._stop_requested is not None and self._stop_requested.is_set():
             return
         stats = service.stats
-        supervision.scoreboard.beat(supervision.slot, stats.counters(len(service.connections)))
+        supervision.scoreboard.beat(supervision.slot, service.counters())
         if supervision.max_requests and stats.requests >= supervision.max_requests:
             self._request_stop(signal.SIGQUIT, f"retiring after {stats.requests} requests")
         elif os.getppid() != supervision.master_pid:

@@ -83,7 +83,7 @@ def test_reload_with_a_broken_app_keeps_the_old_workers(backend, tmp_path):
         "--workers",
         "2",
         app="reloadable_app:app",
-        env={"PYTHONPATH": str(tmp_path)},
+        env={"PYTHONPATH": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"},
     )
     try:
         master.start(workers=2)

@@ -1,0 +1,453 @@
+"""The response cache: fresh hits inline, misses computed once (single-flight).
+
+    app = App()
+
+    @app.get("/report/{name}", cache=CachePolicy(ttl=30, stale_while_revalidate=10))
+    async def report(request): ...
+
+How a GET or HEAD request goes through it
+------------------------------------------
+The key is the normalized URL (percent-decoded path, query parameters sorted;
+GET and HEAD share it) plus the values of the request headers that the
+response's ``Vary`` named. Then:
+
+- **fresh entry**: served at once, inline, without a task (``X-Cache: HIT``).
+  With XFetch on (``xfetch_beta > 0``), a hit close to expiry may also start a
+  background refresh early (Vattani et al., VLDB 2015): the closer the expiry
+  and the longer the last computation took, the likelier.
+- **stale, within stale-while-revalidate**: the stale entry is served at once
+  (``STALE`` to the request that starts the refresh, ``UPDATING`` while it
+  runs) and exactly one background refresh runs (RFC 5861).
+- **miss** (or stale beyond that): the handler runs under `SingleFlight`, so N
+  concurrent misses make one call. The leader gets ``MISS``; the followers, who
+  waited instead of computing, get ``HIT`` and count as *coalesced*. A
+  follower that has waited ``lock_timeout`` seconds (nginx's
+  ``proxy_cache_lock_timeout``) computes for itself; that result is not
+  stored. When the computation fails (raises, or answers 5xx) and a stale entry
+  is still within ``stale-if-error``, the stale entry is served (``STALE``).
+- **uncacheable** (``no-store``, ``private``, ``no-cache``, a streamed body, a
+  status not cached, no freshness): the leader's response goes to the leader
+  only; followers compute for themselves (a private page must never reach
+  another client), and the key is remembered as uncacheable for
+  ``hit_for_miss`` seconds, during which requests skip single-flight (Varnish's
+  hit-for-miss) and get ``BYPASS``. Other methods get ``BYPASS`` too.
+
+Freshness comes from the handler's ``Cache-Control`` (``s-maxage`` over
+``max-age``; ``stale-while-revalidate`` and ``stale-if-error`` likewise) or
+else from the route's policy. Storage is an LRU bounded by total bytes.
+
+Cancellation through the cache
+------------------------------
+A cancelled request that was waiting on a fill just leaves. When the last
+request interested in a fill leaves, the fill is cancelled (load shedding:
+clients that gave up cost nothing more), unless the route says
+``finish_abandoned_fills=True`` (as nginx keeps a cacheable upstream fetch
+alive after a client abort): then the fill completes and its result is
+stored for the next request. Background refreshes are never tied to a client
+and always finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+from server.http import Request, Response, as_response
+from server.singleflight import SingleFlight
+
+log = logging.getLogger("forkloop.cache")
+
+CACHEABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
+ENTRY_OVERHEAD = 256  # bytes counted per entry beyond its body and headers
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """How one route is cached. Seconds throughout; 0 turns a feature off."""
+
+    ttl: float = 0.0  # freshness when the handler sends no max-age
+    stale_while_revalidate: float = 0.0
+    stale_if_error: float = 0.0
+    lock_timeout: float = 5.0
+    hit_for_miss: float = 10.0
+    xfetch_beta: float = 0.0  # 1.0 is the paper's default
+    finish_abandoned_fills: bool = False
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    stale: int = 0
+    updating: int = 0
+    bypass: int = 0
+    coalesced: int = 0
+    computations: int = 0
+    refreshes: int = 0
+    evictions: int = 0
+    lock_timeouts: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Entry:
+    status: int
+    headers: list[tuple[str, str]]
+    content_type: str | None
+    body: bytes
+    stored_at: float
+    fresh_until: float
+    stale_while_revalidate_until: float
+    stale_if_error_until: float
+    compute_seconds: float
+    size: int = 0
+
+    def response(self, cache_status: str, now: float) -> Response:
+        headers = [
+            *self.headers,
+            ("X-Cache", cache_status),
+            ("Age", str(int(now - self.stored_at))),
+        ]
+        return Response(self.body, self.status, headers, self.content_type)
+
+
+@dataclass
+class _Variants:
+    """Every stored variant of one URL, and the request headers its Vary names."""
+
+    vary: tuple[str, ...] = ()
+    entries: dict[tuple[str | None, ...], Entry] = field(default_factory=dict)
+    uncacheable_until: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Uncacheable:
+    """A fill result that must not be shared or stored."""
+
+    response: Response
+
+
+Handler = Callable[[Request], Any]
+
+
+class ResponseCache:
+    """An LRU of responses bounded by bytes, shared by every cached route of an app."""
+
+    def __init__(
+        self, max_bytes: int = 64 * 1024 * 1024, clock: Callable[[], float] = time.monotonic
+    ):
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self.size = 0
+        self.stats = CacheStats()
+        self._urls: OrderedDict[str, _Variants] = OrderedDict()
+        self._flights = SingleFlight()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._refreshing: set[tuple[str, tuple[str | None, ...]]] = set()
+
+    # ------------------------------------------------------------------ the route wrapper
+
+    def wrap(self, handler: Handler, policy: CachePolicy) -> Callable[[Request], Any]:
+        """A plain handler: a Response for hits, an awaitable for the rest."""
+
+        def cached(request: Request) -> Response | Awaitable[Response]:
+            return self.serve(request, handler, policy)
+
+        cached.__name__ = getattr(handler, "__name__", "cached")
+        return cached
+
+    def serve(
+        self, request: Request, handler: Handler, policy: CachePolicy
+    ) -> Response | Awaitable[Response]:
+        if request.method not in ("GET", "HEAD"):
+            self.stats.bypass += 1
+            return self._bypass(request, handler)
+        url = normalized_url(request)
+        now = self.clock()
+        variants = self._urls.get(url)
+        if variants is not None:
+            self._urls.move_to_end(url)
+            if variants.uncacheable_until > now:
+                self.stats.bypass += 1
+                return self._bypass(request, handler)
+            entry = variants.entries.get(_vary_key(request, variants.vary))
+            if entry is not None:
+                if now < entry.fresh_until:
+                    if policy.xfetch_beta and _xfetch_says_refresh(entry, now, policy.xfetch_beta):
+                        self._refresh_in_background(url, request, handler, policy)
+                    self.stats.hits += 1
+                    return entry.response("HIT", now)
+                if now < entry.stale_while_revalidate_until:
+                    started = self._refresh_in_background(url, request, handler, policy)
+                    if started:
+                        self.stats.stale += 1
+                        return entry.response("STALE", now)
+                    self.stats.updating += 1
+                    return entry.response("UPDATING", now)
+        return self._miss(url, request, handler, policy)
+
+    # ------------------------------------------------------------------ misses
+
+    async def _miss(
+        self, url: str, request: Request, handler: Handler, policy: CachePolicy
+    ) -> Response:
+        key = self._flight_key(url, request)
+        joining = key in self._flights
+        try:
+            if joining and policy.lock_timeout:
+                async with asyncio.timeout(policy.lock_timeout):
+                    result = await self._flights.do_with_info(
+                        key,
+                        lambda: self._fill(url, request, handler, policy),
+                        finish_if_abandoned=policy.finish_abandoned_fills,
+                    )
+            else:
+                result = await self._flights.do_with_info(
+                    key,
+                    lambda: self._fill(url, request, handler, policy),
+                    finish_if_abandoned=policy.finish_abandoned_fills,
+                )
+        except TimeoutError:
+            self.stats.lock_timeouts += 1
+            log.info(
+                "waited %ss for the fill of %s: computing without storing", policy.lock_timeout, url
+            )
+            return await self._compute_alone(request, handler, "MISS")
+        except Exception:
+            stale = self._stale_for_error(url, request)
+            if stale is not None:
+                return stale
+            raise
+        value = result.value
+        if isinstance(value, _Uncacheable):
+            if result.coalesced:  # never share what was not meant to be shared
+                return await self._compute_alone(request, handler, "BYPASS")
+            self.stats.misses += 1
+            return _with_cache_status(value.response, "MISS")
+        if value.status >= 500:
+            stale = self._stale_for_error(url, request)
+            if stale is not None:
+                return stale
+        if result.coalesced:
+            self.stats.coalesced += 1
+            self.stats.hits += 1
+            return value.response("HIT", self.clock())
+        self.stats.misses += 1
+        return value.response("MISS", self.clock())
+
+    async def _fill(
+        self, url: str, request: Request, handler: Handler, policy: CachePolicy
+    ) -> Entry | _Uncacheable:
+        """Run the handler once and store what it gave, if it may be stored."""
+        started = self.clock()
+        self.stats.computations += 1
+        response = await _call(handler, request)
+        now = self.clock()
+        entry = self._entry_for(response, policy, now, now - started)
+        if entry is None:
+            variants = self._urls.setdefault(url, _Variants())
+            variants.uncacheable_until = now + policy.hit_for_miss
+            return _Uncacheable(response)
+        if response.status < 500:
+            self._store(url, request, response, entry)
+        # A 5xx is shared with the waiters (an error page is nobody's secret) but never
+        # stored; _miss falls back to a stale entry within stale-if-error.
+        return entry
+
+    def _entry_for(
+        self, response: Response, policy: CachePolicy, now: float, took: float
+    ) -> Entry | None:
+        if (
+            response.stream is not None
+            or response.status not in CACHEABLE_STATUSES
+            and response.status < 500
+        ):
+            return None
+        directives = _cache_control(response.header("cache-control"))
+        if {"no-store", "private", "no-cache"} & directives.keys():
+            return None
+        ttl = _seconds(directives.get("s-maxage"), _seconds(directives.get("max-age"), policy.ttl))
+        if ttl <= 0 and response.status < 500:
+            return None
+        swr = _seconds(directives.get("stale-while-revalidate"), policy.stale_while_revalidate)
+        sie = _seconds(directives.get("stale-if-error"), policy.stale_if_error)
+        headers = [(n, v) for n, v in response.headers if n.lower() not in ("x-cache", "age")]
+        return Entry(
+            response.status,
+            headers,
+            response.content_type,
+            response.body,
+            now,
+            now + ttl,
+            now + ttl + swr,
+            now + ttl + sie,
+            took,
+        )
+
+    def _store(self, url: str, request: Request, response: Response, entry: Entry) -> None:
+        vary = tuple(
+            sorted(
+                name.strip().lower()
+                for name in (response.header("vary") or "").split(",")
+                if name.strip()
+            )
+        )
+        if "*" in vary:
+            return
+        variants = self._urls.get(url)
+        if variants is None or variants.vary != vary:
+            if variants is not None:
+                self._forget_url(url)
+            variants = self._urls[url] = _Variants(vary)
+        variants.uncacheable_until = 0.0
+        key = _vary_key(request, vary)
+        old = variants.entries.get(key)
+        if old is not None:
+            self.size -= old.size
+        entry.size = (
+            len(entry.body) + sum(len(n) + len(v) for n, v in entry.headers) + ENTRY_OVERHEAD
+        )
+        variants.entries[key] = entry
+        self._urls.move_to_end(url)
+        self.size += entry.size
+        while self.size > self.max_bytes and self._urls:
+            oldest = next(iter(self._urls))
+            self._forget_url(oldest)
+            self.stats.evictions += 1
+
+    def _forget_url(self, url: str) -> None:
+        variants = self._urls.pop(url)
+        self.size -= sum(entry.size for entry in variants.entries.values())
+
+    # ------------------------------------------------------------------ stale and background
+
+    def _refresh_in_background(
+        self, url: str, request: Request, handler: Handler, policy: CachePolicy
+    ) -> bool:
+        """Start the one refresh for this key; False when one is already running."""
+        key = self._flight_key(url, request)
+        if key in self._flights or key in self._refreshing:
+            return False
+        self.stats.refreshes += 1
+        self._refreshing.add(key)  # now, not when the task first runs: one refresh per key
+
+        async def refresh() -> None:
+            try:
+                await self._flights.do(
+                    key, lambda: self._fill(url, request, handler, policy), finish_if_abandoned=True
+                )
+            except Exception as exc:  # the stale entry stays; the next request tries again
+                log.warning("background refresh of %s failed: %s", url, exc)
+            finally:
+                self._refreshing.discard(key)
+
+        task = asyncio.get_running_loop().create_task(refresh())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return True
+
+    def _stale_for_error(self, url: str, request: Request) -> Response | None:
+        variants = self._urls.get(url)
+        if variants is None:
+            return None
+        entry = variants.entries.get(_vary_key(request, variants.vary))
+        now = self.clock()
+        if entry is None or now >= entry.stale_if_error_until:
+            return None
+        self.stats.stale += 1
+        return entry.response("STALE", now)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _flight_key(self, url: str, request: Request) -> tuple[str, tuple[str | None, ...]]:
+        variants = self._urls.get(url)
+        return (url, _vary_key(request, variants.vary) if variants is not None else ())
+
+    async def _bypass(self, request: Request, handler: Handler) -> Response:
+        return _with_cache_status(await _call(handler, request), "BYPASS")
+
+    async def _compute_alone(
+        self, request: Request, handler: Handler, cache_status: str
+    ) -> Response:
+        self.stats.computations += 1
+        if cache_status == "BYPASS":
+            self.stats.bypass += 1
+        else:
+            self.stats.misses += 1
+        return _with_cache_status(await _call(handler, request), cache_status)
+
+    @property
+    def waiting(self) -> int:
+        """Requests that joined a running fill so far (single-flight followers)."""
+        return self._flights.stats.followers
+
+    def __len__(self) -> int:
+        return sum(len(variants.entries) for variants in self._urls.values())
+
+
+async def _call(handler: Handler, request: Request) -> Response:
+    result = handler(request)
+    if inspect_awaitable(result):
+        result = await result
+    return as_response(result)
+
+
+def inspect_awaitable(value: Any) -> bool:
+    return hasattr(value, "__await__")
+
+
+def _with_cache_status(response: Response, cache_status: str) -> Response:
+    response.headers = [
+        *(h for h in response.headers if h[0].lower() != "x-cache"),
+        ("X-Cache", cache_status),
+    ]
+    return response
+
+
+def normalized_url(request: Request) -> str:
+    """Path percent-decoded, query parameters in sorted order: one key per resource."""
+    if not request.query_string:
+        return request.path
+    pairs = sorted((k, v) for k, values in request.query.items() for v in values)
+    return request.path + "?" + urlencode(pairs)
+
+
+def _vary_key(request: Request, vary: tuple[str, ...]) -> tuple[str | None, ...]:
+    if not vary:
+        return ()
+    headers = request.headers
+    return tuple(headers.get(name) for name in vary)
+
+
+def _cache_control(value: str | None) -> dict[str, str | None]:
+    directives: dict[str, str | None] = {}
+    if value:
+        for part in value.split(","):
+            name, _, argument = part.strip().partition("=")
+            if name:
+                directives[name.lower()] = argument.strip('"') if argument else None
+    return directives
+
+
+def _seconds(value: str | None, default: float) -> float:
+    if value is None or not value.isdigit():
+        return default
+    return float(value)
+
+
+def _xfetch_says_refresh(entry: Entry, now: float, beta: float) -> bool:
+    """XFetch: refresh early with a probability that grows as expiry nears."""
+    return (
+        now - entry.compute_seconds * beta * math.log(random.random() or 1e-300)
+        >= entry.fresh_until
+    )
