@@ -60,13 +60,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
-from server.http import Request, Response, as_response
+from server.http import Request, Response, as_response, content_type_line, encode_header
 from server.singleflight import SingleFlight
 
 log = logging.getLogger("forkloop.cache")
 
 CACHEABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
 ENTRY_OVERHEAD = 256  # bytes counted per entry beyond its body and headers
+_CACHE_STATUS_BYTES = {s: s.encode() for s in ("HIT", "MISS", "STALE", "UPDATING", "BYPASS")}
+MAX_NORMALIZED = 65536  # remembered target -> key normalizations (cleared when full)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class CachePolicy:
     hit_for_miss: float = 10.0
     xfetch_beta: float = 0.0  # 1.0 is the paper's default
     finish_abandoned_fills: bool = False
+    # False: every concurrent miss computes (nginx's proxy_cache_lock off); for comparison
+    single_flight: bool = True
 
 
 @dataclass
@@ -111,14 +115,21 @@ class Entry:
     stale_if_error_until: float
     compute_seconds: float
     size: int = 0
+    header_block: bytes = b""  # the headers and Content-Type, validated and encoded once
+
+    def __post_init__(self) -> None:
+        self.header_block = b"".join(encode_header(n, v) for n, v in self.headers)
+        if self.content_type is not None:
+            self.header_block += content_type_line(self.content_type)
 
     def response(self, cache_status: str, now: float) -> Response:
-        headers = [
-            *self.headers,
-            ("X-Cache", cache_status),
-            ("Age", str(int(now - self.stored_at))),
-        ]
-        return Response(self.body, self.status, headers, self.content_type)
+        response = Response(self.body, self.status, None, self.content_type)
+        response.encoded_headers = b"%sX-Cache: %s\r\nAge: %d\r\n" % (
+            self.header_block,
+            _CACHE_STATUS_BYTES[cache_status],
+            now - self.stored_at,
+        )
+        return response
 
 
 @dataclass
@@ -153,6 +164,7 @@ class ResponseCache:
         self._urls: OrderedDict[str, _Variants] = OrderedDict()
         self._flights = SingleFlight()
         self._background: set[asyncio.Task[Any]] = set()
+        self._normalized: dict[bytes, str] = {}  # raw request target -> normalized URL
         self._refreshing: set[tuple[str, tuple[str | None, ...]]] = set()
 
     # ------------------------------------------------------------------ the route wrapper
@@ -172,7 +184,12 @@ class ResponseCache:
         if request.method not in ("GET", "HEAD"):
             self.stats.bypass += 1
             return self._bypass(request, handler)
-        url = normalized_url(request)
+        url = self._normalized.get(request.target)
+        if url is None:
+            url = normalized_url(request)
+            if len(self._normalized) >= MAX_NORMALIZED:
+                self._normalized.clear()
+            self._normalized[request.target] = url
         now = self.clock()
         variants = self._urls.get(url)
         if variants is not None:
@@ -201,6 +218,12 @@ class ResponseCache:
     async def _miss(
         self, url: str, request: Request, handler: Handler, policy: CachePolicy
     ) -> Response:
+        if not policy.single_flight:
+            value = await self._fill(url, request, handler, policy)
+            self.stats.misses += 1
+            if isinstance(value, _Uncacheable):
+                return _with_cache_status(value.response, "MISS")
+            return value.response("MISS", self.clock())
         key = self._flight_key(url, request)
         joining = key in self._flights
         try:

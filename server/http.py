@@ -236,7 +236,7 @@ class Response:
     ``Response(stream=generate(), content_type="text/csv")``.
     """
 
-    __slots__ = ("status", "headers", "body", "stream", "content_type")
+    __slots__ = ("status", "headers", "body", "stream", "content_type", "encoded_headers")
 
     def __init__(
         self,
@@ -250,6 +250,9 @@ class Response:
         self.body = body if body.__class__ is bytes else _encode_body(body)
         self.stream = stream
         self.content_type = content_type
+        # Header lines already validated and encoded (Content-Type included); set by
+        # the cache, whose entries are checked once when stored, not on every hit.
+        self.encoded_headers: bytes | None = None
         if headers is None:
             self.headers: list[tuple[str, str]] = []
         elif isinstance(headers, Mapping):
@@ -275,6 +278,11 @@ class Response:
         for key, value in self.headers:
             if key.lower() == lowered:
                 return value
+        if self.encoded_headers is not None:
+            for line in self.encoded_headers.decode("latin-1").split("\r\n"):
+                key, _, value = line.partition(": ")
+                if key.lower() == lowered:
+                    return value
         if lowered == "content-type" and self.content_type is not None:
             return self.content_type
         return default
@@ -286,6 +294,8 @@ class Response:
 
     def encode_headers(self) -> bytes:
         """The handler's own header lines, validated; framing headers are the server's."""
+        if self.encoded_headers is not None:
+            return self.encoded_headers
         lines = []
         content_type = self.content_type
         for name, value in self.headers:

@@ -540,7 +540,10 @@ class HttpConnection(asyncio.Protocol):
         """Append a complete (bytes-body) response to the output."""
         keep_alive = self._keep_alive_after(request)
         status = response.status
-        if response.headers:
+        if response.encoded_headers is not None:  # checked when it was made (cache entries)
+            first_line = STATUS_LINES.get(status) or status_line(status)
+            head = first_line + self.service.date_and_server + response.encoded_headers
+        elif response.headers:
             head, status, keep_alive = self._head_with_headers(request, response, keep_alive)
         else:
             head = self.service.response_prefix(status, response.content_type)

@@ -1,0 +1,159 @@
+"""Stampede benchmark: 1,000 concurrent cold requests for one key, single-flight on and off.
+
+    python -m loadtest.stampede [--requests 1000] [--compute-ms 200] [--loop uvloop]
+
+One worker serves this module's app. For each mode, the script opens
+``--requests`` connections, sends one request for the same cold key on each
+at once, and reports how many computations the server ran (from ``/stats``)
+and the latency every client saw. With single-flight on, the handler runs
+once and everyone waits for it; off, every request computes.
+
+Then it compares the server's CPU per request for a cache hit against the
+plain hello-world handler, with ``wrk`` (user + system µs per request, for
+the whole server process tree, read from ``/proc``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+from loadtest.servers import ServerProcess, free_port, python
+from server import App, Request, Response
+from server.cache import CachePolicy
+
+app = App()
+
+
+async def _compute(request: Request) -> Response:
+    await asyncio.sleep(int(request.query_param("ms", "200")) / 1000)
+    return Response(
+        f"value of {request.params['key']}\n", headers={"Cache-Control": "max-age=3600"}
+    )
+
+
+app.get("/sf/{key}", cache=CachePolicy(ttl=3600))(_compute)
+app.get("/nosf/{key}", cache=CachePolicy(ttl=3600, single_flight=False))(_compute)
+
+
+@app.get("/")
+def hello(request: Request) -> Response:
+    return Response(b"Hello, World!")
+
+
+@app.get("/stats")
+def stats(request: Request) -> Response:
+    return Response.json(request.service.snapshot())
+
+
+async def _one_request(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str
+) -> float:
+    started = time.perf_counter()
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    body = await reader.readexactly(length)
+    if not head.startswith(b"HTTP/1.1 200") or not body.startswith(b"value of"):
+        raise RuntimeError(f"bad answer: {head[:40]!r} {body[:40]!r}")
+    return time.perf_counter() - started
+
+
+async def stampede(port: int, path: str, count: int) -> list[float]:
+    connections = await asyncio.gather(
+        *(asyncio.open_connection("127.0.0.1", port) for _ in range(count))
+    )
+    try:
+        return list(await asyncio.gather(*(_one_request(r, w, path) for r, w in connections)))
+    finally:
+        for _, writer in connections:
+            writer.close()
+
+
+def get_json(port: int, path: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wrk_cpu(server: ServerProcess, path: str, seconds: int) -> tuple[float, float, float]:
+    before = server.cpu()
+    output = subprocess.run(
+        ["wrk", "-t1", "-c50", f"-d{seconds}s", f"http://127.0.0.1:{server.port}{path}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    spent = server.cpu() - before
+    requests = int(output.split(" requests in ")[0].split()[-1])
+    rate = float(output.split("Requests/sec:")[1].split()[0])
+    return spent.user / requests * 1e6, spent.system / requests * 1e6, rate
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--compute-ms", type=int, default=200)
+    parser.add_argument("--loop", default="uvloop")
+    parser.add_argument("--wrk-seconds", type=int, default=5)
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(
+        resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * args.requests + 256)), hard)
+    )
+    port = free_port()
+    command = [python(), "-m", "server", "loadtest.stampede:app", "--bind", f"127.0.0.1:{port}"]
+    command += [
+        "--workers",
+        "1",
+        "--loop",
+        args.loop,
+        "--log-level",
+        "warning",
+        "--backlog",
+        "4096",
+    ]
+    rows = []
+    with ServerProcess("stampede", command, port) as server:
+        for mode, prefix in (("on", "/sf"), ("off", "/nosf")):
+            before = get_json(port, "/stats")["cache"].get("computations", 0)
+            path = f"{prefix}/cold-{mode}?ms={args.compute_ms}"
+            latencies = sorted(asyncio.run(stampede(port, path, args.requests)))
+            time.sleep(0.6)  # let the worker publish its counters
+            computations = get_json(port, "/stats")["cache"]["computations"] - before
+            p50 = statistics.median(latencies) * 1000
+            p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
+            rows.append((mode, len(latencies), computations, p50, p99, latencies[-1] * 1000))
+        hit_note = ""
+        if shutil.which("wrk"):
+            get_json(port, "/stats")
+            asyncio.run(stampede(port, "/sf/warm?ms=0", 1))
+            hit = wrk_cpu(server, "/sf/warm?ms=0", args.wrk_seconds)
+            hello_cost = wrk_cpu(server, "/", args.wrk_seconds)
+            hit_note = (
+                "\n| path | user µs/req | sys µs/req | req/s |\n|---|---:|---:|---:|\n"
+                f"| cache hit `/sf/warm` | {hit[0]:.2f} | {hit[1]:.2f} | {hit[2]:,.0f} |\n"
+                f"| hello `/` | {hello_cost[0]:.2f} | {hello_cost[1]:.2f} | {hello_cost[2]:,.0f} |"
+            )
+    print(
+        f"{args.requests} concurrent cold requests for one key, compute {args.compute_ms} ms, "
+        f"1 worker, loop {args.loop}, Python {sys.version.split()[0]}\n"
+    )
+    print("| single-flight | requests | computations | p50 ms | p99 ms | max ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for mode, count, computations, p50, p99, worst in rows:
+        print(f"| {mode} | {count} | {computations} | {p50:.0f} | {p99:.0f} | {worst:.0f} |")
+    print(hit_note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
