@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -34,6 +35,7 @@ _LIMIT_FLAGS = {
     "max_pipelined": "complete requests queued on a connection before it stops reading",
     "request_timeout": "seconds a handler may run before it is cancelled and 504 sent (0: off)",
     "write_buffer_high": "write-buffer bytes above which a connection stops reading",
+    "max_connections": "open connections per worker; beyond it 503 and close (0: no limit)",
 }
 
 
@@ -71,6 +73,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", "-c", default=None, help="TOML file of settings; HUP re-reads it"
     )
     parser.add_argument("--pid-file", default=None, help="write the master's pid here")
+    parser.add_argument("--certfile", default=None, help="PEM certificate chain: serve HTTPS")
+    parser.add_argument("--keyfile", default=None, help="PEM private key for --certfile")
     parser.add_argument(
         "--worker-timeout",
         type=float,
@@ -137,6 +141,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         access_log=args.access_log or args.access_log_file is not None,
         access_log_path=args.access_log_file,
         log_level=args.log_level,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
         limits=limits,
     )
 
@@ -144,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def serve(args: argparse.Namespace, serve_argv: list[str]) -> int:
     from server.listeners import inherited_sockets
     from server.master import Master
+    from server.service import tls_context
     from server.worker import Worker, bind_all
 
     config = config_from_args(args)
@@ -151,9 +158,13 @@ def serve(args: argparse.Namespace, serve_argv: list[str]) -> int:
     log = logging.getLogger("forkloop")
     try:
         backends.resolve(config.loop).loop_factory()
+        tls_context(config)  # a bad certificate is a start-up error, not a worker crash loop
         sockets = inherited_sockets()
         if not sockets and not (config.reuse_port and not args.no_master):
             sockets = bind_all(config)
+    except ssl.SSLError as exc:
+        log.error("cannot use --certfile/--keyfile: %s", exc)
+        return 2
     except (backends.BackendUnavailable, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2

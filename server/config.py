@@ -37,6 +37,9 @@ class Limits:
     request_timeout: float = 60.0
     # Complete requests queued behind a busy one before the connection stops reading.
     max_pipelined: int = 32
+    # Connections one worker keeps open (nginx worker_connections); beyond it a new
+    # connection gets 503 and is closed at once. 0: no limit.
+    max_connections: int = 0
     # Write-buffer high-water mark: above it the connection stops reading new requests.
     write_buffer_high: int = 256 * 1024
 
@@ -54,4 +57,6 @@ class Config:
     access_log: bool = False
     access_log_path: str | None = None
     log_level: str = "info"
+    certfile: str | None = None  # PEM certificate (chain): serve HTTPS
+    keyfile: str | None = None
     limits: Limits = field(default_factory=Limits)

@@ -23,6 +23,30 @@ LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+    logging.getLogger("asyncio").addFilter(RepeatFilter(interval=5.0))
+
+
+class RepeatFilter(logging.Filter):
+    """Let one record of each message template through per ``interval`` seconds.
+
+    Stdlib asyncio, out of file descriptors, retries accept() up to the backlog
+    (2048) times a second and logs a traceback for every failure: the logging,
+    not the accepting, is what would keep a worker busy. One line every few
+    seconds says the same."""
+
+    def __init__(self, interval: float) -> None:
+        super().__init__()
+        self.interval = interval
+        self.last_seen: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self.last_seen.get(record.msg, -self.interval) < self.interval:
+            return False
+        if len(self.last_seen) > 1024:
+            self.last_seen.clear()
+        self.last_seen[record.msg] = now
+        return True
 
 
 class AccessLog:

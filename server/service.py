@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
+import ssl
 import time
 from collections.abc import Callable
 from email.utils import formatdate
@@ -30,19 +32,43 @@ from server.protocol import SHUTDOWN, HttpConnection
 
 log = logging.getLogger("forkloop")
 
+TOO_MANY_CONNECTIONS = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 46\r\nConnection: close\r\n\r\n"
+    b"503 Service Unavailable: too many connections\n"
+)
 ACCEPTED_SETTLE = 0.1  # seconds for already-accepted connections to arrive at shutdown
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server-side TLS context for --certfile/--keyfile, or None for plain HTTP."""
+    if config.certfile is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.certfile, config.keyfile)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 class Stats:
     """Per-process counters, served as JSON by ``/stats``."""
 
-    __slots__ = ("requests", "rejected", "timeouts", "connections_total", "responses", "cancelled")
+    __slots__ = (
+        "requests",
+        "rejected",
+        "timeouts",
+        "connections_total",
+        "connections_refused",
+        "responses",
+        "cancelled",
+    )
 
     def __init__(self) -> None:
         self.requests = 0
         self.rejected = 0
         self.timeouts = 0
         self.connections_total = 0
+        self.connections_refused = 0
         self.responses = [0] * 1000  # indexed by status: cheaper than a Counter per response
         self.cancelled = {"disconnect": 0, "deadline": 0, "shutdown": 0}
 
@@ -76,6 +102,7 @@ class Stats:
             "timeouts": self.timeouts,
             "open_connections": open_connections,
             "connections_total": self.connections_total,
+            "connections_refused": self.connections_refused,
             "cancelled": dict(self.cancelled),
         }
 
@@ -116,9 +143,13 @@ class HttpService:
         self.clock = self.loop.time()
         self._refresh_date()
         self._tick_handle = self.loop.call_later(self.tick_interval, self._tick)
+        tls = tls_context(self.config)
         for sock in sockets:
             server = await self.loop.create_server(
-                self.create_connection, sock=sock, backlog=self.config.backlog
+                self.create_connection,
+                sock=sock,
+                backlog=self.config.backlog,
+                ssl=tls if sock.family != socket.AF_UNIX else None,
             )
             self.servers.append(server)
 
@@ -160,8 +191,16 @@ class HttpService:
     # ------------------------------------------------------------------ connections
 
     def connection_opened(self, connection: HttpConnection) -> None:
-        self.connections.add(connection)
         self.stats.connections_total += 1
+        limit = self.config.limits.max_connections
+        if limit and len(self.connections) >= limit:
+            # Over --max-connections: answer at once and close, rather than leave the
+            # client waiting in the backlog behind a worker that cannot take it.
+            self.stats.connections_refused += 1
+            connection.transport.write(TOO_MANY_CONNECTIONS)
+            connection.transport.close()
+            return
+        self.connections.add(connection)
         if self.draining:
             connection.close_if_idle()
 

@@ -44,9 +44,13 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running_server(backend, app: App, **limits) -> Iterator[RunningServer]:
-    config = Config(limits=Limits(**limits))
-    service = HttpService(app, config)
+def running_server(
+    backend, app: App, tls: tuple[str, str] | None = None, access_log=None, **limits
+) -> Iterator[RunningServer]:
+    """Serve ``app`` on 127.0.0.1; ``tls=(certfile, keyfile)`` serves HTTPS."""
+    certfile, keyfile = tls or (None, None)
+    config = Config(limits=Limits(**limits), certfile=certfile, keyfile=keyfile)
+    service = HttpService(app, config, access_log)
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", 0))
