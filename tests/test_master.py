@@ -323,3 +323,45 @@ def _exchange(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
+
+
+def test_reload_rereads_the_config_file(backend, tmp_path):
+    config = tmp_path / "forkloop.toml"
+    config.write_text("workers = 1\n")
+    master = MasterUnderTest(backend.backend, tmp_path, "--config", str(config))
+    try:
+        master.start(workers=1)
+        config.write_text("workers = 2\nmax_body_size = 10\n")
+        master.signal(signal.SIGHUP)
+        assert wait_for(lambda: len(master.workers()) == 2, 10), master.tail()
+        import http.client
+
+        connection = http.client.HTTPConnection("127.0.0.1", master.port, timeout=5)
+        connection.request("POST", "/echo", body=b"x" * 11)
+        assert connection.getresponse().status == 413  # the new limit is in force
+        config.write_text("workers = [not toml\n")
+        old = master.workers()
+        master.signal(signal.SIGHUP)
+        assert wait_for(lambda: "cannot read the configuration" in master.tail(), 10)
+        assert master.workers() == old
+    finally:
+        master.stop()
+
+
+def test_usr1_reopens_the_access_log_after_rotation(backend, tmp_path):
+    log_path = tmp_path / "access.log"
+    master = MasterUnderTest(
+        backend.backend, tmp_path, "--workers", "1", "--access-log-file", str(log_path)
+    )
+    try:
+        master.start(workers=1)
+        master.get("/")
+        assert wait_for(lambda: log_path.exists() and "GET / " in log_path.read_text(), 5)
+        log_path.rename(tmp_path / "access.log.1")
+        master.signal(signal.SIGUSR1)
+        assert wait_for(lambda: log_path.exists(), 5), "USR1 did not reopen the access log"
+        master.get("/healthz")
+        assert wait_for(lambda: "GET /healthz" in log_path.read_text(), 5)
+        assert "GET /healthz" not in (tmp_path / "access.log.1").read_text()
+    finally:
+        master.stop()
