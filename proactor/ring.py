@@ -1,0 +1,667 @@
+"""The io_uring ring: three shared mappings, one system call per loop iteration.
+
+The ring
+--------
+``io_uring_setup`` returns a file descriptor and fills ``io_uring_params`` with
+the offsets of everything inside three mappings of that descriptor (one for the
+two rings when the kernel reports ``IORING_FEAT_SINGLE_MMAP``, 5.4+):
+
+``SQ ring`` (mmap offset 0)
+    ``head``      u32, written by the kernel as it consumes submissions
+    ``tail``      u32, written by us to publish submissions
+    ``ring_mask`` ``ring_entries`` u32, constant
+    ``flags``     u32, kernel-set: ``CQ_OVERFLOW`` (completions wait in the
+                  kernel's overflow list), ``TASKRUN`` (deferred work pending)
+    ``dropped``   u32, submissions the kernel rejected as invalid indices
+    ``array``     u32[entries], SQE index per slot. We fill it once with
+                  ``array[i] = i`` and always use slot ``tail & mask``, so it is
+                  never written again.
+``CQ ring`` (mmap offset 0x8000000)
+    ``head``      u32, written by us when we have read completions
+    ``tail``      u32, written by the kernel when it posts completions
+    ``ring_mask`` ``ring_entries`` u32, constant
+    ``overflow``  u32, completions lost for good (only without ``FEAT_NODROP``)
+    ``cqes``      16-byte entries ``{u64 user_data, s32 res, u32 flags}``
+``SQE array`` (mmap offset 0x10000000)
+    64-byte submission entries, written by us only.
+
+Head and tail are free-running u32 counters; a slot is ``counter & mask``. The
+rings are empty when head == tail. Both counters are read and written through a
+``memoryview`` cast to ``'I'``: one aligned 32-bit load or store each.
+
+One system call per iteration
+-----------------------------
+``prepare_*`` only writes an SQE into the next free slot: no system call, no
+foreign call, one ``struct.pack_into``. ``submit`` publishes the tail and makes
+the one ``io_uring_enter`` that both hands the kernel everything queued and
+waits for completions (``IORING_ENTER_GETEVENTS``, with the deadline passed as
+``IORING_ENTER_EXT_ARG`` or, before 5.11, as an internal TIMEOUT SQE).
+``completions`` then reads the CQ ring and advances its head once. Only when
+more operations are queued in one iteration than the SQ has slots does a
+``prepare_*`` submit early to make room. ``submit`` skips the system call
+entirely when there is nothing to submit, nothing to wait for and the kernel
+has flagged no pending work.
+
+The three system calls go through ``ctypes`` (``syscall(2)`` in libc): one
+foreign call per iteration, made with the GIL released, so other threads run
+while the loop waits. (The waiting calls of the PyPI ``liburing`` binding hold
+the GIL, which would keep a ``call_soon_threadsafe`` caller from ever running.)
+
+The ring is created with ``IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN`` when
+the kernel has them (6.1): completions are then posted only while the loop is
+inside ``io_uring_enter`` with ``GETEVENTS``, never behind its back, and only
+one thread (the first to call ``submit``, the ring being created disabled
+until then) may submit. Older kernels get ``COOP_TASKRUN`` (5.19) or nothing.
+A ring also belongs to the process that made it: after ``fork()`` the child's
+copy refuses to submit (pre-forking servers create a ring in each worker), and
+closing it there only unmaps it.
+
+Memory ordering
+---------------
+The kernel reads head and tail with acquire and writes them with release
+semantics; Python has no such loads or stores. What this module relies on:
+
+* Submissions: there is no ``SQPOLL`` thread, so the kernel reads the SQ ring
+  only inside ``io_uring_enter`` called by this very thread. Program order
+  makes every SQE store visible to it, on any machine.
+* Completions under ``DEFER_TASKRUN``: the kernel posts CQEs while running
+  this thread's task work inside ``io_uring_enter``, so by the time the call
+  returns they are ordinary earlier stores of the same thread. The same holds
+  for the provided-buffer rings the kernel reads. Only the SQ ``flags`` word
+  is set from other CPUs; reading it late delays a non-blocking ``submit``'s
+  system call to the next iteration, nothing worse.
+* Otherwise (kernel older than 6.1) CQEs may be posted from another CPU while
+  we read. On x86-64 (TSO) loads are not reordered with older loads and stores
+  not with older stores, so loading the tail and then the entries, and storing
+  entries and then a tail, is enough. On weakly ordered machines (aarch64,
+  POWER, RISC-V) it is not, and the ring refuses to start there without
+  ``DEFER_TASKRUN``.
+
+Who owns a buffer
+-----------------
+Every operation is identified by its ``user_data``, unique among operations in
+flight (values from ``2**63`` up are the ring's own). The ring keeps the objects an operation points at
+(the buffer, the sockaddr, the timespec, the msghdr) in ``_in_flight`` from
+``prepare_*`` until the operation's *last* CQE: the first CQE without
+``IORING_CQE_F_MORE``. Until then the kernel owns the memory and the caller
+must not reuse it; after it, the caller does. In particular:
+
+* Cancelling does not end ownership. ``ASYNC_CANCEL`` posts two CQEs in either
+  order: its own (``0``, ``-ENOENT``, ``-EALREADY``, or a count with
+  ``CANCEL_ALL``) and the target's (``-ECANCELED``, ``-EINTR``, or a normal
+  result if the data won the race). The target's buffer is released only with
+  the target's CQE, and data that completes after a cancel must be delivered.
+* Closing an fd does not cancel what is in flight on it: a recv stays armed on
+  the open file description and later consumes data. Cancel by fd (or shut the
+  socket down), wait for the completions, and only then close, so the fd number
+  cannot be reused while old operations still point at it.
+* ``Ring.close`` cancels everything still in flight and waits for it. If the
+  kernel has not answered in time, the pinned objects move to a module-level
+  list and are never freed, rather than freed under the kernel.
+
+Errors from io_uring_enter
+--------------------------
+``EINTR`` (a signal arrived while waiting) and ``ETIME`` (the deadline passed)
+return normally with the SQEs consumed as the SQ head says. ``EAGAIN`` and
+``EBUSY`` mean the kernel cannot take submissions now (no memory, or completions
+stuck in overflow): the SQEs stay queued for the next ``submit`` after
+``completions`` has drained the CQ. The CQ overflow flag makes ``completions``
+enter the kernel to flush the overflow list. Everything else raises.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import time
+import weakref
+
+from proactor import abi
+from proactor.buffers import ProvidedBuffers, pin
+from proactor.operations import Capabilities, Operations, Wakeup, split_seconds
+
+__all__ = [
+    "Capabilities",
+    "INTERNAL_USER_DATA",
+    "ProvidedBuffers",
+    "Ring",
+    "RingUnavailable",
+    "Wakeup",
+]
+
+_MASK32 = 0xFFFFFFFF
+_pack_sqe = abi.SQE.pack_into
+# user_data from here up is reserved for the ring's own operations (deadline timeouts,
+# the cancels of close()); their CQEs are never reported.
+INTERNAL_USER_DATA = 1 << 63
+_WEAKLY_ORDERED = abi.MACHINE not in ("x86_64", "s390x")  # the machines with TSO-like ordering
+
+# Memory the kernel may still write after its ring was closed without answering.
+_ABANDONED: list[object] = []
+# Rings of this process; a forked child must not submit to its parent's rings.
+_LIVE_RINGS: weakref.WeakSet[Ring] = weakref.WeakSet()
+
+
+def _disown_rings_after_fork() -> None:
+    for ring in _LIVE_RINGS:
+        ring._enabled = False  # the next submit meets the ownership check in _enable
+
+
+os.register_at_fork(after_in_child=_disown_rings_after_fork)
+
+
+class RingUnavailable(OSError):
+    """io_uring cannot be used here; the message says why and what would change that."""
+
+
+# --- system calls ------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc_syscall = _libc.syscall
+_libc_syscall.restype = ctypes.c_long
+_libc_syscall.argtypes = (ctypes.c_long,) * 7
+_get_errno = ctypes.get_errno
+
+
+def _syscall(number: int, a: int, b: int, c: int, d: int, e: int, f: int) -> int:
+    """One system call with the GIL released; the result, or minus the errno on failure."""
+    result = _libc_syscall(number, a, b, c, d, e, f)
+    if result == -1:
+        return -_get_errno()
+    return result
+
+
+def _setup_failure(code: int, entries: int) -> RingUnavailable:
+    if code == errno.ENOSYS:
+        reason = "this kernel has no io_uring (older than 5.1, or built without CONFIG_IO_URING)"
+    elif code == errno.EPERM:
+        try:
+            with open("/proc/sys/kernel/io_uring_disabled") as setting:
+                disabled = setting.read().strip()
+        except OSError:
+            disabled = "unknown"
+        if disabled == "2":
+            reason = "kernel.io_uring_disabled=2 turns io_uring off for every process"
+        elif disabled == "1":
+            reason = (
+                "kernel.io_uring_disabled=1 allows io_uring only to members of "
+                "kernel.io_uring_group and to CAP_SYS_ADMIN"
+            )
+        else:
+            reason = (
+                "the kernel refused io_uring_setup; as kernel.io_uring_disabled is "
+                f"{disabled}, a seccomp profile (a container runtime's default) blocks it"
+            )
+    elif code == errno.ENOMEM:
+        reason = (
+            f"the kernel could not allocate a ring of {entries} entries; before 5.12 rings "
+            "count against RLIMIT_MEMLOCK, so raise `ulimit -l` or ask for fewer entries"
+        )
+    elif code == errno.EINVAL:
+        reason = "the kernel rejected every parameter set tried; its io_uring is too old"
+    else:
+        reason = f"io_uring_setup failed: {os.strerror(code)}"
+    return RingUnavailable(code, f"io_uring is unavailable: {reason}")
+
+
+# Setup flag sets, best first. The kernel answers EINVAL to any flag it does not know.
+_COMMON_SETUP = abi.SETUP_CQSIZE | abi.SETUP_CLAMP
+_SETUP_ATTEMPTS = (
+    _COMMON_SETUP
+    | abi.SETUP_SUBMIT_ALL
+    | abi.SETUP_SINGLE_ISSUER
+    | abi.SETUP_DEFER_TASKRUN
+    | abi.SETUP_TASKRUN_FLAG
+    | abi.SETUP_R_DISABLED,
+    _COMMON_SETUP | abi.SETUP_SUBMIT_ALL | abi.SETUP_COOP_TASKRUN | abi.SETUP_TASKRUN_FLAG,
+    _COMMON_SETUP,
+    0,
+)
+
+
+def _create(entries: int, cq_entries: int, single_issuer: bool) -> tuple[int, tuple[int, ...]]:
+    """``io_uring_setup`` with the best flags the kernel takes: the fd and the params it filled."""
+    if abi.NR_IO_URING_SETUP is None:
+        raise RingUnavailable(
+            errno.ENOSYS, f"io_uring is unavailable: no syscall numbers known for {abi.MACHINE}"
+        )
+    params = bytearray(abi.PARAMS.size)
+    address, keep = pin(params)
+    fd = -errno.EINVAL
+    for flags in _SETUP_ATTEMPTS:
+        if not single_issuer and flags & abi.SETUP_SINGLE_ISSUER:
+            continue
+        abi.PARAMS.pack_into(params, 0, entries, cq_entries, flags, *([0] * 25))
+        fd = _syscall(abi.NR_IO_URING_SETUP, entries, address, 0, 0, 0, 0)
+        if fd != -errno.EINVAL:
+            break
+    if fd < 0:
+        raise _setup_failure(-fd, entries)
+    fields = abi.PARAMS.unpack_from(params)
+    del keep
+    if _WEAKLY_ORDERED and not fields[2] & abi.SETUP_DEFER_TASKRUN:
+        os.close(fd)
+        raise RingUnavailable(
+            errno.ENOTSUP,
+            f"io_uring is unavailable: on {abi.MACHINE} this binding needs "
+            "IORING_SETUP_DEFER_TASKRUN (kernel 6.1) for its memory ordering",
+        )
+    return fd, fields
+
+
+class Ring(Operations):
+    """An io_uring instance: queue operations with ``prepare_*``, then `submit` and read `completions`.
+
+    Not thread-safe: one thread prepares, submits and reads completions. Other
+    threads wake it through an eventfd (see `Wakeup`).
+    """
+
+    def __init__(
+        self, entries: int = 1024, *, cq_entries: int | None = None, single_issuer: bool = True
+    ) -> None:
+        fd, fields = _create(entries, cq_entries or entries * 4, single_issuer)
+        self._fd = fd
+        self.sq_entries, self.cq_entries, self.setup_flags = fields[0], fields[1], fields[2]
+        self.features = fields[5]
+        self._closed = False
+        self._owner = os.getpid()
+        _LIVE_RINGS.add(self)
+        self._mappings: list[mmap.mmap] = []
+        self._views: list[memoryview] = []
+        self._enabled = not self.setup_flags & abi.SETUP_R_DISABLED
+        self._enter_flags = abi.ENTER_GETEVENTS if self.setup_flags & abi.SETUP_DEFER_TASKRUN else 0
+        self._in_flight: dict[int, object] = {}
+        self._backlog: list[tuple[int, int, int]] = []
+        self._buffer_groups: dict[int, ProvidedBuffers] = {}
+        self._internal_serial = 0
+        self._internal: set[int] = set()  # in-flight user_data of the ring's own operations
+        # The wait deadline: one timespec and one io_uring_getevents_arg, reused.
+        self._deadline = bytearray(abi.TIMESPEC.size)
+        deadline_address, self._deadline_pin = pin(self._deadline)
+        self._getevents_arg = bytearray(abi.GETEVENTS_ARG.size)
+        abi.GETEVENTS_ARG.pack_into(self._getevents_arg, 0, 0, 8, 0, deadline_address)
+        self._getevents_arg_address, self._getevents_arg_pin = pin(self._getevents_arg)
+        try:
+            sq_offsets = fields[abi.SQ_OFFSETS_AT : abi.SQ_OFFSETS_AT + len(abi.SQ_OFFSET_FIELDS)]
+            cq_offsets = fields[abi.CQ_OFFSETS_AT : abi.CQ_OFFSETS_AT + len(abi.CQ_OFFSET_FIELDS)]
+            self._map_rings(
+                dict(zip(abi.SQ_OFFSET_FIELDS, sq_offsets, strict=True)),
+                dict(zip(abi.CQ_OFFSET_FIELDS, cq_offsets, strict=True)),
+            )
+            opcodes = self.probe()
+        except BaseException:
+            self._release()
+            raise
+        self.capabilities = Capabilities(
+            opcodes=opcodes,
+            features=self.features,
+            setup_flags=self.setup_flags,
+            sq_entries=self.sq_entries,
+            cq_entries=self.cq_entries,
+        )
+        self._ext_arg = self.capabilities.wait_deadline_argument
+
+    def _map_rings(self, sq: dict[str, int], cq: dict[str, int]) -> None:
+        fd, protection = self._fd, mmap.PROT_READ | mmap.PROT_WRITE
+        share = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        sq_size = sq["array"] + self.sq_entries * 4
+        cq_size = cq["cqes"] + self.cq_entries * abi.CQE_SIZE
+        mappings = self._mappings  # appended one by one, so a failure unmaps what exists
+        if self.features & abi.FEAT_SINGLE_MMAP:
+            sq_map = cq_map = mmap.mmap(fd, max(sq_size, cq_size), share, protection)
+            mappings.append(sq_map)
+        else:
+            sq_map = mmap.mmap(fd, sq_size, share, protection, offset=abi.OFF_SQ_RING)
+            mappings.append(sq_map)
+            cq_map = mmap.mmap(fd, cq_size, share, protection, offset=abi.OFF_CQ_RING)
+            mappings.append(cq_map)
+        sqe_map = mmap.mmap(
+            fd, self.sq_entries * abi.SQE_SIZE, share, protection, offset=abi.OFF_SQES
+        )
+        mappings.append(sqe_map)
+        self._sq_words = memoryview(sq_map).cast("I")
+        self._cq_bytes = memoryview(cq_map)
+        self._cq_words = self._cq_bytes.cast("I")
+        self._sqes = memoryview(sqe_map)
+        self._views.extend((self._sq_words, self._cq_words, self._cq_bytes, self._sqes))
+        self._sq_head_index = sq["head"] >> 2
+        self._sq_tail_index = sq["tail"] >> 2
+        self._sq_flags_index = sq["flags"] >> 2
+        self._sq_mask = self._sq_words[sq["ring_mask"] >> 2]
+        self._cq_head_index = cq["head"] >> 2
+        self._cq_tail_index = cq["tail"] >> 2
+        self._cq_overflow_index = cq["overflow"] >> 2
+        self._cq_mask = self._cq_words[cq["ring_mask"] >> 2]
+        self._cqes_offset = cq["cqes"]
+        array_index = sq["array"] >> 2
+        for slot in range(self.sq_entries):
+            self._sq_words[array_index + slot] = slot
+        self._sq_tail = self._sq_words[self._sq_tail_index]
+        self._sq_space = self.sq_entries
+
+    # --- registration ----------------------------------------------------------------
+
+    def register(self, opcode: int, argument_address: int, count: int) -> int:
+        """``io_uring_register(fd, opcode, arg, nr_args)``; raises OSError on failure."""
+        result = _syscall(abi.NR_IO_URING_REGISTER, self._fd, opcode, argument_address, count, 0, 0)
+        if result < 0:
+            raise OSError(-result, f"io_uring_register({opcode}) failed: {os.strerror(-result)}")
+        return result
+
+    def probe(self) -> frozenset[int]:
+        """The opcodes this kernel supports (``IORING_REGISTER_PROBE``, kernel 5.6+)."""
+        size = abi.PROBE_HEADER.size + abi.PROBE_OPS * abi.PROBE_OP.size
+        answer = bytearray(size)
+        address, keep = pin(answer)
+        try:
+            self.register(abi.REGISTER_PROBE, address, abi.PROBE_OPS)
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                raise
+            return frozenset()  # before 5.6: no probe, and no SEND/RECV either
+        _, ops_len, *_ = abi.PROBE_HEADER.unpack_from(answer)
+        supported = set()
+        for index in range(ops_len):
+            op, _, flags, _ = abi.PROBE_OP.unpack_from(
+                answer, abi.PROBE_HEADER.size + index * abi.PROBE_OP.size
+            )
+            if flags & abi.IO_URING_OP_SUPPORTED:
+                supported.add(op)
+        del keep
+        return frozenset(supported)
+
+    def provide_buffers(self, count: int, size: int, group_id: int = 0) -> ProvidedBuffers:
+        """Register a provided-buffer ring of ``count`` buffers of ``size`` bytes."""
+        if not self.capabilities.buffer_rings:
+            raise OSError(
+                errno.ENOTSUP, "provided-buffer rings need kernel 5.19; recv into your own buffer"
+            )
+        if group_id in self._buffer_groups:
+            raise ValueError(f"buffer group {group_id} is registered already")
+        buffers = ProvidedBuffers(self.register, group_id, count, size)
+        self._buffer_groups[group_id] = buffers
+        return buffers
+
+    def fileno(self) -> int:
+        return self._fd
+
+    # --- the one place an SQE is written ---------------------------------------------
+
+    def _queue(
+        self,
+        user_data: int,
+        opcode: int,
+        fd: int,
+        address: int,
+        length: int,
+        op_flags: int,
+        keep: object,
+        offset: int = 0,
+        ioprio: int = 0,
+        sqe_flags: int = 0,
+        buffer_group: int = 0,
+    ) -> None:
+        in_flight = self._in_flight
+        if user_data in in_flight:
+            raise ValueError(
+                f"user_data {user_data} is in flight already; every operation needs its own"
+            )
+        space = self._sq_space
+        if not space:
+            self._make_room()
+            space = self._sq_space
+        tail = self._sq_tail
+        _pack_sqe(
+            self._sqes,
+            (tail & self._sq_mask) << 6,  # abi.SQE_SHIFT
+            opcode,
+            sqe_flags,
+            ioprio,
+            fd,
+            offset,
+            address,
+            length,
+            op_flags,
+            user_data,
+            buffer_group,
+            0,
+            0,
+            0,
+            0,
+        )
+        self._sq_tail = (tail + 1) & _MASK32
+        self._sq_space = space - 1
+        in_flight[user_data] = keep
+
+    def _make_room(self) -> None:
+        """The SQ is full in the middle of an iteration: submit early (the only extra enter)."""
+        for _ in range(3):
+            self.submit()
+            if self._sq_space:
+                return
+            self._reap(self._backlog)  # the kernel may be waiting for CQ space
+        raise OSError(errno.EBUSY, "the kernel takes no more submissions; the SQ stays full")
+
+    # --- submission and completion ---------------------------------------------------
+
+    def submit(self, wait_for: int = 0, timeout: float | None = None) -> int:
+        """Hand the kernel everything queued and wait for ``wait_for`` completions, in one call.
+
+        ``timeout`` (seconds) bounds the wait; ``None`` waits as long as it takes.
+        The wait also ends early when a signal arrives. Returns how many SQEs the
+        kernel consumed.
+        """
+        if not self._enabled:
+            self._enable()
+        words = self._sq_words
+        if wait_for and timeout is not None:
+            if timeout <= 0:
+                wait_for = 0
+            elif not self._ext_arg:
+                self._queue_wait_deadline(timeout)
+                wait_for = 1
+        tail = self._sq_tail
+        words[self._sq_tail_index] = tail  # publish the SQEs written since the last submit
+        queued = (tail - words[self._sq_head_index]) & _MASK32
+        flags = self._enter_flags
+        argument = size = 0
+        if wait_for:
+            flags |= abi.ENTER_GETEVENTS
+            if timeout is not None and self._ext_arg:
+                abi.TIMESPEC.pack_into(self._deadline, 0, *split_seconds(timeout))
+                flags |= abi.ENTER_EXT_ARG
+                argument, size = self._getevents_arg_address, abi.GETEVENTS_ARG.size
+        elif not queued and not words[self._sq_flags_index] & (abi.SQ_TASKRUN | abi.SQ_CQ_OVERFLOW):
+            return 0
+        result = _syscall(abi.NR_IO_URING_ENTER, self._fd, queued, wait_for, flags, argument, size)
+        if result < 0:
+            self._enter_failed(-result)
+        left = (tail - words[self._sq_head_index]) & _MASK32
+        self._sq_space = self.sq_entries - left
+        return queued - left
+
+    def _enter_failed(self, code: int) -> None:
+        if code in (errno.EINTR, errno.ETIME, errno.EAGAIN, errno.EBUSY):
+            return
+        if code == errno.EEXIST:
+            raise RuntimeError(
+                "io_uring_enter refused this thread: the ring is single-issuer and another "
+                "thread submitted first; drive a ring from one thread only "
+                "(or create it with single_issuer=False)"
+            )
+        if code in (errno.EBADF, errno.EBADFD, errno.ENXIO):
+            raise OSError(code, "io_uring_enter on a ring that is closed or disabled")
+        raise OSError(code, f"io_uring_enter failed: {os.strerror(code)}")
+
+    def _enable(self) -> None:
+        """Enable a ring created disabled: this thread becomes its single issuer."""
+        if self._owner != os.getpid():
+            raise RuntimeError(
+                f"this ring belongs to process {self._owner}, which forked this one; "
+                "a ring cannot be shared across fork(): create it in the child"
+            )
+        if self.setup_flags & abi.SETUP_R_DISABLED:
+            self.register(abi.REGISTER_ENABLE_RINGS, 0, 0)
+        self._enabled = True
+
+    def _internal_user_data(self) -> int:
+        self._internal_serial += 1
+        user_data = INTERNAL_USER_DATA + self._internal_serial
+        self._internal.add(user_data)
+        return user_data
+
+    def _queue_wait_deadline(self, timeout: float) -> None:
+        """Before 5.11 the wait deadline is a TIMEOUT SQE, whose CQE `completions` drops."""
+        self.prepare_timeout(self._internal_user_data(), timeout, count=1)
+
+    def completions(self) -> list[tuple[int, int, int]]:
+        """Every completion posted so far as ``(user_data, res, flags)``, oldest first.
+
+        Reading them advances the CQ head once. An operation's pinned memory is
+        released with its last CQE (no ``IORING_CQE_F_MORE``). Under
+        ``DEFER_TASKRUN`` the kernel posts completions only during `submit`, so
+        an iteration is ``submit`` then ``completions``.
+        """
+        ready = self._backlog
+        if ready:
+            self._backlog = []
+        else:
+            ready = []
+        self._reap(ready)
+        if self._sq_words[self._sq_flags_index] & abi.SQ_CQ_OVERFLOW:
+            self._flush_overflow(ready)
+        if self._internal:
+            ready = self._drop_internal(ready)
+        return ready
+
+    def _reap(self, ready: list[tuple[int, int, int]]) -> None:
+        words = self._cq_words
+        head = words[self._cq_head_index]
+        tail = words[self._cq_tail_index]
+        if head == tail:
+            return
+        mask = self._cq_mask
+        first = head & mask
+        count = (tail - head) & _MASK32
+        base = self._cqes_offset
+        cqes = self._cq_bytes
+        in_flight = self._in_flight
+        last = first + count
+        spans = (
+            [(first, last)]
+            if last <= mask + 1
+            else [(first, mask + 1), (0, last - mask - 1)]  # the entries wrap around the end
+        )
+        append = ready.append
+        more = abi.CQE_F_MORE
+        for start, stop in spans:
+            for entry in abi.CQE.iter_unpack(
+                cqes[base + (start << abi.CQE_SHIFT) : base + (stop << abi.CQE_SHIFT)]
+            ):
+                append(entry)
+                if not entry[2] & more:
+                    in_flight.pop(entry[0], None)
+        words[self._cq_head_index] = tail  # the slots are the kernel's again
+
+    def _flush_overflow(self, ready: list[tuple[int, int, int]]) -> None:
+        """Completions wait in the kernel's overflow list: enter to move them into the CQ."""
+        for _ in range(64):
+            result = _syscall(abi.NR_IO_URING_ENTER, self._fd, 0, 0, abi.ENTER_GETEVENTS, 0, 0)
+            if result < 0 and -result not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
+                self._enter_failed(-result)
+            self._reap(ready)
+            if not self._sq_words[self._sq_flags_index] & abi.SQ_CQ_OVERFLOW:
+                return
+
+    def _drop_internal(self, ready: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        internal = self._internal
+        kept = []
+        for entry in ready:
+            if entry[0] in internal:
+                if not entry[2] & abi.CQE_F_MORE:
+                    internal.discard(entry[0])
+            else:
+                kept.append(entry)
+        return kept
+
+    # --- state -----------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Operations submitted or queued whose last CQE has not been read."""
+        return len(self._in_flight) - len(self._internal)
+
+    def owns(self, user_data: int) -> bool:
+        """True while the kernel may still touch the memory of operation ``user_data``."""
+        return user_data in self._in_flight
+
+    @property
+    def completions_lost(self) -> int:
+        """CQEs the kernel dropped for lack of memory (the CQ ring's overflow counter)."""
+        return self._cq_words[self._cq_overflow_index]
+
+    # --- teardown --------------------------------------------------------------------
+
+    def close(self, drain_timeout: float = 1.0) -> None:
+        """Cancel what is in flight, wait up to ``drain_timeout`` for it, unregister, unmap, close."""
+        if self._closed:
+            return
+        if self._owner != os.getpid():
+            # A forked child's copy: the operations, and the memory the kernel
+            # writes, are the parent's. Let go of the mappings and the fd only.
+            self._in_flight.clear()
+            self._buffer_groups.clear()
+            self._release()
+            return
+        try:
+            self._drain(drain_timeout)
+        finally:
+            for buffers in self._buffer_groups.values():
+                if self._in_flight:
+                    _ABANDONED.append(buffers)  # a recv may still pick one of its buffers
+                else:
+                    buffers.close()
+            self._buffer_groups.clear()
+            self._release()
+
+    def _drain(self, timeout: float) -> None:
+        if not self._in_flight:
+            return
+        deadline = time.monotonic() + timeout
+        try:
+            if self.capabilities.cancel_by_fd:
+                self._prepare_cancel_everything(self._internal_user_data())
+            else:
+                for target in list(self._in_flight):
+                    self.prepare_cancel(self._internal_user_data(), target)
+            while self._in_flight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self.submit(1, remaining)
+                self.completions()
+        except (OSError, RuntimeError):
+            return  # a foreign thread or a dead ring: the pinned memory is abandoned
+
+    def _release(self) -> None:
+        self._closed = True
+        if self._in_flight:
+            _ABANDONED.append(self._in_flight)
+        self._in_flight = {}
+        for view in self._views:
+            view.release()
+        for mapping in self._mappings:
+            mapping.close()
+        os.close(self._fd)
+
+    def __enter__(self) -> Ring:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self._release()
