@@ -58,6 +58,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="event loop backend (default auto: uvloop if installed, else asyncio)",
     )
     parser.add_argument(
+        "--proactor-engine",
+        choices=["auto", "uring", "emulated"],
+        default=None,
+        help="engine of the proactor loop: io_uring, or completions emulated on epoll; auto "
+        "picks io_uring when the kernel allows it (sets FORKLOOP_PROACTOR_ENGINE)",
+    )
+    parser.add_argument(
         "--workers",
         "-w",
         type=int,
@@ -156,6 +163,8 @@ def serve(args: argparse.Namespace, serve_argv: list[str]) -> int:
     config = config_from_args(args)
     configure_logging(config.log_level)
     log = logging.getLogger("forkloop")
+    if args.proactor_engine is not None:
+        os.environ["FORKLOOP_PROACTOR_ENGINE"] = args.proactor_engine  # read by proactor/
     try:
         backends.resolve(config.loop).loop_factory()
         tls_context(config)  # a bad certificate is a start-up error, not a worker crash loop

@@ -256,6 +256,9 @@ class HttpService:
         snapshot = self.stats.snapshot(len(self.connections))
         snapshot["cache"] = self.app.cache_stats or {}
         snapshot["loop"] = f"{type(self.loop).__module__}.{type(self.loop).__qualname__}"
+        engine = getattr(self.loop, "engine_name", None)  # loops with several engines say which
+        if engine is not None:
+            snapshot["loop_engine"] = engine
         if self.server_totals is not None:
             snapshot["server"] = self.server_totals(self.counters())
         return snapshot
