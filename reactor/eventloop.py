@@ -1,0 +1,158 @@
+"""The reactor: the scheduling core, readiness I/O and the poller, assembled.
+
+`EventLoop` is the class ``reactor.new_event_loop()`` returns. It is made of
+parts that each explain themselves:
+
+* `reactor.loop.LoopCore`: the ready queue, timers, run loop, signals and
+  executor. This class fills in the core's I/O seam: ``_poll`` *is* the
+  poller's own ``poll`` method, bound once at construction, so an iteration
+  pays one call to wait and dispatch.
+* `reactor.readiness.ReadinessOperations`: ``add_reader`` and friends and the
+  ``sock_*`` coroutines.
+* `reactor.networking.Networking`: ``create_connection``, ``create_server``,
+  Unix sockets, datagram endpoints and TLS, which call back into this class for
+  transports (`_make_socket_transport`, `_make_datagram_transport`) and for
+  listening (`_start_listening`, `_stop_listening`, `_accept_connection`).
+* `reactor.subprocesses.Subprocesses`: child processes and pipes; their pipes
+  and each child's pidfd are just more fds on the same poller.
+
+Also here: ``loop.sendfile`` over the reactor's own socket transports. It
+waits until the transport's write buffer is empty, then sends with
+``os.sendfile`` straight on the socket (or by reads, for a file object without
+an fd). On any other transport it raises `asyncio.SendfileNotAvailableError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from reactor.loop import LoopCore
+from reactor.networking import Networking
+from reactor.poller import new_poller
+from reactor.readiness import ReadinessOperations, _check_sendfile_params
+from reactor.servers import Acceptor, Server
+from reactor.subprocesses import Subprocesses
+from reactor.transports import DatagramTransport, SocketTransport
+
+
+class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
+    """forkloop's readiness event loop: epoll (or `selectors`) under the asyncio API."""
+
+    def __init__(self) -> None:
+        self._poller = new_poller(self._report_io_error)
+        self._poll = self._poller.poll
+        self._transports: dict[int, Any] = {}
+        self._acceptors: dict[int, Acceptor] = {}
+        super().__init__()
+
+    # the core's seam -----------------------------------------------------------
+
+    def _poll(self, timeout: float | None) -> None:  # replaced by the poller's bound method
+        self._poller.poll(timeout)
+
+    def _watch_readable(self, fd: int, callback: Callable[[], object]) -> None:
+        self._poller.set_reader(fd, callback)
+
+    def _unwatch_readable(self, fd: int) -> None:
+        self._poller.clear_reader(fd)
+
+    def _close_io(self) -> None:
+        for acceptor in self._acceptors.values():
+            acceptor.stop()
+        self._acceptors.clear()
+        self._close_child_watchers()
+        self._poller.close()
+
+    def _report_io_error(self, exc: BaseException, fd: int, callback: Any) -> None:
+        self.call_exception_handler(
+            {"message": f"Exception in I/O callback {callback!r} for fd {fd}", "exception": exc}
+        )
+
+    async def sendfile(
+        self,
+        transport: asyncio.WriteTransport,
+        file: Any,
+        offset: int = 0,
+        count: int | None = None,
+        *,
+        fallback: bool = True,
+    ) -> int:
+        """Send a file over a stream transport: os.sendfile when it is a plain socket."""
+        if transport.is_closing():
+            raise RuntimeError("Transport is closing")
+        if not isinstance(transport, SocketTransport):
+            raise asyncio.SendfileNotAvailableError(
+                f"the reactor sends files only over its own socket transports, not {transport!r}"
+            )
+        sock = transport.get_extra_info("socket")
+        _check_sendfile_params(sock, file, offset, count)
+        await transport._wait_until_drained()
+        try:
+            return await self._sendfile_native(sock, file, offset, count)
+        except asyncio.SendfileNotAvailableError:
+            if not fallback:
+                raise
+        return await self._sendfile_by_reads(sock, file, offset, count)
+
+    # transports and listeners (used by reactor.networking) --------------------------------
+
+    def _make_socket_transport(
+        self,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        waiter: asyncio.Future | None = None,
+        extra: dict[str, Any] | None = None,
+        server: Server | None = None,
+    ) -> SocketTransport:
+        return SocketTransport(self, sock, protocol, waiter, extra, server)
+
+    def _make_datagram_transport(
+        self,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        address: Any = None,
+        waiter: asyncio.Future | None = None,
+    ) -> DatagramTransport:
+        return DatagramTransport(self, sock, protocol, address, waiter)
+
+    def _accept_connection(self, server: Server, conn: socket.socket, address: Any) -> None:
+        try:
+            protocol = server._protocol_factory()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            conn.close()
+            self.call_exception_handler(
+                {"message": "Error in protocol_factory of server", "exception": exc}
+            )
+            return
+        extra = {"peername": address}
+        if server._ssl_context is not None:
+            self._make_ssl_transport(
+                conn,
+                protocol,
+                server._ssl_context,
+                None,
+                server_side=True,
+                extra=extra,
+                server=server,
+                ssl_handshake_timeout=server._ssl_handshake_timeout,
+                ssl_shutdown_timeout=server._ssl_shutdown_timeout,
+            )
+        else:
+            SocketTransport(self, conn, protocol, None, extra, server)
+
+    def _start_listening(self, server: Server, sock: socket.socket, backlog: int) -> None:
+        sock.listen(backlog)
+        acceptor = Acceptor(self, server, sock, backlog)
+        self._acceptors[sock.fileno()] = acceptor
+        acceptor.start()
+
+    def _stop_listening(self, sock: socket.socket) -> None:
+        acceptor = self._acceptors.pop(sock.fileno(), None)
+        if acceptor is not None:
+            acceptor.stop()
+        sock.close()

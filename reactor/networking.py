@@ -1,0 +1,645 @@
+"""Connections, servers and datagram endpoints: turning addresses into transports.
+
+`Networking` holds the ``create_*`` half of the asyncio API. It resolves
+addresses, creates, binds, connects and listens on sockets, and then asks the
+I/O layer for transports through four methods that the concrete loop provides:
+``_make_socket_transport``, ``_make_datagram_transport``, ``_start_listening``
+(via `Server`) and ``sock_connect``. Nothing here waits for readiness itself,
+so a completion-based loop can mix this class in with its own transports.
+
+Name resolution
+---------------
+A numeric host (``127.0.0.1``, ``::1``) is resolved in the calling thread with
+``AI_NUMERICHOST | AI_NUMERICSERV``, which never touches DNS. Anything else goes
+to ``getaddrinfo`` in the executor, so a slow resolver cannot stall the loop.
+
+What is not here
+----------------
+Happy eyeballs: ``create_connection`` tries the resolved addresses one after
+another; ``happy_eyeballs_delay`` and ``interleave`` are accepted and ignored.
+TLS goes through `asyncio.sslproto.SSLProtocol` layered on the plain transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import ssl as ssl_module
+import stat
+import sys
+import warnings
+from asyncio import sslproto
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from reactor.loop import logger
+from reactor.servers import Server
+
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+_UNSET = object()
+
+
+def _check_ssl_arguments(ssl: Any, handshake_timeout: Any, shutdown_timeout: Any) -> None:
+    if handshake_timeout is not None and not ssl:
+        raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
+    if shutdown_timeout is not None and not ssl:
+        raise ValueError("ssl_shutdown_timeout is only meaningful with ssl")
+
+
+def _set_reuse_port(sock: socket.socket) -> None:
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise ValueError("reuse_port not supported by socket module")
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    except OSError:
+        raise ValueError(
+            "reuse_port not supported by socket module, SO_REUSEPORT defined but not implemented."
+        ) from None
+
+
+def _bind_error(exc: OSError, address: Any) -> OSError:
+    reason = (exc.strerror or str(exc)).lower()
+    return OSError(exc.errno, f"error while attempting to bind on address {address!r}: {reason}")
+
+
+def _remove_stale_unix_socket(path: str | bytes) -> None:
+    if path[0] in (0, "\x00"):
+        return  # Linux abstract namespace: nothing on disk
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.error("Unable to check or remove stale UNIX socket %r: %r", path, exc)
+
+
+def _raise_connect_errors(exceptions: list[OSError], all_errors: bool) -> None:
+    if all_errors:
+        raise ExceptionGroup("create_connection failed", exceptions)
+    if len(exceptions) == 1 or len({str(exc) for exc in exceptions}) == 1:
+        raise exceptions[0]
+    raise OSError(f"Multiple exceptions: {', '.join(str(exc) for exc in exceptions)}")
+
+
+class Networking:
+    """The ``create_*`` methods of the loop (mixed into the concrete loop class)."""
+
+    async def _resolve_address(
+        self,
+        host: Any,
+        port: Any,
+        *,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[tuple[Any, ...]]:
+        numeric = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+        try:
+            return socket.getaddrinfo(host, port, family, type, proto, flags | numeric)
+        except (socket.gaierror, UnicodeError):
+            pass  # not numeric: ask the resolver, off the loop's thread
+        infos = await self.getaddrinfo(
+            host, port, family=family, type=type, proto=proto, flags=flags
+        )
+        if not infos:
+            raise OSError(f"getaddrinfo({host!r}) returned empty list")
+        return infos
+
+    # streams -------------------------------------------------------------------
+
+    async def create_connection(
+        self,
+        protocol_factory: ProtocolFactory,
+        host: Any = None,
+        port: Any = None,
+        *,
+        ssl: Any = None,
+        family: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+        sock: socket.socket | None = None,
+        local_addr: Any = None,
+        server_hostname: str | None = None,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
+        happy_eyeballs_delay: float | None = None,
+        interleave: int | None = None,
+        all_errors: bool = False,
+    ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        if server_hostname is not None and not ssl:
+            raise ValueError("server_hostname is only meaningful with ssl")
+        if server_hostname is None and ssl:
+            if not host:
+                raise ValueError("You must set server_hostname when using ssl without a host")
+            server_hostname = host
+        _check_ssl_arguments(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
+        if host is not None or port is not None:
+            if sock is not None:
+                raise ValueError("host/port and sock can not be specified at the same time")
+            infos = await self._resolve_address(
+                host, port, family=family, type=socket.SOCK_STREAM, proto=proto, flags=flags
+            )
+            local_infos = None
+            if local_addr is not None:
+                local_infos = await self._resolve_address(
+                    *local_addr, family=family, type=socket.SOCK_STREAM, proto=proto, flags=flags
+                )
+            sock = await self._connect_first(infos, local_infos, all_errors)
+        elif sock is None:
+            raise ValueError("host and port was not specified and no sock specified")
+        elif sock.type != socket.SOCK_STREAM:
+            raise ValueError(f"A Stream Socket was expected, got {sock!r}")
+        return await self._create_connection_transport(
+            sock,
+            protocol_factory,
+            ssl,
+            server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
+        )
+
+    async def _connect_first(
+        self, infos: list[tuple[Any, ...]], local_infos: Any, all_errors: bool
+    ) -> socket.socket:
+        exceptions: list[OSError] = []
+        for family, type_, proto, _, address in infos:
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setblocking(False)
+                if local_infos is not None:
+                    self._bind_local(sock, family, local_infos)
+                await self.sock_connect(sock, address)
+                return sock
+            except OSError as exc:
+                sock.close()
+                exceptions.append(exc)
+            except BaseException:
+                sock.close()
+                raise
+        _raise_connect_errors(exceptions, all_errors)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _bind_local(sock: socket.socket, family: int, local_infos: Any) -> None:
+        errors = []
+        for local_family, _, _, _, local_address in local_infos:
+            if local_family != family:
+                continue
+            try:
+                sock.bind(local_address)
+                return
+            except OSError as exc:
+                errors.append(_bind_error(exc, local_address))
+        if errors:
+            raise errors[0]
+        raise OSError(f"no matching local address with family={family!r} found")
+
+    async def _create_connection_transport(
+        self,
+        sock: socket.socket,
+        protocol_factory: ProtocolFactory,
+        ssl: Any,
+        server_hostname: str | None,
+        server_side: bool = False,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
+    ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        sock.setblocking(False)
+        protocol = protocol_factory()
+        waiter = self.create_future()
+        if ssl:
+            transport = self._make_ssl_transport(
+                sock,
+                protocol,
+                None if isinstance(ssl, bool) else ssl,
+                waiter,
+                server_side=server_side,
+                server_hostname=server_hostname,
+                ssl_handshake_timeout=ssl_handshake_timeout,
+                ssl_shutdown_timeout=ssl_shutdown_timeout,
+            )
+        else:
+            transport = self._make_socket_transport(sock, protocol, waiter)
+        try:
+            await waiter
+        except BaseException:
+            transport.close()
+            raise
+        return transport, protocol
+
+    def _make_ssl_transport(
+        self,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        ssl_context: Any,
+        waiter: asyncio.Future | None,
+        *,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        extra: dict[str, Any] | None = None,
+        server: Server | None = None,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
+    ) -> asyncio.Transport:
+        """TLS as a protocol layered on a plain socket transport (the stdlib's SSLProtocol)."""
+        ssl_protocol = sslproto.SSLProtocol(
+            self,
+            protocol,
+            ssl_context,
+            waiter,
+            server_side,
+            server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
+        )
+        self._make_socket_transport(sock, ssl_protocol, None, extra, server)
+        return ssl_protocol._app_transport
+
+    async def start_tls(
+        self,
+        transport: asyncio.BaseTransport,
+        protocol: asyncio.BaseProtocol,
+        sslcontext: Any,
+        *,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
+    ) -> asyncio.Transport:
+        """Upgrade a plain connection to TLS in place; returns the new (TLS) transport."""
+        if not isinstance(sslcontext, ssl_module.SSLContext):
+            raise TypeError(
+                f"sslcontext is expected to be an instance of ssl.SSLContext, got {sslcontext!r}"
+            )
+        if not getattr(transport, "_start_tls_compatible", False):
+            raise TypeError(f"transport {transport!r} is not supported by start_tls()")
+        waiter = self.create_future()
+        ssl_protocol = sslproto.SSLProtocol(
+            self,
+            protocol,
+            sslcontext,
+            waiter,
+            server_side,
+            server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
+            call_connection_made=False,
+        )
+        # Nothing may be read between the switch of protocols and the handshake.
+        transport.pause_reading()
+        transport.set_protocol(ssl_protocol)
+        connection_made = self.call_soon(ssl_protocol.connection_made, transport)
+        resume_reading = self.call_soon(transport.resume_reading)
+        try:
+            await waiter
+        except BaseException:
+            transport.close()
+            connection_made.cancel()
+            resume_reading.cancel()
+            raise
+        return ssl_protocol._app_transport
+
+    async def create_server(
+        self,
+        protocol_factory: ProtocolFactory,
+        host: Any = None,
+        port: Any = None,
+        *,
+        family: int = socket.AF_UNSPEC,
+        flags: int = socket.AI_PASSIVE,
+        sock: socket.socket | None = None,
+        backlog: int = 100,
+        ssl: Any = None,
+        reuse_address: bool | None = None,
+        reuse_port: bool | None = None,
+        keep_alive: bool | None = None,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
+        start_serving: bool = True,
+    ) -> Server:
+        if isinstance(ssl, bool):
+            raise TypeError("ssl argument must be an SSLContext or None")
+        _check_ssl_arguments(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
+        if host is not None or port is not None:
+            if sock is not None:
+                raise ValueError("host/port and sock can not be specified at the same time")
+            if reuse_address is None:
+                reuse_address = os.name == "posix" and sys.platform != "cygwin"
+            hosts: Iterable[Any]
+            if host is None or host == "":
+                hosts = [None]
+            elif isinstance(host, (str, bytes)) or not isinstance(host, Iterable):
+                hosts = [host]
+            else:
+                hosts = host
+            infos: dict[tuple[Any, ...], None] = {}  # ordered and deduplicated
+            for one_host in hosts:
+                for info in await self._resolve_address(
+                    one_host, port, family=family, type=socket.SOCK_STREAM, flags=flags
+                ):
+                    infos[info] = None
+            sockets = self._bind_listening_sockets(infos, reuse_address, reuse_port, keep_alive)
+        else:
+            if sock is None:
+                raise ValueError("Neither host/port nor sock were specified")
+            if sock.type != socket.SOCK_STREAM:
+                raise ValueError(f"A Stream Socket was expected, got {sock!r}")
+            sockets = [sock]
+        for listening in sockets:
+            listening.setblocking(False)
+        server = Server(
+            self,
+            sockets,
+            protocol_factory,
+            ssl,
+            backlog,
+            ssl_handshake_timeout,
+            ssl_shutdown_timeout,
+        )
+        if start_serving:
+            server._start_serving()
+        return server
+
+    @staticmethod
+    def _bind_listening_sockets(
+        infos: Iterable[tuple[Any, ...]], reuse_address: Any, reuse_port: Any, keep_alive: Any
+    ) -> list[socket.socket]:
+        sockets: list[socket.socket] = []
+        try:
+            for family, type_, proto, _, address in infos:
+                try:
+                    sock = socket.socket(family, type_, proto)
+                except OSError:
+                    continue  # a family this host cannot open; the other addresses may do
+                sockets.append(sock)
+                if reuse_address:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    _set_reuse_port(sock)
+                if keep_alive:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                if family == socket.AF_INET6:
+                    # Binding "::" must not also claim the IPv4 port bound next to it.
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind(address)
+                except OSError as exc:
+                    raise _bind_error(exc, address) from None
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        if not sockets:
+            raise OSError("could not open a listening socket for any resolved address")
+        return sockets
+
+    async def connect_accepted_socket(
+        self,
+        protocol_factory: ProtocolFactory,
+        sock: socket.socket,
+        *,
+        ssl: Any = None,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
+    ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError(f"A Stream Socket was expected, got {sock!r}")
+        _check_ssl_arguments(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
+        return await self._create_connection_transport(
+            sock,
+            protocol_factory,
+            ssl,
+            "",
+            server_side=True,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
+        )
+
+    # Unix stream sockets ------------------------------------------------------------
+
+    async def create_unix_connection(
+        self,
+        protocol_factory: ProtocolFactory,
+        path: Any = None,
+        *,
+        ssl: Any = None,
+        sock: socket.socket | None = None,
+        server_hostname: str | None = None,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
+    ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        if ssl:
+            if server_hostname is None:
+                raise ValueError("you have to pass server_hostname when using ssl")
+        elif server_hostname is not None:
+            raise ValueError("server_hostname is only meaningful with ssl")
+        _check_ssl_arguments(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
+        if path is not None:
+            if sock is not None:
+                raise ValueError("path and sock can not be specified at the same time")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0)
+            try:
+                sock.setblocking(False)
+                await self.sock_connect(sock, os.fspath(path))
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            if sock is None:
+                raise ValueError("no path and sock were specified")
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                raise ValueError(f"A UNIX Domain Stream Socket was expected, got {sock!r}")
+        return await self._create_connection_transport(
+            sock,
+            protocol_factory,
+            ssl,
+            server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
+        )
+
+    async def create_unix_server(
+        self,
+        protocol_factory: ProtocolFactory,
+        path: Any = None,
+        *,
+        sock: socket.socket | None = None,
+        backlog: int = 100,
+        ssl: Any = None,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
+        start_serving: bool = True,
+    ) -> Server:
+        if isinstance(ssl, bool):
+            raise TypeError("ssl argument must be an SSLContext or None")
+        _check_ssl_arguments(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
+        if path is not None:
+            if sock is not None:
+                raise ValueError("path and sock can not be specified at the same time")
+            path = os.fspath(path)
+            _remove_stale_unix_socket(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(path)
+            except OSError as exc:
+                sock.close()
+                if exc.errno == errno.EADDRINUSE:
+                    raise OSError(errno.EADDRINUSE, f"Address {path!r} is already in use") from None
+                raise
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            if sock is None:
+                raise ValueError("path was not specified, and no sock specified")
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                raise ValueError(f"A UNIX Domain Stream Socket was expected, got {sock!r}")
+        sock.setblocking(False)
+        server = Server(
+            self,
+            [sock],
+            protocol_factory,
+            ssl,
+            backlog,
+            ssl_handshake_timeout,
+            ssl_shutdown_timeout,
+        )
+        if start_serving:
+            server._start_serving()
+        return server
+
+    # datagrams ---------------------------------------------------------------------------
+
+    async def create_datagram_endpoint(
+        self,
+        protocol_factory: ProtocolFactory,
+        local_addr: Any = None,
+        remote_addr: Any = None,
+        *,
+        family: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+        reuse_address: Any = _UNSET,
+        reuse_port: bool | None = None,
+        allow_broadcast: bool | None = None,
+        sock: socket.socket | None = None,
+    ) -> tuple[asyncio.DatagramTransport, asyncio.BaseProtocol]:
+        if reuse_address is not _UNSET:
+            if reuse_address:
+                raise ValueError(
+                    "Passing `reuse_address=True` is no longer supported, as the usage of "
+                    "SO_REUSEPORT in UDP poses a significant security concern."
+                )
+            warnings.warn(
+                "The *reuse_address* parameter has been deprecated as of 3.5.10 "
+                "and is scheduled for removal in 3.11.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        remote = None
+        if sock is not None:
+            if sock.type != socket.SOCK_DGRAM:
+                raise ValueError(f"A UDP Socket was expected, got {sock!r}")
+            modifiers = dict(
+                local_addr=local_addr,
+                remote_addr=remote_addr,
+                family=family,
+                proto=proto,
+                flags=flags,
+                reuse_port=reuse_port,
+                allow_broadcast=allow_broadcast,
+            )
+            problems = ", ".join(f"{name}={value}" for name, value in modifiers.items() if value)
+            if problems:
+                raise ValueError(
+                    "socket modifier keyword arguments can not be used "
+                    f"when sock is specified. ({problems})"
+                )
+            sock.setblocking(False)
+        else:
+            sock, remote = await self._open_datagram_socket(
+                local_addr, remote_addr, family, proto, flags, reuse_port, allow_broadcast
+            )
+        protocol = protocol_factory()
+        waiter = self.create_future()
+        transport = self._make_datagram_transport(sock, protocol, remote, waiter)
+        try:
+            await waiter
+        except BaseException:
+            transport.close()
+            raise
+        return transport, protocol
+
+    async def _datagram_address_pairs(
+        self, local_addr: Any, remote_addr: Any, family: int, proto: int, flags: int
+    ) -> list[tuple[tuple[int, int], list[Any]]]:
+        """Candidate (family, proto) -> [local address, remote address] pairs to try."""
+        if not (local_addr or remote_addr):
+            if family == 0:
+                raise ValueError("unexpected address family")
+            return [((family, proto), [None, None])]
+        if family == getattr(socket, "AF_UNIX", None):
+            for address in (local_addr, remote_addr):
+                if address is not None and not isinstance(address, (str, bytes)):
+                    raise TypeError("string is expected")
+            if local_addr:
+                _remove_stale_unix_socket(local_addr)
+            return [((family, proto), [local_addr, remote_addr])]
+        pairs: dict[tuple[int, int], list[Any]] = {}
+        for index, address in enumerate((local_addr, remote_addr)):
+            if address is None:
+                continue
+            if not (isinstance(address, tuple) and len(address) == 2):
+                raise TypeError("2-tuple is expected")
+            infos = await self._resolve_address(
+                *address, family=family, type=socket.SOCK_DGRAM, proto=proto, flags=flags
+            )
+            for info_family, _, info_proto, _, sockaddr in infos:
+                pair = pairs.setdefault((info_family, info_proto), [None, None])
+                if pair[index] is None:
+                    pair[index] = sockaddr
+        complete = [
+            (key, pair)
+            for key, pair in pairs.items()
+            if not (local_addr and pair[0] is None) and not (remote_addr and pair[1] is None)
+        ]
+        if not complete:
+            raise ValueError("can not get address information")
+        return complete
+
+    async def _open_datagram_socket(
+        self,
+        local_addr: Any,
+        remote_addr: Any,
+        family: int,
+        proto: int,
+        flags: int,
+        reuse_port: Any,
+        allow_broadcast: Any,
+    ) -> tuple[socket.socket, Any]:
+        pairs = await self._datagram_address_pairs(local_addr, remote_addr, family, proto, flags)
+        exceptions: list[OSError] = []
+        for (pair_family, pair_proto), (local, remote) in pairs:
+            sock = socket.socket(pair_family, socket.SOCK_DGRAM, pair_proto)
+            try:
+                if reuse_port:
+                    _set_reuse_port(sock)
+                if allow_broadcast:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+                sock.setblocking(False)
+                if local_addr:
+                    sock.bind(local)
+                if remote_addr and not allow_broadcast:
+                    await self.sock_connect(sock, remote)
+                return sock, (remote if remote_addr else None)
+            except OSError as exc:
+                sock.close()
+                exceptions.append(exc)
+            except BaseException:
+                sock.close()
+                raise
+        raise exceptions[0]

@@ -1,0 +1,276 @@
+"""The readiness poller: every file descriptor the reactor watches goes through here.
+
+Facts about epoll that this module is built on
+----------------------------------------------
+* epoll watches *file descriptions*, registered by fd number. One
+  ``epoll_ctl`` call sets the whole interest mask of an fd, so "add a reader"
+  on an fd that already has a writer is a MODIFY with both bits, and removing
+  the last interest is a DEL. The poller keeps the reader and writer of each fd
+  in two dicts and derives the mask from them; nothing else is stored.
+* Closing an fd removes it from the epoll set by itself (when no duplicate of
+  the fd is open). The poller's dicts do not know that, so a later
+  registration of the same number may find the kernel disagreeing with them:
+  MODIFY then fails with ENOENT and ADD with EEXIST. Both are retried with the
+  other operation. Owners must unregister *before* they close an fd, or a
+  reused fd number would inherit their callbacks.
+* The reactor uses level-triggered mode, the contract of ``add_reader``: a
+  callback that leaves data unread is called again on the next poll. A
+  transport that keeps reading does not pay an ``epoll_ctl`` per read.
+* EPOLLHUP and EPOLLERR are reported whether asked for or not. They are handed
+  to both the reader and the writer of the fd: the reader's ``recv`` or the
+  writer's ``send`` (or ``SO_ERROR`` for a connecting socket) then meets the
+  actual error and reports it where it belongs.
+* Regular files cannot be registered (EPERM); that error reaches the caller,
+  as it does with the standard library's selectors.
+
+Dispatch
+--------
+``poll(timeout)`` waits, then calls each ready fd's callbacks straight from the
+result list: no `selectors.SelectorKey`, no `asyncio.Handle` per event, one dict
+lookup per callback. The callback is looked up again for every event, so a
+callback that unregisters or closes another fd earlier in the same batch is
+respected. A spurious call (the fd number was reused inside one batch) is
+harmless because every reader and writer copes with EAGAIN.
+
+A callback that raises is reported through the ``report_error`` function the
+loop passes in and the batch goes on; ``SystemExit`` and ``KeyboardInterrupt``
+propagate out of ``poll``, and level triggering re-reports the events that were
+not dispatched.
+
+Off Linux, `SelectorPoller` offers the same interface over `selectors` (kqueue
+on the BSDs and macOS). It is slower and exists so the loop runs everywhere; it
+can also be chosen on Linux with ``REACTOR_POLLER=selectors`` for testing.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import selectors
+from collections.abc import Callable
+
+Callback = Callable[[], object]
+ErrorReporter = Callable[[BaseException, int, Callback], None]
+
+# A poll returns at most this many events; the rest wait for the next poll.
+MAX_EVENTS_PER_POLL = 1024
+
+
+class EpollPoller:
+    """Level-triggered epoll with one reader and one writer callback per fd."""
+
+    def __init__(self, report_error: ErrorReporter) -> None:
+        self._epoll = select.epoll()
+        self._readers: dict[int, Callback] = {}
+        self._writers: dict[int, Callback] = {}
+        self._report_error = report_error
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def close(self) -> None:
+        self._readers.clear()
+        self._writers.clear()
+        self._epoll.close()
+
+    # registration -----------------------------------------------------------
+
+    def set_reader(self, fd: int, callback: Callback) -> None:
+        """Call ``callback()`` whenever ``fd`` is readable (replacing any previous reader)."""
+        if fd not in self._readers:
+            self._apply(fd, select.EPOLLIN | (select.EPOLLOUT if fd in self._writers else 0))
+        self._readers[fd] = callback
+
+    def set_writer(self, fd: int, callback: Callback) -> None:
+        """Call ``callback()`` whenever ``fd`` is writable (replacing any previous writer)."""
+        if fd not in self._writers:
+            self._apply(fd, select.EPOLLOUT | (select.EPOLLIN if fd in self._readers else 0))
+        self._writers[fd] = callback
+
+    def clear_reader(self, fd: int, callback: Callback | None = None) -> bool:
+        """Stop watching ``fd`` for reading; with ``callback``, only if it is still the reader."""
+        current = self._readers.get(fd)
+        if current is None or (callback is not None and current != callback):
+            return False
+        del self._readers[fd]
+        self._apply(fd, select.EPOLLOUT if fd in self._writers else 0)
+        return True
+
+    def clear_writer(self, fd: int, callback: Callback | None = None) -> bool:
+        """Stop watching ``fd`` for writing; with ``callback``, only if it is still the writer."""
+        current = self._writers.get(fd)
+        if current is None or (callback is not None and current != callback):
+            return False
+        del self._writers[fd]
+        self._apply(fd, select.EPOLLIN if fd in self._readers else 0)
+        return True
+
+    def reader_of(self, fd: int) -> Callback | None:
+        return self._readers.get(fd)
+
+    def writer_of(self, fd: int) -> Callback | None:
+        return self._writers.get(fd)
+
+    def _apply(self, fd: int, mask: int) -> None:
+        epoll = self._epoll
+        registered = fd in self._readers or fd in self._writers
+        if not mask:
+            try:
+                epoll.unregister(fd)
+            except OSError:
+                pass  # the fd was closed first; the kernel already forgot it
+        elif registered:
+            try:
+                epoll.modify(fd, mask)
+            except FileNotFoundError:
+                epoll.register(fd, mask)
+        else:
+            try:
+                epoll.register(fd, mask)
+            except FileExistsError:
+                epoll.modify(fd, mask)
+
+    # waiting ----------------------------------------------------------------
+
+    def poll(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` seconds (None: forever) and run the callbacks of ready fds."""
+        events = self._epoll.poll(-1 if timeout is None else timeout, MAX_EVENTS_PER_POLL)
+        readers = self._readers
+        writers = self._writers
+        readable = _READABLE
+        writable = _WRITABLE
+        for fd, mask in events:
+            if mask & readable:
+                try:
+                    callback = readers[fd]
+                except KeyError:
+                    pass  # unregistered earlier in this batch
+                else:
+                    try:
+                        callback()
+                    except (SystemExit, KeyboardInterrupt):
+                        raise
+                    except BaseException as exc:
+                        self._report_error(exc, fd, callback)
+            if mask & writable:
+                try:
+                    callback = writers[fd]
+                except KeyError:
+                    pass
+                else:
+                    try:
+                        callback()
+                    except (SystemExit, KeyboardInterrupt):
+                        raise
+                    except BaseException as exc:
+                        self._report_error(exc, fd, callback)
+
+
+_READABLE = select.EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLERR
+_WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+
+
+class SelectorPoller:
+    """The same interface over the `selectors` module, for platforms without epoll."""
+
+    def __init__(
+        self,
+        report_error: ErrorReporter,
+        selector_factory: Callable[[], selectors.BaseSelector] = selectors.DefaultSelector,
+    ) -> None:
+        self._selector = selector_factory()
+        self._readers: dict[int, Callback] = {}
+        self._writers: dict[int, Callback] = {}
+        self._report_error = report_error
+
+    def fileno(self) -> int:
+        return self._selector.fileno() if hasattr(self._selector, "fileno") else -1
+
+    def close(self) -> None:
+        self._readers.clear()
+        self._writers.clear()
+        self._selector.close()
+
+    def set_reader(self, fd: int, callback: Callback) -> None:
+        if fd not in self._readers:
+            writing = selectors.EVENT_WRITE if fd in self._writers else 0
+            self._apply(fd, selectors.EVENT_READ | writing)
+        self._readers[fd] = callback
+
+    def set_writer(self, fd: int, callback: Callback) -> None:
+        if fd not in self._writers:
+            reading = selectors.EVENT_READ if fd in self._readers else 0
+            self._apply(fd, selectors.EVENT_WRITE | reading)
+        self._writers[fd] = callback
+
+    def clear_reader(self, fd: int, callback: Callback | None = None) -> bool:
+        current = self._readers.get(fd)
+        if current is None or (callback is not None and current != callback):
+            return False
+        del self._readers[fd]
+        self._apply(fd, selectors.EVENT_WRITE if fd in self._writers else 0)
+        return True
+
+    def clear_writer(self, fd: int, callback: Callback | None = None) -> bool:
+        current = self._writers.get(fd)
+        if current is None or (callback is not None and current != callback):
+            return False
+        del self._writers[fd]
+        self._apply(fd, selectors.EVENT_READ if fd in self._readers else 0)
+        return True
+
+    def reader_of(self, fd: int) -> Callback | None:
+        return self._readers.get(fd)
+
+    def writer_of(self, fd: int) -> Callback | None:
+        return self._writers.get(fd)
+
+    def _apply(self, fd: int, events: int) -> None:
+        selector = self._selector
+        try:
+            selector.get_key(fd)
+            registered = True
+        except KeyError:
+            registered = False
+        if not events:
+            if registered:
+                selector.unregister(fd)
+        elif registered:
+            try:
+                selector.modify(fd, events)
+            except OSError:
+                # The fd was closed and reused behind the selector's back.
+                selector.unregister(fd)
+                selector.register(fd, events)
+        else:
+            selector.register(fd, events)
+
+    def poll(self, timeout: float | None) -> None:
+        if timeout is not None and timeout < 0:
+            timeout = 0
+        for key, events in self._selector.select(timeout):
+            fd = key.fd
+            for table, flag in (
+                (self._readers, selectors.EVENT_READ),
+                (self._writers, selectors.EVENT_WRITE),
+            ):
+                if events & flag:
+                    callback = table.get(fd)
+                    if callback is not None:
+                        try:
+                            callback()
+                        except (SystemExit, KeyboardInterrupt):
+                            raise
+                        except BaseException as exc:
+                            self._report_error(exc, fd, callback)
+
+
+Poller = EpollPoller | SelectorPoller
+
+
+def new_poller(report_error: ErrorReporter) -> Poller:
+    """epoll where the platform has it, unless ``REACTOR_POLLER=selectors`` asks otherwise."""
+    choice = os.environ.get("REACTOR_POLLER", "")
+    if hasattr(select, "epoll") and choice != "selectors":
+        return EpollPoller(report_error)
+    return SelectorPoller(report_error)

@@ -1,0 +1,574 @@
+"""Socket transports: stream sockets (TCP and Unix) and datagram sockets (UDP, Unix).
+
+A transport owns one non-blocking socket and hands its events to one protocol.
+The poller calls the transport's bound methods directly: ``_read_ready`` when
+the socket is readable and ``_write_ready`` when it is writable and the
+transport has something buffered.
+
+Life of a stream transport
+--------------------------
+1. Construction registers the transport under its fd (so ``add_reader`` on the
+   same fd is refused) and queues ``_start`` with ``call_soon``.
+2. ``_start`` calls ``protocol.connection_made(transport)``, then starts
+   reading unless the protocol paused reading or closed the transport in
+   ``connection_made``, then resolves the creator's waiter. The protocol never
+   sees data before ``connection_made``.
+3. Reading: ``recv`` (or ``recv_into`` the protocol's buffer, for a
+   `asyncio.BufferedProtocol`), then ``data_received`` / ``buffer_updated``
+   inside the same poll dispatch. An empty read means the peer finished
+   sending: ``eof_received()`` is called, and unless it returns a true value
+   the transport closes itself. If it does, reading stops and writing goes on
+   (a half-closed connection).
+4. Writing: ``write()`` sends at once when nothing is buffered; only what the
+   kernel did not take is buffered, and only then is the fd registered for
+   writability. ``_write_ready`` drains the buffer and unregisters when it is
+   empty. When the buffer passes the high-water mark the protocol's
+   ``pause_writing()`` is called; when it falls to the low-water mark,
+   ``resume_writing()``.
+5. Closing: ``close()`` stops reading at once and lets the buffer drain;
+   ``abort()`` drops the buffer. Either way ``connection_lost(exc)`` is called
+   exactly once, through ``call_soon`` (or directly from ``_write_ready`` when a
+   graceful close finishes draining), with None for a local close or a clean
+   EOF and the socket error otherwise. The socket is unregistered before it is
+   closed, and it is closed only after ``connection_lost`` returned.
+
+Errors: an `OSError` on the socket ends the connection quietly (the protocol
+learns it from ``connection_lost``); any other exception, typically raised by
+the protocol's own callbacks, also goes to the loop's exception handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import warnings
+from typing import Any
+
+from reactor.loop import logger
+
+# Bytes asked of the kernel per stream read. Below glibc's mmap threshold, so a
+# read costs no mmap/munmap pair (256 KiB reads cost ~10 µs more each).
+MAX_READ_SIZE = 64 * 1024
+# The largest datagram received whole; read into a buffer kept per endpoint.
+MAX_DATAGRAM_SIZE = 256 * 1024
+DEFAULT_HIGH_WATER = 64 * 1024
+# Writes to a lost connection are dropped silently up to this count, then logged.
+LOST_WRITE_LOG_THRESHOLD = 5
+
+_STREAM_NODELAY_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+def _as_byte_view(data: Any) -> bytes | memoryview:
+    """Check that ``data`` is bytes-like and view it as bytes, so len() counts bytes."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        view = memoryview(data)
+        return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+    raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
+
+
+class _SocketTransportBase:
+    """What stream and datagram transports share: lifecycle, flow control, extra info."""
+
+    def _setup(self, loop: Any, sock: socket.socket, protocol: Any, extra: Any, server: Any):
+        self._loop = loop
+        self._poller = loop._poller
+        self._sock: socket.socket | None = sock
+        self._fd = sock.fileno()
+        self._extra = {"socket": sock} if extra is None else {"socket": sock, **extra}
+        self._protocol = protocol
+        self._protocol_connected = False
+        self._closing = False
+        self._reading_paused = False
+        self._conn_lost = 0
+        self._protocol_paused = False
+        self._high_water = DEFAULT_HIGH_WATER
+        self._low_water = DEFAULT_HIGH_WATER // 4
+        self._server = server
+        if server is not None:
+            server._attach(self)
+        loop._transports[self._fd] = self
+
+    def __repr__(self) -> str:
+        if self._sock is None:
+            state = "closed"
+        elif self._closing:
+            state = "closing"
+        else:
+            state = f"fd={self._fd}"
+        return f"<{type(self).__name__} {state} buffered={self.get_write_buffer_size()}>"
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        sock = getattr(self, "_sock", None)
+        if sock is not None:
+            _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
+            sock.close()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        extra = self._extra
+        if name in extra:
+            return extra[name]
+        if name in ("sockname", "peername") and self._sock is not None:
+            try:
+                value = self._sock.getsockname() if name == "sockname" else self._sock.getpeername()
+            except OSError:
+                return default
+            extra[name] = value
+            return value
+        return default
+
+    def get_protocol(self) -> Any:
+        return self._protocol
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def is_reading(self) -> bool:
+        return not self._reading_paused and not self._closing
+
+    def pause_reading(self) -> None:
+        if self._closing or self._reading_paused:
+            return
+        self._reading_paused = True
+        self._poller.clear_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        if self._closing or not self._reading_paused:
+            return
+        self._reading_paused = False
+        if self._protocol_connected and self._wants_reading():
+            self._poller.set_reader(self._fd, self._read_ready)
+
+    def _wants_reading(self) -> bool:
+        return True
+
+    def _start(self, waiter: asyncio.Future | None) -> None:
+        try:
+            self._protocol.connection_made(self)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.connection_made() call failed.")
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+            return
+        self._protocol_connected = True
+        if not self._closing and not self._reading_paused:
+            self._poller.set_reader(self._fd, self._read_ready)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # flow control ------------------------------------------------------------
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low_water, self._high_water)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = DEFAULT_HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high_water = high
+        self._low_water = low
+        self._maybe_pause_protocol()
+
+    def _maybe_pause_protocol(self) -> None:
+        if self._protocol_paused or self.get_write_buffer_size() <= self._high_water:
+            return
+        self._protocol_paused = True
+        try:
+            self._protocol.pause_writing()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._report("protocol.pause_writing() failed", exc)
+
+    def _maybe_resume_protocol(self) -> None:
+        if not self._protocol_paused or self.get_write_buffer_size() > self._low_water:
+            return
+        self._protocol_paused = False
+        try:
+            self._protocol.resume_writing()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._report("protocol.resume_writing() failed", exc)
+
+    # closing -----------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._poller.clear_reader(self._fd)
+        if not self.get_write_buffer_size():
+            self._conn_lost += 1
+            self._loop.call_soon(self._call_connection_lost, None)
+
+    def abort(self) -> None:
+        self._force_close(None)
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        if self._conn_lost:
+            return
+        if self.get_write_buffer_size():
+            self._clear_write_buffer()
+            self._poller.clear_writer(self._fd)
+        if not self._closing:
+            self._closing = True
+            self._poller.clear_reader(self._fd)
+        self._conn_lost += 1
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _fatal_error(self, exc: BaseException, message: str) -> None:
+        if isinstance(exc, OSError):
+            if self._loop.get_debug():
+                logger.debug("%r: %s", self, message, exc_info=True)
+        else:
+            self._report(message, exc)
+        self._force_close(exc)
+
+    def _report(self, message: str, exc: BaseException) -> None:
+        self._loop.call_exception_handler(
+            {"message": message, "exception": exc, "transport": self, "protocol": self._protocol}
+        )
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        self._conn_lost = self._conn_lost or 1  # later writes are dropped, not attempted
+        try:
+            if self._protocol_connected:
+                self._protocol.connection_lost(exc)
+        finally:
+            fd = self._fd
+            self._poller.clear_reader(fd)
+            self._poller.clear_writer(fd)
+            if self._loop._transports.get(fd) is self:
+                del self._loop._transports[fd]
+            sock.close()
+            self._sock = None
+            self._protocol = None
+            server, self._server = self._server, None
+            if server is not None:
+                server._detach(self)
+
+
+class SocketTransport(_SocketTransportBase, asyncio.Transport):
+    """A connected stream socket (TCP or Unix) driving a Protocol or BufferedProtocol."""
+
+    _start_tls_compatible = True  # loop.start_tls() may layer TLS over it
+
+    def __init__(
+        self,
+        loop: Any,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        waiter: asyncio.Future | None = None,
+        extra: dict[str, Any] | None = None,
+        server: Any = None,
+    ) -> None:
+        self._setup(loop, sock, protocol, extra, server)
+        self._buffer = bytearray()
+        self._eof_written = False
+        self._eof_received = False
+        self._drain_waiters: list[asyncio.Future] = []
+        self._choose_reader(protocol)
+        if sock.family in _STREAM_NODELAY_FAMILIES:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        loop.call_soon(self._start, waiter)
+
+    def _choose_reader(self, protocol: asyncio.BaseProtocol) -> None:
+        if isinstance(protocol, asyncio.BufferedProtocol):
+            self._read_ready = self._read_into_protocol_buffer
+        else:
+            self._read_ready = self._read_bytes
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+        self._protocol_connected = True
+        self._choose_reader(protocol)
+        if self._poller.reader_of(self._fd) is not None:
+            self._poller.set_reader(self._fd, self._read_ready)
+
+    def _wants_reading(self) -> bool:
+        return not self._eof_received
+
+    # reading -------------------------------------------------------------------
+
+    def _read_bytes(self) -> None:
+        try:
+            data = self._sock.recv(MAX_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal read error on socket transport")
+            return
+        if not data:
+            self._read_eof()
+            return
+        try:
+            self._protocol.data_received(data)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+
+    def _read_into_protocol_buffer(self) -> None:
+        protocol = self._protocol
+        try:
+            buffer = protocol.get_buffer(-1)
+            if not len(buffer):
+                raise RuntimeError("get_buffer() returned an empty buffer")
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")
+            return
+        try:
+            nbytes = self._sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal read error on socket transport")
+            return
+        if not nbytes:
+            self._read_eof()
+            return
+        try:
+            protocol.buffer_updated(nbytes)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")
+
+    def _read_eof(self) -> None:
+        self._eof_received = True
+        self._poller.clear_reader(self._fd)
+        try:
+            keep_open = self._protocol.eof_received()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+            return
+        if not keep_open:
+            self.close()
+
+    # writing -------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if type(data) is not bytes:
+            data = _as_byte_view(data)
+        if self._eof_written:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if self._conn_lost:
+            if self._conn_lost >= LOST_WRITE_LOG_THRESHOLD:
+                logger.warning("socket.send() raised exception.")
+            self._conn_lost += 1
+            return
+        buffer = self._buffer
+        if not buffer:
+            try:
+                sent = self._sock.send(data)  # an empty write costs one cheap syscall
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal write error on socket transport")
+                return
+            if sent == len(data):
+                return
+            if sent:
+                data = memoryview(data)[sent:]
+            self._poller.set_writer(self._fd, self._write_ready)
+        buffer += data
+        if len(buffer) > self._high_water:
+            self._maybe_pause_protocol()
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def _write_ready(self) -> None:
+        buffer = self._buffer
+        if buffer:
+            try:
+                sent = self._sock.send(buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._poller.clear_writer(self._fd)
+                buffer.clear()
+                self._fatal_error(exc, "Fatal write error on socket transport")
+                return
+            del buffer[:sent]
+            self._maybe_resume_protocol()  # the protocol may write more right here
+            if buffer:
+                return
+        self._poller.clear_writer(self._fd)
+        self._wake_drain_waiters()
+        if self._closing:
+            self._call_connection_lost(None)
+        elif self._eof_written:
+            self._shutdown_write()
+
+    def write_eof(self) -> None:
+        if self._closing or self._eof_written:
+            return
+        self._eof_written = True
+        if not self._buffer:
+            self._shutdown_write()
+
+    def _shutdown_write(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is gone already; reading will tell the protocol
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._buffer)
+
+    def _clear_write_buffer(self) -> None:
+        self._buffer.clear()
+        self._wake_drain_waiters()
+
+    async def _wait_until_drained(self) -> None:
+        """Resolve once everything written so far was handed to the kernel (for sendfile)."""
+        if not self._buffer:
+            return
+        waiter = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def _wake_drain_waiters(self) -> None:
+        if self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        self._wake_drain_waiters()
+        super()._call_connection_lost(exc)
+
+
+class DatagramTransport(_SocketTransportBase, asyncio.DatagramTransport):
+    """A datagram socket, connected (``remote_addr``) or not, driving a DatagramProtocol."""
+
+    def __init__(
+        self,
+        loop: Any,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        address: Any = None,
+        waiter: asyncio.Future | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self._setup(loop, sock, protocol, extra, None)
+        self._address = address
+        self._buffer: collections.deque[tuple[bytes, Any]] = collections.deque()
+        self._buffer_size = 0
+        self._receive_buffer = memoryview(bytearray(MAX_DATAGRAM_SIZE))
+        loop.call_soon(self._start, waiter)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+        self._protocol_connected = True
+
+    def get_write_buffer_size(self) -> int:
+        return self._buffer_size
+
+    def _clear_write_buffer(self) -> None:
+        self._buffer.clear()
+        self._buffer_size = 0
+
+    def _read_ready(self) -> None:
+        try:
+            size, address = self._sock.recvfrom_into(self._receive_buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._protocol.error_received(exc)
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal read error on datagram transport")
+            return
+        self._protocol.datagram_received(self._receive_buffer[:size].tobytes(), address)
+
+    def sendto(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(
+                f"data argument must be a bytes-like object, not {type(data).__name__!r}"
+            )
+        if self._address is not None:
+            if addr not in (None, self._address):
+                raise ValueError(f"Invalid address: must be None or {self._address}")
+            addr = self._address
+        if self._conn_lost:
+            if self._conn_lost >= LOST_WRITE_LOG_THRESHOLD:
+                logger.warning("socket.sendto() raised exception.")
+            self._conn_lost += 1
+            return
+        if not self._buffer:
+            try:
+                if self._address is not None:
+                    self._sock.send(data)
+                else:
+                    self._sock.sendto(data, addr)
+                return
+            except (BlockingIOError, InterruptedError):
+                self._poller.set_writer(self._fd, self._write_ready)
+            except OSError as exc:
+                self._protocol.error_received(exc)
+                return
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal write error on datagram transport")
+                return
+        self._buffer.append((bytes(data), addr))
+        self._buffer_size += len(data)
+        self._maybe_pause_protocol()
+
+    def _write_ready(self) -> None:
+        buffer = self._buffer
+        while buffer:
+            data, addr = buffer[0]
+            try:
+                if self._address is not None:
+                    self._sock.send(data)
+                else:
+                    self._sock.sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._protocol.error_received(exc)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal write error on datagram transport")
+                return
+            buffer.popleft()
+            self._buffer_size -= len(data)
+        self._maybe_resume_protocol()
+        self._poller.clear_writer(self._fd)
+        if self._closing:
+            self._call_connection_lost(None)
