@@ -11,6 +11,10 @@ async iterator of bytes (streamed, chunked when its length is unknown). The
 head is encoded here, with every header name and value checked: a handler
 cannot inject CR/LF into the stream. `HeaderError` is what it raises instead,
 and the connection answers 500.
+
+`safe_join` is for handlers that serve files: ``request.path`` and route
+parameters are percent-decoded, so ``/files/..%2fsecret`` reaches a handler as
+``../secret``; safe_join refuses any path that could leave its root.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json as jsonlib
+import os
 import re
 from collections.abc import AsyncIterable, Awaitable, Iterable, Iterator, Mapping
 from http import HTTPStatus
@@ -35,7 +40,8 @@ STATUS_LINES: dict[int, bytes] = {
 }
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
+# control characters but HTAB (RFC 9110 5.5): CR and LF would split the response
+_FORBIDDEN_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Framing headers belong to the server: it computes them from the body.
 _SERVER_OWNED = frozenset({"content-length", "transfer-encoding", "date", "server"})
 
@@ -47,20 +53,23 @@ class HeaderError(ValueError):
 def status_line(status: int) -> bytes:
     line = STATUS_LINES.get(status)
     if line is None:
-        if not 100 <= status <= 999:
-            raise HeaderError(f"status {status} is not a three-digit HTTP status")
+        if status.__class__ is not int or not 100 <= status <= 599:  # RFC 9110 15
+            raise HeaderError(f"status {status!r} is not an HTTP status (100-599)")
         line = STATUS_LINES[status] = f"HTTP/1.1 {status} Unknown\r\n".encode()
     return line
 
 
 def encode_header(name: str, value: str) -> bytes:
     """``name: value\\r\\n``, refusing anything that would break the framing."""
-    if not _TOKEN.fullmatch(name):
+    if not isinstance(name, str) or not _TOKEN.fullmatch(name):
         raise HeaderError(f"header name {name!r} is not an HTTP token")
     value = str(value)
     if _FORBIDDEN_IN_VALUE.search(value):
-        raise HeaderError(f"header {name} has CR, LF or NUL in its value")
-    return f"{name}: {value}\r\n".encode("latin-1")
+        raise HeaderError(f"header {name} has CR, LF or NUL (or another control) in its value")
+    try:
+        return f"{name}: {value}\r\n".encode("latin-1")
+    except UnicodeEncodeError:
+        raise HeaderError(f"header {name} has a character outside Latin-1 in its value") from None
 
 
 class Headers:
@@ -314,7 +323,7 @@ class Response:
         value = self.header("content-length")
         if value is None:
             return None
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):
             raise HeaderError(f"Content-Length {value!r} set by the handler is not a number")
         return int(value)
 
@@ -352,6 +361,26 @@ def as_response(result: Any) -> Response:
     if isinstance(result, dict | list):
         return Response.json(result)
     raise TypeError(f"handler returned {type(result).__name__}; expected a Response")
+
+
+def safe_join(root: str | os.PathLike[str], path: str) -> str | None:
+    """``root/path`` for a file server, or None when ``path`` could name anything
+    outside ``root``.
+
+    ``path`` is a decoded request path or route parameter: refused are a ``..``
+    segment anywhere (even one that would stay inside), an absolute path, a
+    backslash (a separator to some clients and file systems) and NUL. Symbolic
+    links inside ``root`` are followed: they are the operator's to place."""
+    if not isinstance(path, str) or "\x00" in path or "\\" in path or path.startswith("/"):
+        return None
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        return None
+    base = os.path.abspath(root)
+    joined = os.path.join(base, *parts)
+    if os.path.commonpath((base, joined)) != base:  # cannot happen after the checks above
+        return None
+    return joined
 
 
 def error_response(status: int, reason: str) -> Response:

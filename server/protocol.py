@@ -33,10 +33,39 @@ Rules that keep it honest
    high-water mark or ``max_pipelined`` requests are queued, new bytes are
    stashed, not parsed. The transport keeps reading (so a client that hangs up
    is noticed, and its handler cancelled) until the stash itself is full.
+   Queued requests wait too while the buffer is above the mark, and a large
+   body is written at once rather than gathered: a client that pipelines
+   requests for big responses and reads nothing holds one write buffer's
+   worth of the server's memory, not ``max_pipelined`` responses.
 4. Deadlines are stored on the connection (`deadline`, `deadline_kind`) and
    enforced by the service's housekeeping tick: setting one per request is an
    attribute write, not a timer. The header deadline runs from the first byte
    of a request and is not extended by later bytes.
+5. Every request gets exactly one response, in order, or the connection
+   closes. A response the handler made unsendable (a status outside 200-599,
+   CR/LF or a non-Latin-1 character in a header) becomes a 500; anything else
+   that goes wrong while answering is logged and closes the connection, since
+   the responses behind it could no longer be matched to their requests.
+
+Where httptools is not trusted
+------------------------------
+llhttp is strict (bare CR or LF, control bytes, obs-fold, space before a
+colon, CL with TE, duplicate or signed Content-Length and bad chunk framing
+are all parser errors), but three of its habits would let a request through
+that a proxy in front of us reads differently, so they are fixed here:
+
+* Trailer fields of a chunked body are reported through ``on_header`` like
+  header fields. They are counted against the head limits and dropped, never
+  merged into the request's headers (RFC 9110 6.5.1): a trailer cannot add a
+  second Host, or an Authorization the proxy never saw.
+* A request with ``Upgrade`` and ``Connection: upgrade`` makes httptools skip
+  its body, on the assumption that the protocol switches. We never switch, so
+  the body would be parsed as the next request: a smuggling vector (an
+  ``Upgrade: h2c`` POST, as Java's and curl's HTTP/2 clients send, carrying a
+  request in its body). `_decline_upgrade` parses such a body again, as the
+  body (httptools issue 124).
+* Host is checked for what a host can be (RFC 3986 reg-name, IP literal,
+  port) and must appear exactly once, HTTP/1.0 included (RFC 9112 3.2).
 """
 
 from __future__ import annotations
@@ -127,6 +156,7 @@ class HttpConnection(asyncio.Protocol):
         self.content_length = 0
         self.chunked = False
         self.expect_continue = False
+        self.upgrade_with_body = False  # httptools is about to skip this request's body
         self.body: list[bytes] = []
         self.body_size = 0
 
@@ -159,6 +189,8 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        # --write-buffer-high: above it pause_writing() stops reading and starts send_timeout
+        transport.set_write_buffer_limits(high=self.limits.write_buffer_high)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client = (peer[0], peer[1])
@@ -176,8 +208,8 @@ class HttpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.peer_closed = True
-        if self.pending:
-            return True  # half-closed: answer what was pipelined, then close
+        if self.pending or self.stash:
+            return True  # half-closed: answer what was pipelined (parsed or not), then close
         self.cancel_active(DISCONNECT)
         return False
 
@@ -247,14 +279,24 @@ class HttpConnection(asyncio.Protocol):
         raise _Rejected(reason)
 
     def _decline_upgrade(self, data: bytes, offset: int) -> None:
-        """httptools stops at Upgrade/CONNECT; we don't switch protocols, so carry on as HTTP."""
+        """httptools stops at Upgrade/CONNECT; we don't switch protocols, so carry on as HTTP.
+
+        httptools completed an upgrade request at the end of its head, skipping
+        its body. If it had one, that request is taken back and its head fed to a
+        fresh parser again without its Upgrade field, so the bytes that follow are
+        read as its body, not as a request."""
+        upgrade_with_body, self.upgrade_with_body = self.upgrade_with_body, False
         last = self.pending[-1] if self.pending else None
         if last is not None and last.method == "CONNECT":
             last.keep_alive = False  # tunnel bytes follow: answer, then close
             return
         self.parser = httptools.HttpRequestParser(self)
-        if offset < len(data):
-            self._feed(data[offset:])
+        rest = data[offset:]
+        if upgrade_with_body and last is not None:
+            self.pending.pop()
+            rest = _head_without_upgrade(last) + rest
+        if rest:
+            self._feed(rest)
 
     def on_url(self, piece: bytes) -> None:
         url = self.url
@@ -269,6 +311,9 @@ class HttpConnection(asyncio.Protocol):
             self._reject(414, f"request target is longer than {self.max_request_line} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            self._on_trailer_field(name, value)
+            return
         headers = self.headers
         headers.append((name, value))
         size = self.head_size = self.head_size + len(name) + len(value) + 4
@@ -280,11 +325,20 @@ class HttpConnection(asyncio.Protocol):
             name = name.lower()
             if name == b"host":
                 self.host_count += 1
+                if value.translate(None, _HOST_CHARACTERS):
+                    self._reject(400, f"client sent an invalid Host: {value.decode('latin-1')}")
             else:
                 check = _HEADER_CHECKS.get(name)
                 if check is not None:
                     self.framing = True
                     check(self, value)
+
+    def _on_trailer_field(self, name: bytes, value: bytes) -> None:
+        """A field in the trailer of a chunked body: dropped, but head and trailer
+        together must fit in max_header_bytes (which also bounds how many there are)."""
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.max_header_bytes:
+            self._reject(431, _head_too_large(self.max_header_bytes))
 
     def _on_content_length(self, value: bytes) -> None:
         self.content_length = int(value)  # the parser has already checked the digits
@@ -303,7 +357,8 @@ class HttpConnection(asyncio.Protocol):
 
     def _on_expect(self, value: bytes) -> None:
         if value.lower() == b"100-continue":
-            self.expect_continue = True
+            # an HTTP/1.0 client cannot read a 100: ignore the expectation (RFC 9110 10.1.1)
+            self.expect_continue = self.parser.get_http_version() != "1.0"
         else:
             self._reject(417, f"client sent an unsupported Expect: {value.decode('latin-1')}")
 
@@ -316,19 +371,23 @@ class HttpConnection(asyncio.Protocol):
             self._expect_body()
 
     def _check_version_and_host(self, version: str) -> None:
-        if version == "1.1":
-            problem = "no Host header" if self.host_count == 0 else "duplicate Host headers"
-            self._reject(400, f"client sent {problem} in an HTTP/1.1 request")
-        elif version == "0.9":
+        if version == "0.9":
             self._reject(400, "client sent an HTTP/0.9 request line")
-        elif version != "1.0":
+        if version not in ("1.0", "1.1"):
             self._reject(505, f"client sent HTTP/{version}, which this server does not speak")
+        if self.host_count > 1:  # in any version (RFC 9112 3.2)
+            self._reject(400, f"client sent duplicate Host headers in an HTTP/{version} request")
+        if self.host_count == 0 and version == "1.1":
+            self._reject(400, "client sent no Host header in an HTTP/1.1 request")
 
     def _expect_body(self) -> None:
         if not (self.chunked or self.content_length):
             return
         if self.content_length > self.limits.max_body_size:
             self._reject(413, _body_too_large(self.limits.max_body_size))
+        if self.parser.should_upgrade():
+            self.upgrade_with_body = True  # httptools will skip the body: see _decline_upgrade
+            self.expect_continue = False  # the 100 goes out when the head is parsed again
         self.deadline_kind = BODY
         self.deadline = self.service.clock + self.limits.body_timeout
         if self.expect_continue:
@@ -388,21 +447,31 @@ class HttpConnection(asyncio.Protocol):
     def _run_pending(self) -> None:
         """Answer queued requests in order until one has to wait; then flush."""
         pending = self.pending
-        while True:
-            while pending and self.active is None and not self.closing:
-                self._dispatch(pending.popleft())
-            if self.active is not None or self.closing:
-                break
-            if self.rejection is None and not (
-                self.peer_closed or self.read_paused or self.continue_owed
-            ):
-                if not self.deadline and self.deadline_kind is IDLE:
-                    # the last request is answered: the keep-alive timeout runs from now
-                    self.deadline = self.service.clock + self.keepalive_timeout
-                break
-            if not self._settle_pipeline():
-                break
+        try:
+            while True:
+                while pending and self.active is None and not (self.closing or self.write_paused):
+                    self._dispatch(pending.popleft())
+                if self.active is not None or self.closing or (pending and self.write_paused):
+                    break  # until the handler is done, or the client reads (rule 3)
+                if self.rejection is None and not (
+                    self.peer_closed or self.read_paused or self.continue_owed
+                ):
+                    if not self.deadline and self.deadline_kind is IDLE:
+                        # the last request is answered: the keep-alive timeout runs from now
+                        self.deadline = self.service.clock + self.keepalive_timeout
+                    break
+                if not self._settle_pipeline():
+                    break
+        except Exception:
+            self._abandon("answering a request")
         self._flush()
+
+    def _abandon(self, doing: str) -> None:
+        """Rule 5's last resort: an error nothing above foresaw. The responses behind
+        it could no longer be matched to their requests, so the connection closes."""
+        log.exception("%s: closed after an internal error while %s", _peer(self.client), doing)
+        self.pending.clear()
+        self.closing = True
 
     def _settle_pipeline(self) -> bool:
         """The queue is empty and nothing runs: act on errors, EOF, pauses, owed 100s.
@@ -411,13 +480,14 @@ class HttpConnection(asyncio.Protocol):
         if self.rejection is not None:
             self._send_rejection()
             return False
-        if self.peer_closed:
-            self.closing = True
-            return False
         if self.read_paused and not self.write_paused:
             self._resume_reading()
             if self.pending or self.rejection is not None:
                 return True
+        if self.peer_closed:
+            if not self.read_paused:  # all it sent before its EOF is answered (or never will be)
+                self.closing = True
+            return False
         if self.continue_owed and self.url:
             self.continue_owed = False
             self.output.append(CONTINUE)
@@ -477,10 +547,13 @@ class HttpConnection(asyncio.Protocol):
                     return
             except Exception:
                 response = self._handler_failed(request)
-            if response.stream is None:
-                self._respond(request, response)
-            else:
-                await self._stream(request, response)
+            try:
+                if response.stream is None:
+                    self._respond(request, response)
+                else:
+                    await self._stream(request, response)
+            except Exception:
+                self._abandon(f"sending the response to {request.method} {request.path}")
         finally:
             if self.request_timer is not None:
                 self.request_timer.cancel()
@@ -507,6 +580,27 @@ class HttpConnection(asyncio.Protocol):
                 _CANCEL_EXPLANATIONS[reason],
             )
         task.cancel(f"request cancelled: {reason}")
+        task.add_done_callback(self._after_cancel)
+
+    def _after_cancel(self, task: asyncio.Task) -> None:
+        """A task cancelled before its first step (Python 3.11 starts tasks lazily) never
+        ran `_run_handler`, so its clean-up falls to this done callback: otherwise the
+        connection would keep a dead ``active`` task, and its request timer would keep
+        the connection and its body alive for ``request_timeout``."""
+        if self.active is not task:
+            return  # _run_handler ran and cleaned up
+        request = self.active_request
+        if self.request_timer is not None:
+            self.request_timer.cancel()
+            self.request_timer = None
+        self.active = None
+        self.active_request = None
+        if self.transport is None or request is None:
+            return
+        response = self._answer_for_cancelled(request)
+        if response is not None:
+            self._respond(request, response)
+        self._run_pending()
 
     def _answer_for_cancelled(self, request: Request) -> Response | None:
         """What to send once a handler is cancelled: nothing to a client that is gone,
@@ -540,15 +634,22 @@ class HttpConnection(asyncio.Protocol):
         """Append a complete (bytes-body) response to the output."""
         keep_alive = self._keep_alive_after(request)
         status = response.status
-        if response.encoded_headers is not None:  # checked when it was made (cache entries)
-            first_line = STATUS_LINES.get(status) or status_line(status)
-            head = first_line + self.service.date_and_server + response.encoded_headers
-        elif response.headers:
-            head, status, keep_alive = self._head_with_headers(request, response, keep_alive)
-        else:
+        try:
+            if response.encoded_headers is not None:  # checked when it was made (cache entries)
+                first_line = STATUS_LINES.get(status) or status_line(status)
+                head = first_line + self.service.date_and_server + response.encoded_headers
+            elif response.headers:
+                head = self._head_with_headers(response)
+                keep_alive = keep_alive and not response.wants_close()
+            else:
+                head = self.service.response_prefix(status, response.content_type)
+            if status < 200:
+                raise HeaderError(f"status {status} is not a final status")
+        except HeaderError as exc:
+            response, status = self._unsendable(request, exc), 500
             head = self.service.response_prefix(status, response.content_type)
         body = response.body
-        if status < 200 or status in _NO_BODY_STATUSES:
+        if status in _NO_BODY_STATUSES:
             body = b""
             head += _connection_line(request, keep_alive) + b"\r\n"
         elif keep_alive and request.version == "1.1":
@@ -562,27 +663,26 @@ class HttpConnection(asyncio.Protocol):
             self.output.append(head + body)
         else:
             self.output += (head, body)
+            self._flush()  # now: if it fills the write buffer, the queue behind it waits
         self.stats.responses[status] += 1
         if self.service.access_log is not None:
             self.service.access_log.write(request, status, len(body))
         if not keep_alive:
             self.closing = True
 
-    def _head_with_headers(
-        self, request: Request, response: Response, keep_alive: bool
-    ) -> tuple[bytes, int, bool]:
-        """Status line, Date, Server and the handler's own (validated) header lines."""
-        try:
-            own = response.encode_headers()
-        except HeaderError as exc:
-            log.error("response to %s %s dropped: %s", request.method, request.path, exc)
-            response.body = error_response(500, "the handler set an invalid header").body
-            return self.service.response_prefix(500, "text/plain; charset=utf-8"), 500, keep_alive
+    def _head_with_headers(self, response: Response) -> bytes:
+        """Status line, Date, Server and the handler's own header lines; `HeaderError`
+        if the handler set one that cannot be sent."""
+        own = response.encode_headers()
         status = response.status
-        head = b"".join(
+        return b"".join(
             (STATUS_LINES.get(status) or status_line(status), self.service.date_and_server, own)
         )
-        return head, status, keep_alive and not response.wants_close()
+
+    def _unsendable(self, request: Request, problem: HeaderError) -> Response:
+        """The 500 sent instead of a response the handler made unsendable."""
+        log.error("response to %s %s dropped: %s", request.method, request.path, problem)
+        return error_response(500, "the handler made a response that cannot be sent")
 
     async def _stream(self, request: Request, response: Response) -> None:
         """Send a streaming response: chunked, or close-delimited for HTTP/1.0 clients.
@@ -600,6 +700,8 @@ class HttpConnection(asyncio.Protocol):
                 if chunked
                 else (b"Content-Length: %d\r\n" % declared if declared is not None else b"")
             )
+            if response.status < 200:
+                raise HeaderError(f"status {response.status} is not a final status")
             head = (
                 status_line(response.status)
                 + self.service.date_and_server
@@ -609,8 +711,8 @@ class HttpConnection(asyncio.Protocol):
                 + b"\r\n"
             )
         except HeaderError as exc:
-            log.error("response to %s %s dropped: %s", request.method, request.path, exc)
-            self._respond(request, error_response(500, "the handler set an invalid header"))
+            self.requests_left += 1  # counted again by _respond
+            self._respond(request, self._unsendable(request, exc))
             await _close_stream(response.stream)
             return
         self.output.append(head)
@@ -625,7 +727,9 @@ class HttpConnection(asyncio.Protocol):
                     sent += len(chunk)
                     if declared is not None and sent > declared:
                         raise RuntimeError(f"stream sent more than its Content-Length {declared}")
-                    if self.transport is None:
+                    if self.transport is None or self.transport.is_closing():
+                        # the client is gone (connection_lost may be a loop turn away): a
+                        # generator that never suspends would otherwise write into the void
                         return
                     self.transport.write(
                         b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
@@ -765,6 +869,23 @@ _HEADER_CHECKS = {
     b"expect": HttpConnection._on_expect,
 }
 _CHECKED_NAME_LENGTHS = frozenset(len(name) for name in (b"host", *_HEADER_CHECKS))
+# What a Host value may hold: reg-name or IP literal, and a port (RFC 3986 3.2.2);
+# `value.translate(None, _HOST_CHARACTERS)` leaves whatever else it holds.
+_HOST_CHARACTERS = (
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]%"
+)
+
+
+def _head_without_upgrade(request: Request) -> bytes:
+    """The head of ``request`` as it arrived, less the Upgrade field that made httptools
+    skip its body: fed to a parser again so that its body is parsed as a body."""
+    method, version = request.method.encode(), request.version.encode()
+    lines = [b"%s %s HTTP/%s\r\n" % (method, request.target, version)]
+    for name, value in request.raw_headers:
+        if name.lower() != b"upgrade":
+            lines.append(b"%s: %s\r\n" % (name, value))
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 def _connection_line(request: Request, keep_alive: bool) -> bytes:
