@@ -81,7 +81,7 @@ def _parent(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return int(stat.read().rpartition(")")[2].split()[1])
-    except FileNotFoundError:
+    except OSError:
         return -1
 
 

@@ -34,7 +34,7 @@ def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
+    except OSError:  # gone, or going: ESRCH between open and read
         return False
 
 
@@ -128,5 +128,5 @@ def _parent(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return int(stat.read().rpartition(")")[2].split()[1])
-    except FileNotFoundError:
+    except OSError:
         return -1

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.master_support import LoadLoop, MasterUnderTest, alive, wait_for
+from tests.master_support import LoadLoop, MasterUnderTest, _parent, alive, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -263,11 +263,6 @@ def wait_for_new_master(master: MasterUnderTest) -> int:
 
     assert wait_for(new_master_running, 15), master.tail()
     return found[0]
-
-
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as stat:
-        return int(stat.read().rpartition(")")[2].split()[1])
 
 
 def _cmdline(pid: int) -> str:
