@@ -1,1 +1,69 @@
-"""Completion-based (Proactor) event loop: io_uring, with an emulated engine."""
+"""forkloop's completion (Proactor) event loop: io_uring under the asyncio interface.
+
+Use it like uvloop::
+
+    import proactor
+    proactor.run(main())                      # or
+    asyncio.run(main(), loop_factory=proactor.new_event_loop)   # Python 3.12+
+    with asyncio.Runner(loop_factory=proactor.new_event_loop) as runner: ...
+    proactor.install()                        # make it the policy's default loop
+
+The loop submits operations and is told when they have *completed*, as
+io_uring and Windows' IOCP do, instead of being told that a socket is ready.
+Where io_uring is refused it runs the same code on an emulated engine over
+epoll: ``FORKLOOP_PROACTOR_ENGINE=auto|uring|emulated`` chooses
+(`proactor.engine`), and ``loop.engine_name`` says which one a loop runs on.
+
+`proactor.loop` explains one iteration and who owns what; `proactor.ring`,
+`proactor.operations` and `proactor.buffers` the io_uring binding;
+`proactor.emulated`, `proactor.transports`, `proactor.servers` and
+`proactor.readiness` their own parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from proactor.engine import EngineUnavailable
+from proactor.loop import EventLoop
+
+__all__ = [
+    "EngineUnavailable",
+    "EventLoop",
+    "EventLoopPolicy",
+    "install",
+    "new_event_loop",
+    "run",
+]
+
+T = TypeVar("T")
+
+
+def new_event_loop() -> EventLoop:
+    """A new, not yet running, proactor event loop on the engine the environment asks for."""
+    return EventLoop()
+
+
+class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    """The default asyncio policy, except that its new loops are proactor loops."""
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return new_event_loop()
+
+
+def install() -> None:
+    """Make proactor loops the default: ``asyncio.run()`` and friends then use them."""
+    asyncio.set_event_loop_policy(EventLoopPolicy())
+
+
+def run(
+    main: Coroutine[Any, Any, T],
+    *,
+    debug: bool | None = None,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = new_event_loop,
+) -> T:
+    """Run ``main`` to completion on a fresh proactor loop, like `asyncio.run`."""
+    with asyncio.Runner(debug=debug, loop_factory=loop_factory) as runner:
+        return runner.run(main)

@@ -63,6 +63,9 @@ from proactor import abi
 
 _from_buffer = ctypes.c_char.from_buffer
 _addressof = ctypes.addressof
+_pack_entry = abi.BUF_ENTRY.pack_into
+_BUFFER_SHIFT = abi.CQE_BUFFER_SHIFT
+_F_BUFFER = abi.CQE_F_BUFFER
 
 
 def _bytes_data_offset() -> int | None:
@@ -194,6 +197,7 @@ class ProvidedBuffers:
         self._arena_view = memoryview(self._arena)
         self._arena_address = address_of_mapping(self._arena)
         self._lent = bytearray(count)  # 1 while the application holds the buffer
+        self._slot_buffer = [-1] * count  # which buffer's entry each ring slot holds now
         self._lent_count = 0
         self._tail = 0
         for buffer_id in range(count):
@@ -232,13 +236,23 @@ class ProvidedBuffers:
         return buffer_id, self._arena_view[start : start + length]
 
     def consume(self, cqe_flags: int, length: int) -> bytes:
-        """Copy the data a CQE delivered into ``bytes`` and give the buffer straight back."""
-        buffer_id = cqe_flags >> abi.CQE_BUFFER_SHIFT
-        if not cqe_flags & abi.CQE_F_BUFFER or buffer_id >= self.count or self._lent[buffer_id]:
+        """Copy the data a CQE delivered into ``bytes`` and give the buffer straight back.
+
+        The loop calls this once per received chunk, so `_publish` is written
+        out here rather than called.
+        """
+        buffer_id = cqe_flags >> _BUFFER_SHIFT
+        if not cqe_flags & _F_BUFFER or buffer_id >= self.count or self._lent[buffer_id]:
             self._claim(cqe_flags)  # raises, saying what is wrong
         start = buffer_id * self.size
         data = self._arena[start : start + length]
-        self._publish(buffer_id)
+        tail = self._tail
+        slot = tail & self._mask
+        if self._slot_buffer[slot] != buffer_id:
+            self._write_entry(slot, buffer_id)
+        tail = (tail + 1) & 0xFFFF
+        self._tail = tail
+        self._tail_word[0] = tail  # the release store: the entry is written first
         return data
 
     def _claim(self, cqe_flags: int) -> int:
@@ -265,16 +279,29 @@ class ProvidedBuffers:
 
     def _publish(self, buffer_id: int) -> None:
         tail = self._tail
-        abi.BUF_ENTRY.pack_into(
+        slot = tail & self._mask
+        if self._slot_buffer[slot] != buffer_id:
+            self._write_entry(slot, buffer_id)
+        tail = (tail + 1) & 0xFFFF
+        self._tail = tail
+        self._tail_word[0] = tail  # the release store: the entry is written first
+
+    def _write_entry(self, slot: int, buffer_id: int) -> None:
+        """Point ring slot ``slot`` at buffer ``buffer_id``.
+
+        The kernel reads entries and never writes them, and it takes buffers in
+        ring order. A buffer given back in the order it was taken therefore
+        lands in the very slot it was taken from, which still holds its entry:
+        only the tail moves. The entry is written only when the order differs.
+        """
+        _pack_entry(
             self._entries,
-            (tail & self._mask) * abi.BUF_ENTRY_SIZE,
+            slot * abi.BUF_ENTRY_SIZE,
             self._arena_address + buffer_id * self.size,
             self.size,
             buffer_id,
         )
-        tail = (tail + 1) & 0xFFFF
-        self._tail = tail
-        self._tail_word[0] = tail  # the release store: the entry is written first
+        self._slot_buffer[slot] = buffer_id
 
     def close(self) -> None:
         """Unregister the group, then free its memory (views still held keep the arena alive)."""

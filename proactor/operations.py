@@ -84,6 +84,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from proactor import abi
+from proactor.buffers import _BYTES_DATA_OFFSET as _BYTES_AT
 from proactor.buffers import Pinned, pin, pin_span
 
 _MASK32 = 0xFFFFFFFF
@@ -166,6 +167,7 @@ class Capabilities:
 class Operations:
     """The ``prepare_*`` half of `Ring`: one method per operation, one SQE each."""
 
+    __slots__ = ()  # Ring lists the attributes
     capabilities: Capabilities
 
     def _queue(
@@ -289,6 +291,12 @@ class Operations:
         socket, or order is lost. ``flags=MSG_WAITALL | MSG_NOSIGNAL`` makes
         the kernel finish the whole buffer before it posts the CQE.
         """
+        if type(buffer) is bytes and not offset and length is None and _BYTES_AT is not None:
+            # The common case, a whole bytes object: its address is known without a call.
+            self._queue(
+                user_data, abi.OP_SEND, fd, id(buffer) + _BYTES_AT, len(buffer), flags, buffer
+            )
+            return
         address, length, keep = pin_span(buffer, offset, length)
         self._queue(user_data, abi.OP_SEND, fd, address, length, flags, keep)
 

@@ -258,6 +258,17 @@ class Ring(Operations):
     threads wake it through an eventfd (see `Wakeup`).
     """
 
+    # Slots, not a dict: CPython 3.11 stops specialising attribute access on instances
+    # with more than 30 attributes in their dict, and _queue and submit run all the time.
+    __slots__ = tuple(
+        "_fd sq_entries cq_entries setup_flags features _closed _owner _mappings _views "
+        "_enabled _enter_flags _in_flight _backlog _buffer_groups _internal_serial _internal "
+        "_deadline _deadline_pin _getevents_arg _getevents_arg_address _getevents_arg_pin "
+        "_sq_words _cq_bytes _cq_words _sqes _sq_head_index _sq_tail_index _sq_flags_index "
+        "_sq_mask _cq_head_index _cq_tail_index _cq_overflow_index _cq_mask _cqes_offset "
+        "_sq_tail _sq_space capabilities _ext_arg __weakref__".split()
+    )
+
     def __init__(
         self, entries: int = 1024, *, cq_entries: int | None = None, single_issuer: bool = True
     ) -> None:

@@ -44,6 +44,10 @@ class LoopUnderTest:
 
 # Backends with more than one engine list one LoopUnderTest per engine here.
 ENGINE_VARIANTS: dict[str, list[LoopUnderTest]] = {}
+ENGINE_VARIANTS["proactor"] = [
+    LoopUnderTest("proactor-uring", "proactor", {"FORKLOOP_PROACTOR_ENGINE": "uring"}),
+    LoopUnderTest("proactor-emulated", "proactor", {"FORKLOOP_PROACTOR_ENGINE": "emulated"}),
+]
 
 
 def loops_under_test() -> list[LoopUnderTest]:

@@ -1,0 +1,270 @@
+"""The sending half of a stream transport: one send in flight, the rest queued.
+
+`Sending` is mixed into `proactor.transports.StreamTransport`, which owns the
+socket, the state and the closing rules; this part only moves bytes out.
+
+``write()`` copies anything that is not ``bytes`` (the caller may reuse its
+buffer) and, when no send is in flight, prepares one at once: it reaches the
+kernel with the iteration's single ``io_uring_enter``. While a send is in
+flight, writes queue up; when it completes they go out as one send (joined
+when small) or one ``sendmsg`` of up to `IOV_LIMIT` buffers. A short send
+(the socket buffer filled) is resubmitted from where it stopped. Bytes in
+flight count in ``get_write_buffer_size()``, so ``pause_writing()`` and
+``resume_writing()`` fire at the high- and low-water marks as with any
+transport. ``write_eof()`` shuts the socket down for writing once everything
+before it was sent.
+
+Invariants
+----------
+* At most one SEND or SENDMSG is in flight per socket (``_send_user_data``),
+  so bytes leave in the order they were written.
+* ``_sending`` is what the send in flight points at and ``_send_remaining``
+  how much of it the kernel has yet to take; both count, with the queued
+  writes, in ``get_write_buffer_size()``.
+* Whatever is handed to the kernel stays referenced by the ring until the
+  send's last completion, including after ``abort()`` cancels it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from typing import Any
+
+from reactor.loop import logger
+
+DEFAULT_HIGH_WATER = 64 * 1024
+# Writes smaller than this, queued behind a send in flight, are joined into one buffer;
+# larger ones go out as one sendmsg without a copy.
+JOIN_LIMIT = 64 * 1024
+IOV_LIMIT = 1024  # IOV_MAX on Linux
+# Writes to a lost connection are dropped silently up to this count, then logged.
+LOST_WRITE_LOG_THRESHOLD = 5
+
+
+def _as_bytes(data: Any) -> bytes:
+    """``data`` as bytes (a copy unless it is bytes already); TypeError if it is not bytes-like."""
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
+
+
+def result_error(result: int) -> OSError:
+    code = -result
+    return OSError(code, os.strerror(code))  # OSError picks the subclass (ConnectionResetError...)
+
+
+class Sending:
+    """write(), flow control and write_eof() on completions (mixed into StreamTransport)."""
+
+    __slots__ = ()  # StreamTransport lists the attributes
+    _loop: Any
+    _ring: Any
+    _handlers: dict
+    _new_user_data: Any
+    _fd: int
+    _sock: Any
+    _protocol: Any
+    _sent_handler: Any
+    _send_user_data: int
+    _sending: Any
+    _send_remaining: int
+    _pending: list[bytes]
+    _pending_size: int
+    _write_abandoned: bool
+    _eof_written: bool
+    _drain_waiters: list[asyncio.Future]
+    _high_water: int
+    _low_water: int
+    _protocol_paused: bool
+    _closing: bool
+    _conn_lost: int
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if type(data) is not bytes:
+            data = _as_bytes(data)
+        if self._eof_written:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if self._conn_lost:
+            if self._conn_lost >= LOST_WRITE_LOG_THRESHOLD:
+                logger.warning("socket.send() raised exception.")
+            self._conn_lost += 1
+            return
+        if not data:
+            return
+        if self._send_user_data:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._send_remaining + self._pending_size > self._high_water:
+                self._maybe_pause_protocol()
+            return
+        user_data = self._new_user_data()
+        self._ring.prepare_send(user_data, self._fd, data)
+        self._handlers[user_data] = self._sent_handler
+        self._send_user_data = user_data
+        self._sending = data
+        self._send_remaining = size = len(data)
+        if size > self._high_water:
+            self._maybe_pause_protocol()
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def _send(self, data: bytes) -> None:
+        user_data = self._new_user_data()
+        self._ring.prepare_send(user_data, self._fd, data)
+        self._handlers[user_data] = self._sent_handler
+        self._send_user_data = user_data
+        self._sending = data
+        self._send_remaining = len(data)
+
+    def _send_pending(self) -> None:
+        pending = self._pending
+        if len(pending) == 1 or self._pending_size <= JOIN_LIMIT:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            self._pending_size = 0
+            self._send(data)
+            return
+        chunks = pending[:IOV_LIMIT]
+        del pending[:IOV_LIMIT]
+        size = sum(map(len, chunks))
+        self._pending_size -= size
+        user_data = self._new_user_data()
+        self._ring.prepare_sendmsg(user_data, self._fd, chunks)
+        self._handlers[user_data] = self._sent_handler
+        self._send_user_data = user_data
+        self._sending = chunks
+        self._send_remaining = size
+
+    def _send_rest(self) -> None:
+        sending = self._sending
+        if isinstance(sending, list):
+            self._send(b"".join(sending)[-self._send_remaining :])
+            return
+        user_data = self._new_user_data()
+        offset = len(sending) - self._send_remaining  # type: ignore[arg-type]
+        self._ring.prepare_send(user_data, self._fd, sending, offset=offset)
+        self._handlers[user_data] = self._sent_handler
+        self._send_user_data = user_data
+
+    def _on_sent(self, result: int, flags: int) -> None:
+        self._send_user_data = 0
+        if result == self._send_remaining and not (self._pending or self._write_abandoned):
+            # The common case: everything handed over went out and nothing waits.
+            self._sending = None
+            self._send_remaining = 0
+            if self._protocol_paused or self._drain_waiters or self._closing or self._eof_written:
+                self._all_sent()
+            return
+        self._send_progressed(result)
+
+    def _send_progressed(self, result: int) -> None:
+        """A send completed short, failed, was abandoned, or more writes wait behind it."""
+        if self._write_abandoned:
+            self._sending = None
+            self._release()
+            return
+        if result < 0:
+            if result in (-errno.EAGAIN, -errno.EINTR):
+                self._send_rest()
+                return
+            self._sending = None
+            self._send_remaining = 0
+            self._fatal_error(result_error(result), "Fatal write error on socket transport")
+            return
+        self._send_remaining -= result
+        if self._send_remaining > 0:
+            self._send_rest()
+        else:
+            self._sending = None
+            self._send_remaining = 0
+            if self._pending:
+                self._send_pending()
+        self._all_sent()
+
+    def _all_sent(self) -> None:
+        """A send completed: resume the protocol, and if nothing is left to send, finish up."""
+        if self._protocol_paused:
+            self._maybe_resume_protocol()  # the protocol may write more right here
+        if self._send_user_data:
+            return
+        self._wake_drain_waiters()
+        if self._closing:
+            self._conn_lost += 1
+            self._call_connection_lost(None)
+        elif self._eof_written:
+            self._shutdown_write()
+
+    def write_eof(self) -> None:
+        if self._closing or self._eof_written:
+            return
+        self._eof_written = True
+        if not self._send_user_data:
+            self._shutdown_write()
+
+    def _shutdown_write(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
+        except OSError:
+            pass  # the peer is gone already; reading will tell the protocol
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def get_write_buffer_size(self) -> int:
+        return self._send_remaining + self._pending_size
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low_water, self._high_water)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = DEFAULT_HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high_water = high
+        self._low_water = low
+        if self.get_write_buffer_size() > high:
+            self._maybe_pause_protocol()
+
+    def _maybe_pause_protocol(self) -> None:
+        if self._protocol_paused or self._protocol is None:
+            return
+        self._protocol_paused = True
+        try:
+            self._protocol.pause_writing()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._report("protocol.pause_writing() failed", exc)
+
+    def _maybe_resume_protocol(self) -> None:
+        if self.get_write_buffer_size() > self._low_water or self._protocol is None:
+            return
+        self._protocol_paused = False
+        try:
+            self._protocol.resume_writing()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._report("protocol.resume_writing() failed", exc)
+
+    async def _wait_until_drained(self) -> None:
+        """Resolve once everything written so far was sent (for loop.sendfile)."""
+        if not self._send_user_data:
+            return
+        waiter = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def _wake_drain_waiters(self) -> None:
+        if self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)

@@ -1,0 +1,467 @@
+"""Stream transports on completions: a recv is outstanding while the connection reads.
+
+A `StreamTransport` owns one connected stream socket (TCP or Unix) and keeps
+at most one receive and at most one send in flight on it. It never asks
+whether the socket is ready; it hands operations to the loop's engine and is
+called with their completions, ``handler(result, flags)``, from the loop's
+dispatch.
+
+Reading
+-------
+While the transport reads, one receive is armed. With provided buffers (one
+group per loop, `proactor.engine.RECEIVE_BUFFER_COUNT` buffers) it is a
+multishot recv: it stays armed across completions, each carrying a buffer the
+kernel filled, whose bytes are copied out (``consume``) and handed to
+``data_received`` (or copied into ``get_buffer()`` for a BufferedProtocol).
+The buffer goes back to the kernel in the same breath. The recv ends, and is
+re-armed if the transport still reads, when a completion comes without
+``IORING_CQE_F_MORE``: ``-ENOBUFS`` (the group ran dry), or a kernel that has
+only single-shot recv. Without provided buffers (kernels before 5.19) a
+single-shot recv into a 16 KiB buffer of the transport's own is re-armed
+after each completion. ``0`` is the end of the stream: ``eof_received()``.
+
+``pause_reading`` cancels the recv; ``resume_reading`` arms a new one once the
+old one has ended. A cancel can lose the race: data may complete after it.
+Such data is *held*, in arrival order, and delivered after ``resume_reading``
+(from a ``call_soon``), before anything newer; nothing is delivered twice or
+dropped. Held data also keeps order when a BufferedProtocol pauses in the
+middle of a chunk.
+
+Writing
+-------
+`proactor.sending` (the `Sending` half of this class): at most one send in
+flight, short sends resubmitted, bytes in flight counted for flow control.
+
+Closing, and who owns the fd
+----------------------------
+``close()`` stops reading at once (cancels the recv; data completing after it
+is dropped, nobody reads any more) and lets the writes finish; ``abort()``
+also cancels the send and drops what was queued. ``connection_lost(exc)`` is
+called exactly once, from ``call_soon`` (or from the last send's completion
+after a graceful close), with None for a local close or a clean end of stream.
+
+The kernel may still hold an operation on the fd after that. So the
+transport keeps the fd until its recv and its send have posted their last
+completions, and only then *releases* it: it ``detach()``es the Python socket
+(so that ``socket.close()`` can never run while an operation is in flight, and
+the fd number cannot be reused under one) and queues a CLOSE on the engine.
+A loop closed meanwhile closes what is still owed (`release_at_loop_close`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import warnings
+from typing import Any
+
+from proactor import abi
+from proactor.buffers import Pinned
+from proactor.sending import DEFAULT_HIGH_WATER, Sending, result_error
+from reactor.loop import logger
+
+# Single-shot receive buffer of a transport, when the kernel has no provided buffers.
+OWN_RECEIVE_BUFFER = 16 * 1024
+
+_MORE = abi.CQE_F_MORE
+_BUFFER = abi.CQE_F_BUFFER
+_ENDED_RECEIVE = frozenset({-errno.ENOBUFS, -errno.ECANCELED, -errno.EINTR, -errno.EAGAIN})
+_STREAM_NODELAY_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_EOF = b""
+
+
+class StreamTransport(Sending, asyncio.Transport):
+    """A connected stream socket driving a Protocol or BufferedProtocol through completions."""
+
+    _start_tls_compatible = True  # loop.start_tls() may layer TLS over it
+    # Slots, not a dict: CPython 3.11 stops specialising attribute access on instances
+    # with more than 30 attributes in their dict, and these are read on every completion.
+    __slots__ = (
+        *("_loop", "_ring", "_handlers", "_new_user_data", "_buffers", "_consume"),
+        *("_multishot", "_sock", "_fd", "_protocol", "_protocol_connected"),
+        *("_buffered_protocol", "_server", "_recv_user_data", "_recv_cancelled"),
+        *("_own_buffer", "_reading_paused", "_eof", "_held", "_flush_scheduled"),
+        *("_send_user_data", "_sent_handler", "_sending", "_send_remaining"),
+        *("_pending", "_pending_size", "_write_abandoned", "_eof_written", "_drain_waiters"),
+        *("_high_water", "_low_water", "_protocol_paused", "_closing", "_conn_lost"),
+        *("_lost_called", "_released", "__weakref__"),
+    )
+
+    def __init__(
+        self,
+        loop: Any,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        waiter: asyncio.Future | None = None,
+        extra: dict[str, Any] | None = None,
+        server: Any = None,
+    ) -> None:
+        super().__init__(extra)
+        self._loop = loop
+        self._ring = loop._ring
+        self._handlers = loop._handlers
+        self._new_user_data = loop._new_user_data
+        self._buffers = loop._receive_buffers
+        self._consume = None if self._buffers is None else self._buffers.consume
+        self._multishot = loop._multishot_recv
+        self._sock: socket.socket | None = sock
+        self._fd = sock.fileno()
+        self._extra = {"socket": sock} if extra is None else {"socket": sock, **extra}
+        self._protocol: Any = protocol
+        self._protocol_connected = False
+        self._buffered_protocol = isinstance(protocol, asyncio.BufferedProtocol)
+        self._server = server
+        # reading
+        self._recv_user_data = 0
+        self._recv_cancelled = False
+        self._own_buffer: Pinned | None = None
+        self._reading_paused = False
+        self._eof = False  # the peer's end of stream arrived (it may still be held)
+        self._held: list[bytes] = []
+        self._flush_scheduled = False
+        # writing
+        self._send_user_data = 0
+        self._sent_handler = self._on_sent  # bound once: one handler per send
+        self._sending: bytes | list[bytes] | None = None
+        self._send_remaining = 0  # bytes of _sending not yet sent
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._write_abandoned = False
+        self._eof_written = False
+        self._drain_waiters: list[asyncio.Future] = []
+        self._high_water = DEFAULT_HIGH_WATER
+        self._low_water = DEFAULT_HIGH_WATER // 4
+        self._protocol_paused = False
+        # closing
+        self._closing = False
+        self._conn_lost = 0
+        self._lost_called = False
+        self._released = False
+        if server is not None:
+            server._attach(self)
+        loop._transports[self._fd] = self
+        if sock.family in _STREAM_NODELAY_FAMILIES:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        loop.call_soon(self._start, waiter)
+
+    def __repr__(self) -> str:
+        if self._released:
+            state = "closed"
+        elif self._closing:
+            state = "closing"
+        else:
+            state = f"fd={self._fd}"
+        return f"<{type(self).__name__} {state} buffered={self.get_write_buffer_size()}>"
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        sock = getattr(self, "_sock", None)
+        if sock is not None and not getattr(self, "_released", True) and sock.fileno() >= 0:
+            _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
+            sock.close()  # no operation is in flight: each would keep this object alive
+
+    # the asyncio.BaseTransport interface ----------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        extra = self._extra
+        if name in extra:
+            return extra[name]
+        if name in ("sockname", "peername") and self._sock is not None and not self._released:
+            try:
+                sock = self._sock
+                value = sock.getsockname() if name == "sockname" else sock.getpeername()
+            except OSError:
+                return default
+            extra[name] = value
+            return value
+        return default
+
+    def get_protocol(self) -> Any:
+        return self._protocol
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+        self._protocol_connected = True
+        self._buffered_protocol = isinstance(protocol, asyncio.BufferedProtocol)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def _start(self, waiter: asyncio.Future | None) -> None:
+        try:
+            self._protocol.connection_made(self)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.connection_made() call failed.")
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+            return
+        self._protocol_connected = True
+        if self._wants_receive():
+            self._arm_receive()
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # reading --------------------------------------------------------------------
+
+    def is_reading(self) -> bool:
+        return not self._reading_paused and not self._closing
+
+    def pause_reading(self) -> None:
+        if self._closing or self._reading_paused:
+            return
+        self._reading_paused = True
+        self._cancel_receive()
+
+    def resume_reading(self) -> None:
+        if self._closing or not self._reading_paused:
+            return
+        self._reading_paused = False
+        if not self._protocol_connected:
+            return
+        if self._held:
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush_held)
+        elif self._wants_receive():
+            self._arm_receive()
+
+    def _wants_receive(self) -> bool:
+        return (
+            not self._recv_user_data
+            and not self._reading_paused
+            and not self._closing
+            and not self._eof
+            and not self._held
+            and self._protocol_connected
+        )
+
+    def _arm_receive(self) -> None:
+        user_data = self._new_user_data()
+        buffers = self._buffers
+        if buffers is not None:
+            self._ring.prepare_recv_provided(
+                user_data, self._fd, buffers.group_id, multishot=self._multishot
+            )
+        else:
+            if self._own_buffer is None:
+                self._own_buffer = Pinned(bytearray(OWN_RECEIVE_BUFFER))
+            self._ring.prepare_recv(user_data, self._fd, self._own_buffer)
+        self._handlers[user_data] = self._on_received
+        self._recv_user_data = user_data
+
+    def _cancel_receive(self) -> None:
+        if self._recv_user_data and not self._recv_cancelled:
+            self._recv_cancelled = True
+            self._loop._cancel_operation(self._recv_user_data)
+
+    def _on_received(self, result: int, flags: int) -> None:
+        if flags & _MORE:
+            # The common case: a chunk from a multishot recv that stays armed.
+            data = self._consume(flags, result)  # type: ignore[misc]
+            if self._closing:
+                return
+            if self._reading_paused or self._held:
+                self._held.append(data)
+            elif self._buffered_protocol:
+                self._deliver_into_buffer(data)
+            else:
+                try:
+                    self._protocol.data_received(data)
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+            return
+        self._receive_ended(result, flags)
+
+    def _receive_ended(self, result: int, flags: int) -> None:
+        """The last completion of a recv: data or not, the recv is over."""
+        self._recv_user_data = 0
+        self._recv_cancelled = False
+        if flags & _BUFFER:
+            data = self._consume(flags, result)  # type: ignore[misc]
+        elif result > 0:
+            data = self._own_buffer.buffer[:result]  # type: ignore[union-attr]
+        elif result == 0:
+            data = _EOF
+        elif result in _ENDED_RECEIVE:
+            if self._wants_receive():
+                self._arm_receive()
+            elif self._lost_called:
+                self._release()
+            return
+        else:
+            if not self._closing:
+                self._fatal_error(result_error(result), "Fatal read error on socket transport")
+            elif self._lost_called:
+                self._release()
+            return
+        if self._closing:
+            if self._lost_called and not self._recv_user_data:
+                self._release()
+            return  # nobody reads any more: close() or abort() was called
+        if not data:
+            self._eof = True
+        if self._reading_paused or self._held:
+            self._held.append(bytes(data))
+            return
+        if data:
+            self._deliver(data)
+        else:
+            self._read_eof()
+            return
+        if self._wants_receive():
+            self._arm_receive()
+
+    def _deliver(self, data: Any) -> None:
+        if self._buffered_protocol:
+            self._deliver_into_buffer(data)
+            return
+        try:
+            self._protocol.data_received(data if type(data) is bytes else bytes(data))
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+
+    def _deliver_into_buffer(self, data: Any) -> None:
+        """Copy ``data`` into the BufferedProtocol's buffers, as many as it takes."""
+        view = memoryview(data)
+        offset, size = 0, len(view)
+        while offset < size:
+            protocol = self._protocol
+            try:
+                buffer = protocol.get_buffer(size - offset)
+                count = min(len(buffer), size - offset)
+                if not count:
+                    raise RuntimeError("get_buffer() returned an empty buffer")
+                buffer[:count] = view[offset : offset + count]
+                offset += count
+                protocol.buffer_updated(count)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")
+                return
+            if self._closing:
+                return
+            if self._reading_paused and offset < size:
+                self._held.insert(0, bytes(view[offset:]))  # before anything held already
+                return
+
+    def _flush_held(self) -> None:
+        """After resume_reading: deliver what completed while paused, then read on."""
+        self._flush_scheduled = False
+        held = self._held
+        while held and not self._reading_paused and not self._closing:
+            data = held.pop(0)
+            if not data:
+                self._read_eof()
+                return
+            self._deliver(data)
+        if self._wants_receive():
+            self._arm_receive()
+
+    def _read_eof(self) -> None:
+        try:
+            keep_open = self._protocol.eof_received()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+            return
+        if not keep_open:
+            self.close()
+
+    # closing --------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._held.clear()
+        self._cancel_receive()
+        if not self._send_user_data:
+            self._conn_lost += 1
+            self._loop.call_soon(self._call_connection_lost, None)
+
+    def abort(self) -> None:
+        self._force_close(None)
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        if self._conn_lost:
+            return
+        if self._send_user_data:
+            self._write_abandoned = True
+            self._loop._cancel_operation(self._send_user_data)
+        self._pending.clear()
+        self._pending_size = self._send_remaining = 0
+        self._wake_drain_waiters()
+        if not self._closing:
+            self._closing = True
+            self._held.clear()
+            self._cancel_receive()
+        self._conn_lost += 1
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _fatal_error(self, exc: BaseException, message: str) -> None:
+        if isinstance(exc, OSError):
+            if self._loop.get_debug():
+                logger.debug("%r: %s", self, message, exc_info=True)
+        else:
+            self._report(message, exc)
+        self._force_close(exc)
+
+    def _report(self, message: str, exc: BaseException) -> None:
+        self._loop.call_exception_handler(
+            {"message": message, "exception": exc, "transport": self, "protocol": self._protocol}
+        )
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        if self._lost_called:
+            return
+        self._lost_called = True
+        try:
+            if self._protocol_connected:
+                self._protocol.connection_lost(exc)
+        finally:
+            self._protocol = None
+            self._wake_drain_waiters()
+            server, self._server = self._server, None
+            if server is not None:
+                server._detach(self)
+            self._release()
+
+    def _release(self) -> None:
+        """Once no operation is in flight on the fd: detach the socket and close the fd."""
+        if self._released or not self._lost_called:
+            return
+        if self._recv_user_data:
+            self._cancel_receive()
+            return
+        if self._send_user_data:
+            return  # abandoned and cancelled; its completion calls back here
+        self._released = True
+        self._own_buffer = None
+        fd = self._sock.detach()  # type: ignore[union-attr]
+        loop = self._loop
+        if loop._transports.get(fd) is self:
+            del loop._transports[fd]
+        user_data = self._new_user_data()
+        self._ring.prepare_close(user_data, fd)
+        self._handlers[user_data] = ignore_completion
+
+    def release_at_loop_close(self) -> None:
+        """The loop is closing and its engine has ended every operation: close what is owed."""
+        if not self._released and self._conn_lost:
+            self._released = True
+            self._sock.close()  # type: ignore[union-attr]
+
+
+def ignore_completion(result: int, flags: int) -> None:
+    """The completion of an operation nobody waits for (a close, a cancel)."""
