@@ -28,7 +28,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from loadtest.servers import CpuTime, ServerProcess, free_port, python
+from loadtest.servers import CpuTime, ServerProcess, forkloop_server, free_port, python
 from server import backends
 
 PEER = "uvicorn"
@@ -93,10 +93,7 @@ def server_commands(args: argparse.Namespace) -> list[ServerProcess]:
     loops = [name for name in args.loops.split(",") if name]
     for loop in loops:
         backends.loop_factory(loop)  # fail early, with the registry's message
-        port = free_port()
-        command = [python(), "-m", "server", "--bind", f"127.0.0.1:{port}", "--loop", loop]
-        command += ["--workers", str(args.workers), "--log-level", "warning"]
-        servers.append(ServerProcess(f"forkloop {loop}", command, port))
+        servers.append(forkloop_server(loop, args.workers))
     if not args.no_peer:
         port = free_port()
         command = [python(), "-m", "uvicorn", "loadtest.peer:app", "--port", str(port)]

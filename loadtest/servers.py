@@ -1,18 +1,22 @@
 """Servers under test, run as subprocesses, and what they cost in CPU.
 
 `ServerProcess` starts a command, waits until it answers HTTP on its port,
-and stops it (SIGTERM, then SIGKILL). `tree_cpu()` reads user and system CPU
+and stops it (SIGTERM, then SIGKILL); its stderr is read all along and the
+last lines kept for error messages. `forkloop_server()` is forkloop's demo app
+on a loop backend. `tree_cpu()` reads user and system CPU
 seconds from ``/proc/<pid>/stat`` for a process and every descendant, so a
 pre-forking server is measured whole.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -100,20 +104,33 @@ class ServerProcess:
         self.port = port
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
+        self._stderr_lines: collections.deque[bytes] = collections.deque(maxlen=50)
+        self._stderr_reader: threading.Thread | None = None
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
         self.process = subprocess.Popen(
             self.command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
+        # drained all along: a server that logs more than a pipe holds must not block on it
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
         try:
             wait_until_answering(self.port, timeout, self.process)
         except (RuntimeError, TimeoutError) as exc:
             self.stop()
-            stderr = (
-                self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-            )
-            raise RuntimeError(f"{self.name}: {exc}\n{stderr[-2000:]}") from None
+            raise RuntimeError(f"{self.name}: {exc}\n{self.stderr_tail()}") from None
         return self
+
+    def _read_stderr(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        for line in self.process.stderr:
+            self._stderr_lines.append(line)
+
+    def stderr_tail(self) -> str:
+        """The last lines the server wrote to stderr (all of them once it has exited)."""
+        if self._stderr_reader is not None and self.process and self.process.poll() is not None:
+            self._stderr_reader.join(2.0)
+        return b"".join(self._stderr_lines).decode(errors="replace")[-2000:]
 
     def cpu(self) -> CpuTime:
         assert self.process is not None
@@ -142,3 +159,11 @@ class ServerProcess:
 
 def python() -> str:
     return sys.executable
+
+
+def forkloop_server(loop: str, workers: int, extra: list[str] | None = None) -> ServerProcess:
+    """forkloop serving its demo app with ``loop`` on a free port of 127.0.0.1."""
+    port = free_port()
+    command = [python(), "-m", "server", "--bind", f"127.0.0.1:{port}", "--loop", loop]
+    command += ["--workers", str(workers), "--log-level", "warning", *(extra or [])]
+    return ServerProcess(f"forkloop {loop}", command, port)

@@ -2,6 +2,7 @@
 
     forkloop serve [module:app] --bind 127.0.0.1:8000 --loop uvloop --workers 4
     forkloop bench [--raw] [--loops reactor,uvloop] [--duration 5]
+    forkloop loadtest [--loops uvloop,reactor] [--scenarios hello,cached] [--duration 10]
 
 ``python -m server`` is ``forkloop serve``.
 """
@@ -268,15 +269,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             name, help=f"send {signal.Signals(signum).name} to the master: {description}"
         )
         command.add_argument("--pid-file", required=True, help="the master's pid file")
-    from loadtest import bench
+    from loadtest import bench, runner
 
     bench.add_arguments(commands.add_parser("bench", help="CPU-per-request benchmark vs uvicorn"))
+    runner.add_arguments(
+        commands.add_parser("loadtest", help="locust scenarios on each backend, with a report")
+    )
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve_argv = argv[argv.index("serve") + 1 :]
         return serve(parse_serve_args(serve_argv), serve_argv)
     if args.command in SIGNAL_COMMANDS:
         return send_signal(args)
+    if args.command == "loadtest":
+        return runner.main(args)
     return bench.main(args)
 
 

@@ -1,0 +1,275 @@
+"""``forkloop loadtest``: short real runs of every scenario, the verdict, locust's modes.
+
+Each run is the real thing, shortened: ``python -m loadtest`` starts the
+server on 127.0.0.1 and runs locust as a subprocess, one second per scenario
+with a few users, then the test reads ``results.json``. Stampede bursts come
+twice a second here so that a one-second run holds at least one. Locust is
+never imported into this process (it would patch the standard library with
+gevent under the test suite); one test checks that the runner does not
+import it either.
+
+The cache and cancellation assertions need the demo app's ``/cached/{key}``
+and the ``cache`` and ``cancelled`` counters of ``/stats``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from loadtest import runner
+from loadtest.report import percentile, rate_by_second
+from loadtest.runner import server_counters
+from server import backends
+
+# found, never imported: importing locust would patch this process with gevent
+pytestmark = pytest.mark.skipif(
+    not (importlib.util.find_spec("locust") and importlib.util.find_spec("matplotlib")),
+    reason="the load tests need locust and matplotlib: pip install -e '.[test]'",
+)
+
+SHORT = ["--duration", "1", "--users", "4", "--spawn-rate", "4"]
+FAST_BURSTS = ["--locust-args", "--stampede-every 0.5"]
+
+
+def run_loadtest(*arguments: str, timeout: float = 50) -> tuple[int, dict, str]:
+    """``python -m loadtest ARGUMENTS``: its exit status, its results.json, its stderr."""
+    output = arguments[arguments.index("--output") + 1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loadtest", *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # the runner stops its server and locust on SIGTERM
+        _, stderr = process.communicate(timeout=20)
+        pytest.fail(f"forkloop loadtest took more than {timeout} s:\n{stderr[-3000:]}")
+    results_path = Path(output) / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    return process.returncode, results, stderr
+
+
+def runs_by_scenario(results: dict) -> dict[str, dict]:
+    return {run["scenario"]: run for run in results["runs"]}
+
+
+def first_available_backend() -> str:
+    return backends.available()[0]
+
+
+# --------------------------------------------------------------- one run per backend
+
+
+@pytest.mark.timeout(90)
+def test_every_scenario_runs_clean_and_moves_the_server_counters(backend, tmp_path):
+    status, results, stderr = run_loadtest(
+        "--loops", backend.backend, *SHORT, *FAST_BURSTS, "--output", str(tmp_path)
+    )
+    assert status == 0, stderr
+    assert results["violations"] == []
+    runs = runs_by_scenario(results)
+    assert list(runs) == list(runner.SCENARIOS)
+    for scenario, run in runs.items():
+        assert run["error"] is None, (scenario, run["error"])
+        assert run["requests"] > 0, f"{scenario} made no request"
+        assert run["failures"] == 0, (scenario, run["failure_messages"])
+        assert run["server_counters"]["requests"] >= run["requests"], scenario
+        assert run["server_cpu_seconds"] is not None
+
+    hello, churn = runs["hello"]["server_counters"], runs["churn"]["server_counters"]
+    # one connection per user, renewed every 1,000 requests (--max-keepalive-requests), + /stats
+    reuse_bound = 4 + runs["hello"]["requests"] // 1000 + 2
+    assert hello["connections_total"] <= reuse_bound, "keep-alive users should reuse connections"
+    assert churn["connections_total"] >= runs["churn"]["requests"], "one connection per request"
+
+    cached = runs["cached"]["server_counters"]
+    assert cached["cache_hits"] > 0 and cached["cache_misses"] > 0
+    assert 0 < runs["cached"]["cache_hit_ratio"] < 1
+    stampede = runs["stampede"]["server_counters"]
+    assert stampede["cache_coalesced"] > 0, "users of one burst should share one computation"
+    assert stampede["cache_computations"] < runs["stampede"]["requests"]
+    cancel = runs["cancel"]["server_counters"]
+    assert cancel["cancelled_disconnect"] >= runs["cancel"]["requests"] - 4  # a burst in flight
+
+    report = (tmp_path / "report.md").read_text()
+    for scenario in runner.SCENARIOS:
+        assert f"## {scenario}\n" in report
+    assert f"| {backend.backend} | 1 |" in report
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    assert (tmp_path / "locust" / f"{backend.backend}-w1-hello.html").stat().st_size > 0
+    assert (tmp_path / "locust" / f"{backend.backend}-w1-hello_stats.csv").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------ verdicts
+
+
+def test_a_missed_p99_slo_exits_nonzero(tmp_path):
+    # a cache miss computes for 20 ms and a fifth of the lookups miss: p99 >= 20 ms
+    status, results, stderr = run_loadtest(
+        "--loops", first_available_backend(), "--scenarios", "cached", *SHORT,
+        "--max-p99-ms", "hello=100,cached=5", "--output", str(tmp_path),
+    )  # fmt: skip
+    assert status == 1, stderr
+    assert runs_by_scenario(results)["cached"]["failures"] == 0
+    assert any("above --max-p99-ms 5" in line for line in results["violations"])
+    assert "**Failed:**" in (tmp_path / "report.md").read_text()
+
+
+class WrongHello(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = b"Goodbye, World!" if self.path == "/" else b"not here"
+        self.send_response(200 if self.path == "/" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_wrong_body_is_a_failure_even_with_status_200(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), WrongHello)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host = f"http://127.0.0.1:{server.server_address[1]}"
+        status, results, stderr = run_loadtest(
+            "--host", host, "--scenarios", "hello", *SHORT, "--output", str(tmp_path)
+        )
+    finally:
+        server.shutdown()
+    assert status == 1, stderr
+    hello = runs_by_scenario(results)["hello"]
+    assert hello["backend"] == "remote" and hello["server_cpu_seconds"] is None
+    assert hello["requests"] > 0 and hello["failures"] == hello["requests"]
+    assert any("expected b'Hello, World!'" in message for message in hello["failure_messages"])
+    assert any("requests failed" in line for line in results["violations"])
+
+
+def test_a_bad_command_line_exits_2_before_running_anything(tmp_path, capsys):
+    assert runner.command_line(["--scenarios", "nonesuch", "--output", str(tmp_path)]) == 2
+    assert "unknown scenario nonesuch" in capsys.readouterr().err
+    assert runner.command_line(["--master", "--output", str(tmp_path)]) == 2
+    assert "--master needs --host" in capsys.readouterr().err
+    assert runner.command_line(["--max-p99-ms", "helo=5", "--output", str(tmp_path)]) == 2
+    assert "unknown scenario 'helo'" in capsys.readouterr().err
+    assert not (tmp_path / "report.md").exists()
+
+
+# ------------------------------------------------------------------- locust's modes
+
+
+def test_locust_distributed_over_local_processes(tmp_path):
+    status, results, stderr = run_loadtest(
+        "--loops", first_available_backend(), "--scenarios", "hello", *SHORT,
+        "--processes", "2", "--output", str(tmp_path),
+    )  # fmt: skip
+    assert status == 0, stderr
+    hello = runs_by_scenario(results)["hello"]
+    assert hello["requests"] > 0 and hello["failures"] == 0
+    assert hello["server_counters"]["requests"] >= hello["requests"]
+    log = (tmp_path / "locust" / f"{first_available_backend()}-w1-hello.log").read_text()
+    assert "2 workers connected" in log  # the master counted both worker processes
+
+
+@pytest.mark.timeout(90)
+def test_counters_are_summed_over_the_workers_of_a_master(tmp_path):
+    status, results, stderr = run_loadtest(
+        "--loops", first_available_backend(), "--workers", "2", "--scenarios", "cached,cancel",
+        *SHORT, "--output", str(tmp_path),
+    )  # fmt: skip
+    assert status == 0, stderr
+    runs = runs_by_scenario(results)
+    assert runs["cached"]["workers"] == 2
+    assert runs["cached"]["server_counters"]["cache_hits"] > 0
+    assert runs["cancel"]["server_counters"]["cancelled_disconnect"] > 0
+
+
+def test_the_ramp_shape_raises_users_in_steps(tmp_path):
+    status, results, stderr = run_loadtest(
+        "--loops", first_available_backend(), "--scenarios", "hello", "--duration", "2",
+        "--users", "4", "--ramp", "2", "--output", str(tmp_path),
+    )  # fmt: skip
+    assert status == 0, stderr
+    assert runs_by_scenario(results)["hello"]["requests"] > 0
+    log = (tmp_path / "locust" / f"{first_available_backend()}-w1-hello.log").read_text()
+    # locust's own log of the shape's steps: half the users, then all of them
+    assert "Shape test updating to 2 users" in log
+    assert "Shape test updating to 4 users" in log
+    assert log.index("updating to 2 users") < log.index("updating to 4 users")
+
+
+# ------------------------------------------------------------------- no processes
+
+
+def test_the_runner_never_imports_locust():
+    probe = "import sys, server.cli, loadtest.runner; print('gevent' in sys.modules, 'locust' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.stdout.split() == ["False", "False"], result.stderr
+
+
+def test_every_scenario_names_a_user_class_of_the_locustfile():
+    listed = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(runner.LOCUSTFILE), "--list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.split()
+    assert [runner.user_class(name) for name in runner.SCENARIOS] == listed[2:]
+
+
+def test_server_counters_reads_the_scoreboard_totals_flat_or_nested():
+    flat = {"cache": {"hits": 1}, "server": {"requests": 9, "cache_hits": 7, "workers": 2}}
+    assert server_counters(flat)["cache_hits"] == 7
+    assert server_counters(flat)["requests"] == 9
+    nested = {"requests": 3, "server": {"cache": {"hits": 5}, "cancelled": {"deadline": 2}}}
+    assert server_counters(nested)["cache_hits"] == 5
+    assert server_counters(nested)["cancelled_deadline"] == 2
+    assert server_counters(nested)["requests"] == 3  # missing from the totals: the process's
+    assert server_counters({"requests": 1})["cancelled_disconnect"] == 0  # absent: 0
+    assert server_counters(None) == {}
+
+
+def test_p99_limits_are_one_for_all_but_cancel_or_one_per_scenario():
+    scenarios = list(runner.SCENARIOS)
+    assert runner.p99_limits("50", scenarios) == {s: 50.0 for s in scenarios if s != "cancel"}
+    assert runner.p99_limits("hello=5, stampede=400", scenarios) == {"hello": 5, "stampede": 400}
+    assert runner.p99_limits(None, scenarios) == {}
+
+
+def test_percentile_is_the_one_locust_prints():
+    histograms = [{1.0: 90, 20.0: 9, 300.0: 1}, {0.0: 5000, 1.0: 37, 2.0: 2, 110.0: 1}, {7.0: 1}]
+    fractions = [0.5, 0.9, 0.95, 0.99, 0.999]
+    probe = (
+        "import json, sys; from locust.stats import calculate_response_time_percentile as p; "
+        "print(json.dumps([[p({float(t): n for t, n in h.items()}, sum(h.values()), f) "
+        "for f in json.loads(sys.argv[2])] for h in json.loads(sys.argv[1])]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, json.dumps(histograms), json.dumps(fractions)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    locusts = json.loads(result.stdout)
+    ours = [[percentile(histogram, fraction) for fraction in fractions] for histogram in histograms]
+    assert ours == locusts
+    assert percentile({}, 0.5) != percentile({}, 0.5)  # NaN: nothing measured
+
+
+def test_rate_by_second_scales_the_partial_first_and_last_seconds():
+    # a run from 100.5 to 102.25: half of second 100, all of 101, a quarter of 102
+    history = rate_by_second({100: 50, 101: 120, 102: 40}, 100.5, 102.25)
+    assert history == [(0.0, 100.0), (1.0, 120.0), (2.0, 160.0)]
