@@ -124,6 +124,8 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
         self.engine_name: str = name
         self._handlers: dict[int, Callable[[int, int], object]] = {}
         self._new_user_data = itertools.count(1).__next__
+        # Completions read but not yet dispatched: left by an interrupted dispatch or read
+        # early by _submit_early. Dispatched, oldest first, before the engine is read again.
         self._undelivered: list[tuple[int, int, int]] | None = None
         self._transports: dict[int, Any] = {}
         self._acceptors: dict[int, Acceptor] = {}
@@ -163,7 +165,7 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
 
     def _poll(self, timeout: float | None) -> None:
         ring = self._ring
-        if self._undelivered is not None:
+        while self._undelivered is not None:
             undelivered, self._undelivered = self._undelivered, None
             self._dispatch(undelivered)
             timeout = 0.0
@@ -197,8 +199,36 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
                         }
                     )
         except BaseException:
-            self._undelivered = list(entries)  # dispatched first by the next _poll
+            left = list(entries)  # older than anything read early meanwhile
+            self._undelivered = left + self._undelivered if self._undelivered else left
             raise
+
+    def _submit_early(self, user_data: int) -> tuple[int, int] | None:
+        """Hand the engine what is queued now, in the middle of an iteration.
+
+        For a transport whose writes passed the high-water mark: a readiness
+        loop's ``write()`` offers the bytes to the kernel at once and pauses
+        the protocol only if the kernel would not take them, and so must this
+        loop, or a producer would be paused for bytes the kernel was about to
+        take. Returns the completion of operation ``user_data`` if it is among
+        those posted (its handler is dropped: the caller handles it); the
+        others wait in ``_undelivered``, in order, for the next dispatch.
+        """
+        ring = self._ring
+        ring.submit(0)
+        found = None
+        later = []
+        for entry in ring.completions():
+            if entry[0] == user_data and found is None and not entry[2] & _MORE:
+                found = entry
+            else:
+                later.append(entry)
+        if later:
+            self._undelivered = (self._undelivered or []) + later
+        if found is None:
+            return None
+        del self._handlers[user_data]
+        return found[1], found[2]
 
     def _watch_readable(self, fd: int, callback: Callable[[], object]) -> None:
         self._poller.set_reader(fd, callback)

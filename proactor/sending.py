@@ -23,6 +23,9 @@ Invariants
   writes, in ``get_write_buffer_size()``.
 * Whatever is handed to the kernel stays referenced by the ring until the
   send's last completion, including after ``abort()`` cancels it.
+* The protocol is paused when more than the high-water mark is left after
+  the kernel was offered the bytes (`Sending._over_high_water`), not merely
+  because a send has not been submitted yet.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ class Sending:
             self._pending.append(data)
             self._pending_size += len(data)
             if self._send_remaining + self._pending_size > self._high_water:
-                self._maybe_pause_protocol()
+                self._over_high_water()
             return
         user_data = self._new_user_data()
         self._ring.prepare_send(user_data, self._fd, data)
@@ -107,6 +110,22 @@ class Sending:
         self._sending = data
         self._send_remaining = size = len(data)
         if size > self._high_water:
+            self._over_high_water()
+
+    def _over_high_water(self) -> None:
+        """More than the high-water mark waits: pause the protocol unless the kernel takes it now.
+
+        The send in flight may not have reached the kernel yet (it goes with
+        the iteration's enter), so it is submitted early, and the protocol is
+        paused only if the kernel left more than the mark unsent, as it would
+        be by a readiness loop whose ``write()`` calls ``send`` at once. Costs
+        one enter per write that crosses the mark; small writes never do.
+        """
+        if self._send_user_data and not self._protocol_paused and not self._closing:
+            completion = self._loop._submit_early(self._send_user_data)
+            if completion is not None:
+                self._on_sent(*completion)
+        if self._send_remaining + self._pending_size > self._high_water:
             self._maybe_pause_protocol()
 
     def writelines(self, list_of_data: Any) -> None:

@@ -87,6 +87,8 @@ def test_reload_with_a_broken_app_keeps_the_old_workers(backend, tmp_path):
     )
     try:
         master.start(workers=2)
+        # both workers must have imported the module before it is broken
+        assert wait_for(lambda: master.tail().count("serving on") >= 2, 10), master.tail()
         old = master.workers()
         module.write_text("this is not python (\n")
         master.signal(signal.SIGHUP)
@@ -326,9 +328,12 @@ def test_reload_rereads_the_config_file(backend, tmp_path):
     master = MasterUnderTest(backend.backend, tmp_path, "--config", str(config))
     try:
         master.start(workers=1)
+        first = master.workers()
         config.write_text("workers = 2\nmax_body_size = 10\n")
         master.signal(signal.SIGHUP)
-        assert wait_for(lambda: len(master.workers()) == 2, 10), master.tail()
+        assert wait_for(
+            lambda: master.workers().isdisjoint(first) and len(master.workers()) == 2, 10
+        ), master.tail()
         import http.client
 
         connection = http.client.HTTPConnection("127.0.0.1", master.port, timeout=5)
