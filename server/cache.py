@@ -463,7 +463,7 @@ def _cache_control(value: str | None) -> dict[str, str | None]:
 
 
 def _seconds(value: str | None, default: float) -> float:
-    if value is None or not value.isdigit():
+    if value is None or not (value.isascii() and value.isdigit()):
         return default
     return float(value)
 

@@ -84,4 +84,4 @@ def _int_param(request: Request, name: str, default: int) -> int | None:
     value = request.query_param(name)
     if value is None:
         return default
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isascii() and value.isdigit() else None

@@ -34,7 +34,11 @@ def parse_bind(text: str) -> BindAddress:
             raise ValueError("unix: bind needs a path, e.g. unix:/tmp/forkloop.sock")
         return BindAddress(socket.AF_UNIX, path)
     host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if (
+        not sep
+        or not (port_text.isascii() and port_text.isdigit())
+        or not 0 <= int(port_text) <= 65535
+    ):
         raise ValueError(f"bind address {text!r} needs a port: HOST:PORT, [IPv6]:PORT or unix:PATH")
     if host.startswith("[") and host.endswith("]"):
         return BindAddress(socket.AF_INET6, host[1:-1], int(port_text))

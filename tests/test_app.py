@@ -98,7 +98,9 @@ def test_bind_addresses_parse(text, expected):
     assert str(parse_bind(text)) == expected
 
 
-@pytest.mark.parametrize("text", ["8000", "localhost", "::1:80", "unix:", "host:99999"])
+@pytest.mark.parametrize(
+    "text", ["8000", "localhost", "::1:80", "unix:", "host:99999", "host:8\u00b2"]
+)
 def test_bad_bind_addresses_are_refused_with_a_hint(text):
     with pytest.raises(ValueError):
         parse_bind(text)

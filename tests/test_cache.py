@@ -350,6 +350,12 @@ def test_ttl_comes_from_the_route_when_the_handler_sends_none(backend):
         no_ttl = Counted(cache_control="")
         await fetch(cache, no_ttl, POLICY, "/other")
         assert (await fetch(cache, no_ttl, POLICY, "/other")).header("x-cache") == "BYPASS"
+        # a max-age that is not a plain ASCII number ("²" passes str.isdigit) falls back too
+        odd = Counted(cache_control="max-age=\u00b2, stale-while-revalidate=1\u00b2")
+        await fetch(cache, odd, policy, "/odd")
+        assert (await fetch(cache, odd, policy, "/odd")).header("x-cache") == "HIT"
+        clock.now += 6
+        assert (await fetch(cache, odd, policy, "/odd")).header("x-cache") == "MISS"
 
     backend.run(main)
 
