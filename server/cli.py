@@ -37,6 +37,8 @@ _LIMIT_FLAGS = {
     "request_timeout": "seconds a handler may run before it is cancelled and 504 sent (0: off)",
     "write_buffer_high": "write-buffer bytes above which a connection stops reading",
     "max_connections": "open connections per worker; beyond it 503 and close (0: no limit)",
+    "lingering_time": "most seconds spent draining a refused request before closing (lingering_time)",
+    "lingering_timeout": "seconds of client silence that end the draining (lingering_timeout)",
 }
 
 

@@ -42,6 +42,12 @@ class Limits:
     max_connections: int = 0
     # Write-buffer high-water mark: above it the connection stops reading new requests.
     write_buffer_high: int = 256 * 1024
+    # lingering_time 30s, lingering_timeout 5s: a connection closed on a refused request
+    # (413, 400, ...) whose client may still be sending is not closed at once, which would
+    # reset it and could destroy the answer: the server sends the answer and a FIN, then
+    # reads and discards until the client closes, is quiet this long, or lingering_time ends.
+    lingering_time: float = 30.0
+    lingering_timeout: float = 5.0
 
 
 @dataclass(frozen=True)

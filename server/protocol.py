@@ -46,6 +46,12 @@ Rules that keep it honest
    CR/LF or a non-Latin-1 character in a header) becomes a 500; anything else
    that goes wrong while answering is logged and closes the connection, since
    the responses behind it could no longer be matched to their requests.
+6. A connection closed on a refused request lingers (nginx's lingering close):
+   the client may still be sending the body, and closing with bytes unread
+   makes the kernel send a reset that can destroy the answer before the client
+   reads it. So the answer goes out with a FIN (`write_eof`), and what arrives
+   after is read and thrown away until the client closes, or is quiet for
+   ``lingering_timeout``, or ``lingering_time`` has passed.
 
 Where httptools is not trusted
 ------------------------------
@@ -79,15 +85,8 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from server.http import (
-    STATUS_LINES,
-    HeaderError,
-    Request,
-    Response,
-    as_response,
-    error_response,
-    status_line,
-)
+from server.http import Request, Response, as_response, error_response
+from server.responses import ResponseWriter, peer_name
 
 if TYPE_CHECKING:
     from server.service import HttpService
@@ -97,13 +96,12 @@ log = logging.getLogger("forkloop.http")
 EAGER_TASKS = sys.version_info >= (3, 12)
 
 # deadline kinds
-HEAD, BODY, IDLE = "head", "body", "idle"
+HEAD, BODY, IDLE, LINGER = "head", "body", "idle", "linger"
 
 # why a handler was cancelled (Request.cancel_reason)
 DISCONNECT, DEADLINE, SHUTDOWN = "disconnect", "deadline", "shutdown"
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_NO_BODY_STATUSES = frozenset({204, 304})
 _CANCEL_EXPLANATIONS = {
     DISCONNECT: "the client went away",
     DEADLINE: "the request timeout passed",
@@ -124,7 +122,7 @@ class _Rejected(Exception):
     """Raised from a parser callback to stop parsing; the reason is on the connection."""
 
 
-class HttpConnection(asyncio.Protocol):
+class HttpConnection(ResponseWriter, asyncio.Protocol):
     """One client connection: parse, dispatch, respond, enforce limits."""
 
     def __init__(self, service: HttpService) -> None:
@@ -184,6 +182,7 @@ class HttpConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.deadline_kind = HEAD
         self.send_deadline = 0.0
+        self.linger_until = 0.0
 
     # ------------------------------------------------------------------ transport events
 
@@ -199,6 +198,9 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closing or self.rejection is not None:
+            if self.deadline_kind is LINGER:  # read and thrown away; quiet for long ends it
+                clock = self.service.clock
+                self.deadline = min(clock + self.limits.lingering_timeout, self.linger_until)
             return  # nothing after Connection: close or a framing error is read
         if self.read_paused:
             self._stash(data)
@@ -208,6 +210,8 @@ class HttpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.peer_closed = True
+        if self.deadline_kind is LINGER:
+            return False  # the client is done: close
         if self.pending or self.stash:
             return True  # half-closed: answer what was pipelined (parsed or not), then close
         self.cancel_active(DISCONNECT)
@@ -469,7 +473,7 @@ class HttpConnection(asyncio.Protocol):
     def _abandon(self, doing: str) -> None:
         """Rule 5's last resort: an error nothing above foresaw. The responses behind
         it could no longer be matched to their requests, so the connection closes."""
-        log.exception("%s: closed after an internal error while %s", _peer(self.client), doing)
+        log.exception("%s: closed after an internal error while %s", peer_name(self.client), doing)
         self.pending.clear()
         self.closing = True
 
@@ -574,7 +578,7 @@ class HttpConnection(asyncio.Protocol):
             self.stats.cancelled[reason] += 1
             log.info(
                 "%s: %s %s cancelled: %s",
-                _peer(self.client),
+                peer_name(self.client),
                 request.method,
                 request.path,
                 _CANCEL_EXPLANATIONS[reason],
@@ -623,174 +627,31 @@ class HttpConnection(asyncio.Protocol):
         log.exception("handler for %s %s raised", request.method, request.path)
         return error_response(500, "the handler raised an exception")
 
-    # ------------------------------------------------------------------ responses
+    # ------------------------------------------------------------------ closing
 
-    def _keep_alive_after(self, request: Request) -> bool:
-        """Count one more response; may the connection stay open after it?"""
-        left = self.requests_left = self.requests_left - 1
-        return request.keep_alive and left > 0 and not self.service.draining
-
-    def _respond(self, request: Request, response: Response) -> None:
-        """Append a complete (bytes-body) response to the output."""
-        keep_alive = self._keep_alive_after(request)
-        status = response.status
-        try:
-            if response.encoded_headers is not None:  # checked when it was made (cache entries)
-                first_line = STATUS_LINES.get(status) or status_line(status)
-                head = first_line + self.service.date_and_server + response.encoded_headers
-            elif response.headers:
-                head = self._head_with_headers(response)
-                keep_alive = keep_alive and not response.wants_close()
-            else:
-                head = self.service.response_prefix(status, response.content_type)
-            if status < 200:
-                raise HeaderError(f"status {status} is not a final status")
-        except HeaderError as exc:
-            response, status = self._unsendable(request, exc), 500
-            head = self.service.response_prefix(status, response.content_type)
-        body = response.body
-        if status in _NO_BODY_STATUSES:
-            body = b""
-            head += _connection_line(request, keep_alive) + b"\r\n"
-        elif keep_alive and request.version == "1.1":
-            head = b"%sContent-Length: %d\r\n\r\n" % (head, len(body))
+    def _close_when_sent(self, transport: Any) -> None:
+        """Close after the output, or linger first when the client may still be sending."""
+        if self.deadline_kind is LINGER:
+            return  # already lingering: the tick or the client's FIN ends it
+        if self._client_may_be_sending() and transport.can_write_eof():
+            self._linger(transport)
         else:
-            connection = _connection_line(request, keep_alive)
-            head = b"%sContent-Length: %d\r\n%s\r\n" % (head, len(body), connection)
-        if not body or request.method == "HEAD":
-            self.output.append(head)
-        elif len(body) <= 4096:
-            self.output.append(head + body)
-        else:
-            self.output += (head, body)
-            self._flush()  # now: if it fills the write buffer, the queue behind it waits
-        self.stats.responses[status] += 1
-        if self.service.access_log is not None:
-            self.service.access_log.write(request, status, len(body))
-        if not keep_alive:
-            self.closing = True
-
-    def _head_with_headers(self, response: Response) -> bytes:
-        """Status line, Date, Server and the handler's own header lines; `HeaderError`
-        if the handler set one that cannot be sent."""
-        own = response.encode_headers()
-        status = response.status
-        return b"".join(
-            (STATUS_LINES.get(status) or status_line(status), self.service.date_and_server, own)
-        )
-
-    def _unsendable(self, request: Request, problem: HeaderError) -> Response:
-        """The 500 sent instead of a response the handler made unsendable."""
-        log.error("response to %s %s dropped: %s", request.method, request.path, problem)
-        return error_response(500, "the handler made a response that cannot be sent")
-
-    async def _stream(self, request: Request, response: Response) -> None:
-        """Send a streaming response: chunked, or close-delimited for HTTP/1.0 clients.
-
-        A body cut short (error, cancellation) can only be told to the client by
-        closing the connection, so that is what happens."""
-        try:
-            keep_alive = self._keep_alive_after(request) and not response.wants_close()
-            declared = response.declared_length()
-            chunked = declared is None and request.version == "1.1"
-            if declared is None and not chunked:
-                keep_alive = False  # the end of the body is the end of the connection
-            framing = (
-                b"Transfer-Encoding: chunked\r\n"
-                if chunked
-                else (b"Content-Length: %d\r\n" % declared if declared is not None else b"")
-            )
-            if response.status < 200:
-                raise HeaderError(f"status {response.status} is not a final status")
-            head = (
-                status_line(response.status)
-                + self.service.date_and_server
-                + response.encode_headers()
-                + framing
-                + _connection_line(request, keep_alive)
-                + b"\r\n"
-            )
-        except HeaderError as exc:
-            self.requests_left += 1  # counted again by _respond
-            self._respond(request, self._unsendable(request, exc))
-            await _close_stream(response.stream)
-            return
-        self.output.append(head)
-        self._flush()
-        sent = 0
-        body_wanted = request.method != "HEAD"
-        try:
-            if body_wanted:
-                async for chunk in response.stream:
-                    if not chunk:
-                        continue
-                    sent += len(chunk)
-                    if declared is not None and sent > declared:
-                        raise RuntimeError(f"stream sent more than its Content-Length {declared}")
-                    if self.transport is None or self.transport.is_closing():
-                        # the client is gone (connection_lost may be a loop turn away): a
-                        # generator that never suspends would otherwise write into the void
-                        return
-                    self.transport.write(
-                        b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
-                    )
-                    if self.write_paused:
-                        await self._drain()
-            if declared is not None and sent != declared and body_wanted:
-                raise RuntimeError(f"stream sent {sent} of its Content-Length {declared}")
-            if chunked and body_wanted and self.transport is not None:
-                self.transport.write(b"0\r\n\r\n")
-        except (asyncio.CancelledError, ConnectionError):
-            self._cut_short()
-            raise
-        except Exception:
-            log.exception("streaming response to %s %s failed", request.method, request.path)
-            self._cut_short()
-        finally:
-            await _close_stream(response.stream)
-        self.stats.responses[response.status] += 1
-        if self.service.access_log is not None:
-            self.service.access_log.write(request, response.status, sent)
-        if not keep_alive:
-            self.closing = True
-
-    def _cut_short(self) -> None:
-        self.closing = True
-        if self.transport is not None:
-            self.transport.close()
-
-    async def _drain(self) -> None:
-        waiter = self.drain_waiter = self.loop.create_future()
-        try:
-            await waiter
-        finally:
-            self.drain_waiter = None
-
-    def _send_rejection(self) -> None:
-        status, reason = self.rejection or (400, "bad request")
-        log.info("%s: answered %d and closed: %s", _peer(self.client), status, reason)
-        self.service.stats.rejected += 1
-        response = error_response(status, reason)
-        self.output.append(
-            STATUS_LINES[status]
-            + self.service.date_and_server
-            + response.encode_headers()
-            + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(response.body)
-            + response.body
-        )
-        self.service.count_response(None, status, len(response.body))
-        self.closing = True
-
-    def _flush(self) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        output = self.output
-        if output:
-            transport.write(output[0] if len(output) == 1 else b"".join(output))
-            output.clear()
-        if self.closing and self.active is None:
             transport.close()
+
+    def _client_may_be_sending(self) -> bool:
+        """A refused request's body may still be on its way (a timed-out one is cut)."""
+        rejection = self.rejection
+        return rejection is not None and rejection[0] != 408 and not self.peer_closed
+
+    def _linger(self, transport: Any) -> None:
+        now = self.service.clock
+        self.deadline_kind = LINGER
+        self.linger_until = now + self.limits.lingering_time
+        self.deadline = min(now + self.limits.lingering_timeout, self.linger_until)
+        if self.transport_paused:
+            self.transport_paused = False
+            transport.resume_reading()
+        transport.write_eof()  # the answer, then a FIN
 
     # ------------------------------------------------------------------ flow control
 
@@ -821,7 +682,7 @@ class HttpConnection(asyncio.Protocol):
         if self.send_deadline and now >= self.send_deadline:
             log.info(
                 "%s: closed: client read nothing for %ss",
-                _peer(self.client),
+                peer_name(self.client),
                 self.limits.send_timeout,
             )
             self.service.stats.timeouts += 1
@@ -831,6 +692,9 @@ class HttpConnection(asyncio.Protocol):
             return
         self.deadline = 0.0
         kind = self.deadline_kind
+        if kind is LINGER:
+            self.transport.close()  # quiet for lingering_timeout, or lingering_time is over
+            return
         if kind is IDLE or (kind is HEAD and not self.url):
             self.closing = True
             self._flush()  # idle or nothing received: close quietly, as nginx does
@@ -850,6 +714,9 @@ class HttpConnection(asyncio.Protocol):
         wire: closing it would answer that request with a reset. It gets
         FIRST_REQUEST_GRACE seconds to arrive (and is answered with
         ``Connection: close``), then is closed quietly."""
+        if self.deadline_kind is LINGER:
+            self.transport.close()
+            return True
         if self.active is not None or self.pending or self.url:
             return False
         if self.requests_left == self.limits.max_keepalive_requests:
@@ -888,12 +755,6 @@ def _head_without_upgrade(request: Request) -> bytes:
     return b"".join(lines)
 
 
-def _connection_line(request: Request, keep_alive: bool) -> bytes:
-    if not keep_alive:
-        return b"Connection: close\r\n"
-    return b"" if request.version == "1.1" else b"Connection: keep-alive\r\n"
-
-
 def _awaiting(awaitable: Any) -> Any:
     """A handler-shaped callable that awaits what a plain handler returned."""
 
@@ -903,19 +764,9 @@ def _awaiting(awaitable: Any) -> Any:
     return handler
 
 
-async def _close_stream(stream: Any) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
 def _head_too_large(limit: int) -> str:
     return f"request head is larger than {limit} bytes"
 
 
 def _body_too_large(limit: int) -> str:
     return f"request body is larger than the {limit}-byte limit"
-
-
-def _peer(client: tuple[str, int] | None) -> str:
-    return f"{client[0]}:{client[1]}" if client else "unix client"

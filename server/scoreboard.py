@@ -12,9 +12,9 @@ and no disk I/O (gunicorn's heartbeat is an ``fchmod`` of a temporary file).
 
 Slot 0 is the *retired* slot: when a worker is reaped, the master adds its
 last counters there, so totals over the server never go backwards when
-workers come and go. Totals are only as fresh as each worker's last publish
-(twice a second); a worker adds its own live counters when it answers
-``/stats``.
+workers come and go. Totals are only as fresh as each worker's last publish,
+which comes with its heartbeat (every second, or every half worker timeout when
+that is shorter); a worker adds its own live counters when it answers ``/stats``.
 
 Nothing here locks. A reader may see a slot half-written by its worker: that
 costs one counter an update's worth of staleness, never a crash, because

@@ -132,6 +132,7 @@ class HttpService:
             limits.body_timeout,
             limits.keepalive_timeout,
             limits.send_timeout,
+            limits.lingering_timeout,
         )
         self.tick_interval = max(0.05, min(1.0, shortest / 4))
 

@@ -119,13 +119,14 @@ class FakeTransport:
         self.delivered = bytearray()  # what the client has read
         self.buffered = bytearray()  # written, not read yet
         self.closed = False
+        self.eof_written = False  # write_eof(): a FIN after what was written
         self.lost = False
         self.writes_after_close = 0
         self.reading_paused = False
         self.writing_paused = False
 
     def write(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self.eof_written:
             self.writes_after_close += 1
             return
         self.buffered += data
@@ -159,6 +160,12 @@ class FakeTransport:
 
     def is_closing(self) -> bool:
         return self.closed
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return ("127.0.0.1", 4242) if name == "peername" else default

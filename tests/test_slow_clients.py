@@ -155,6 +155,65 @@ def test_slow_but_steady_body_is_served_the_timeout_bounds_each_gap(backend):
             assert reply.body == b"steady"
 
 
+# ---------------------------------------------------------------------- lingering close
+#
+# A body refused at its head (413) is still on its way: closing with it unread
+# would make the kernel answer it with a reset, which can destroy the 413 before
+# the client reads it. Like nginx's lingering_close, the server sends its answer
+# and its FIN, then reads and discards until the client is done, for at most
+# lingering_timeout between reads and lingering_time in all.
+
+
+def send_body_while_refused(port: int, size: int) -> tuple[bytes, int]:
+    """POST a body of ``size`` bytes over the limit, sending all of it, then read the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size)
+        sent = 0
+        for _ in range(size // len(BLOCK)):
+            sock.sendall(BLOCK)  # a reset would fail here with EPIPE or ECONNRESET
+            sent += len(BLOCK)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):  # ... or here, before the 413 is read
+            answer += chunk
+        return answer, sent
+
+
+def test_refused_upload_gets_its_413_and_the_rest_of_the_body_is_drained(backend):
+    with running_server(backend, app, max_body_size=1000) as server:
+        answer, sent = send_body_while_refused(server.port, 4 * 1024 * 1024)
+        assert sent == 4 * 1024 * 1024
+        assert answer.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in answer
+        with RawClient(server.port) as client:
+            client.request("GET", "/")
+            assert client.read_reply().status == 200
+
+
+def test_lingering_ends_lingering_timeout_after_the_client_goes_quiet(backend):
+    with running_server(backend, app, max_body_size=1000, lingering_timeout=0.3) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 99999\r\n\r\nabc")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 413 ")
+            started = time.monotonic()
+            assert sock.recv(4096) == b""  # the server's FIN came with its answer
+            assert wait_for(lambda: server_connections(server) == 0, timeout=3)
+            assert time.monotonic() - started >= 0.25
+
+
+def test_lingering_time_bounds_a_client_that_never_stops_sending(backend):
+    limits = dict(max_body_size=1000, lingering_time=0.6, lingering_timeout=0.3)
+    with running_server(backend, app, **limits) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 999999999\r\n\r\n")
+            started = time.monotonic()
+            with pytest.raises(OSError):  # EPIPE or ECONNRESET once the server gives up
+                while time.monotonic() - started < 5:
+                    sock.sendall(b"x" * 1024)
+                    time.sleep(0.05)
+            assert 0.5 <= time.monotonic() - started < 3
+        assert wait_for(lambda: server_connections(server) == 0, timeout=3)
+
+
 # ---------------------------------------------------------------------- readers that don't read
 
 
