@@ -287,33 +287,6 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
     ) -> DatagramTransport:
         return DatagramTransport(self, sock, protocol, address, waiter)
 
-    def _accept_connection(self, server: Server, conn: socket.socket, address: Any) -> None:
-        try:
-            protocol = server._protocol_factory()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            conn.close()
-            self.call_exception_handler(
-                {"message": "Error in protocol_factory of server", "exception": exc}
-            )
-            return
-        extra = None if address is None else {"peername": address}
-        if server._ssl_context is not None:
-            self._make_ssl_transport(
-                conn,
-                protocol,
-                server._ssl_context,
-                None,
-                server_side=True,
-                extra=extra,
-                server=server,
-                ssl_handshake_timeout=server._ssl_handshake_timeout,
-                ssl_shutdown_timeout=server._ssl_shutdown_timeout,
-            )
-        else:
-            StreamTransport(self, conn, protocol, None, extra, server)
-
     def _start_listening(self, server: Server, sock: socket.socket, backlog: int) -> None:
         sock.listen(backlog)
         acceptor = Acceptor(self, server, sock)

@@ -37,14 +37,12 @@ import socket
 from typing import Any
 
 from reactor.loop import logger
+from reactor.transport_base import LOST_WRITE_LOG_THRESHOLD, TransportBase
 
-DEFAULT_HIGH_WATER = 64 * 1024
 # Writes smaller than this, queued behind a send in flight, are joined into one buffer;
 # larger ones go out as one sendmsg without a copy.
 JOIN_LIMIT = 64 * 1024
 IOV_LIMIT = 1024  # IOV_MAX on Linux
-# Writes to a lost connection are dropped silently up to this count, then logged.
-LOST_WRITE_LOG_THRESHOLD = 5
 
 
 def _as_bytes(data: Any) -> bytes:
@@ -59,7 +57,7 @@ def result_error(result: int) -> OSError:
     return OSError(code, os.strerror(code))  # OSError picks the subclass (ConnectionResetError...)
 
 
-class Sending:
+class Sending(TransportBase):
     """write(), flow control and write_eof() on completions (mixed into StreamTransport)."""
 
     __slots__ = ()  # StreamTransport lists the attributes
@@ -236,43 +234,6 @@ class Sending:
     def get_write_buffer_size(self) -> int:
         return self._send_remaining + self._pending_size
 
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return (self._low_water, self._high_water)
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if high is None:
-            high = DEFAULT_HIGH_WATER if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high_water = high
-        self._low_water = low
-        if self.get_write_buffer_size() > high:
-            self._maybe_pause_protocol()
-
-    def _maybe_pause_protocol(self) -> None:
-        if self._protocol_paused or self._protocol is None:
-            return
-        self._protocol_paused = True
-        try:
-            self._protocol.pause_writing()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._report("protocol.pause_writing() failed", exc)
-
-    def _maybe_resume_protocol(self) -> None:
-        if self.get_write_buffer_size() > self._low_water or self._protocol is None:
-            return
-        self._protocol_paused = False
-        try:
-            self._protocol.resume_writing()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._report("protocol.resume_writing() failed", exc)
-
     async def _wait_until_drained(self) -> None:
         """Resolve once everything written so far was sent (for loop.sendfile)."""
         if not self._send_user_data:
@@ -280,10 +241,3 @@ class Sending:
         waiter = self._loop.create_future()
         self._drain_waiters.append(waiter)
         await waiter
-
-    def _wake_drain_waiters(self) -> None:
-        if self._drain_waiters:
-            waiters, self._drain_waiters = self._drain_waiters, []
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)

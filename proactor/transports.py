@@ -58,8 +58,8 @@ from typing import Any
 
 from proactor import abi
 from proactor.buffers import Pinned
-from proactor.sending import DEFAULT_HIGH_WATER, Sending, result_error
-from reactor.loop import logger
+from proactor.sending import Sending, result_error
+from reactor.transport_base import DEFAULT_HIGH_WATER
 
 # Single-shot receive buffer of a transport, when the kernel has no provided buffers.
 OWN_RECEIVE_BUFFER = 16 * 1024
@@ -165,30 +165,10 @@ class StreamTransport(Sending, asyncio.Transport):
 
     # the asyncio.BaseTransport interface ----------------------------------------
 
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        extra = self._extra
-        if name in extra:
-            return extra[name]
-        if name in ("sockname", "peername") and self._sock is not None and not self._released:
-            try:
-                sock = self._sock
-                value = sock.getsockname() if name == "sockname" else sock.getpeername()
-            except OSError:
-                return default
-            extra[name] = value
-            return value
-        return default
-
-    def get_protocol(self) -> Any:
-        return self._protocol
-
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
         self._protocol_connected = True
         self._buffered_protocol = isinstance(protocol, asyncio.BufferedProtocol)
-
-    def is_closing(self) -> bool:
-        return self._closing
 
     def _start(self, waiter: asyncio.Future | None) -> None:
         try:
@@ -408,19 +388,6 @@ class StreamTransport(Sending, asyncio.Transport):
             self._cancel_receive()
         self._conn_lost += 1
         self._loop.call_soon(self._call_connection_lost, exc)
-
-    def _fatal_error(self, exc: BaseException, message: str) -> None:
-        if isinstance(exc, OSError):
-            if self._loop.get_debug():
-                logger.debug("%r: %s", self, message, exc_info=True)
-        else:
-            self._report(message, exc)
-        self._force_close(exc)
-
-    def _report(self, message: str, exc: BaseException) -> None:
-        self._loop.call_exception_handler(
-            {"message": message, "exception": exc, "transport": self, "protocol": self._protocol}
-        )
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         if self._lost_called:

@@ -12,7 +12,7 @@ parts that each explain themselves:
 * `reactor.networking.Networking`: ``create_connection``, ``create_server``,
   Unix sockets, datagram endpoints and TLS, which call back into this class for
   transports (`_make_socket_transport`, `_make_datagram_transport`) and for
-  listening (`_start_listening`, `_stop_listening`, `_accept_connection`).
+  listening (`_start_listening`, `_stop_listening`).
 * `reactor.subprocesses.Subprocesses`: child processes and pipes; their pipes
   and each child's pidfd are just more fds on the same poller.
 
@@ -117,33 +117,6 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
         waiter: asyncio.Future | None = None,
     ) -> DatagramTransport:
         return DatagramTransport(self, sock, protocol, address, waiter)
-
-    def _accept_connection(self, server: Server, conn: socket.socket, address: Any) -> None:
-        try:
-            protocol = server._protocol_factory()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            conn.close()
-            self.call_exception_handler(
-                {"message": "Error in protocol_factory of server", "exception": exc}
-            )
-            return
-        extra = {"peername": address}
-        if server._ssl_context is not None:
-            self._make_ssl_transport(
-                conn,
-                protocol,
-                server._ssl_context,
-                None,
-                server_side=True,
-                extra=extra,
-                server=server,
-                ssl_handshake_timeout=server._ssl_handshake_timeout,
-                ssl_shutdown_timeout=server._ssl_shutdown_timeout,
-            )
-        else:
-            SocketTransport(self, conn, protocol, None, extra, server)
 
     def _start_listening(self, server: Server, sock: socket.socket, backlog: int) -> None:
         sock.listen(backlog)

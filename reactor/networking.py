@@ -4,7 +4,8 @@
 addresses, creates, binds, connects and listens on sockets, and then asks the
 I/O layer for transports through four methods that the concrete loop provides:
 ``_make_socket_transport``, ``_make_datagram_transport``, ``_start_listening``
-(via `Server`) and ``sock_connect``. Nothing here waits for readiness itself,
+(via `Server`) and ``sock_connect``; the loop's listeners hand each accepted
+socket back to ``_accept_connection``. Nothing here waits for readiness itself,
 so a completion-based loop can mix this class in with its own transports.
 
 Name resolution
@@ -230,6 +231,34 @@ class Networking:
             transport.close()
             raise
         return transport, protocol
+
+    def _accept_connection(self, server: Server, conn: socket.socket, address: Any) -> None:
+        """A listener accepted ``conn``: give it a protocol from the server and a transport."""
+        try:
+            protocol = server._protocol_factory()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            conn.close()
+            self.call_exception_handler(
+                {"message": "Error in protocol_factory of server", "exception": exc}
+            )
+            return
+        extra = None if address is None else {"peername": address}
+        if server._ssl_context is not None:
+            self._make_ssl_transport(
+                conn,
+                protocol,
+                server._ssl_context,
+                None,
+                server_side=True,
+                extra=extra,
+                server=server,
+                ssl_handshake_timeout=server._ssl_handshake_timeout,
+                ssl_shutdown_timeout=server._ssl_shutdown_timeout,
+            )
+        else:
+            self._make_socket_transport(conn, protocol, None, extra, server)
 
     def _make_ssl_transport(
         self,

@@ -26,9 +26,9 @@ import warnings
 from typing import Any
 
 from reactor.loop import logger
+from reactor.transport_base import DEFAULT_HIGH_WATER, TransportBase
 
 MAX_READ_SIZE = 64 * 1024
-DEFAULT_HIGH_WATER = 64 * 1024
 
 
 def _pipe_fd(pipe: Any) -> int:
@@ -166,7 +166,7 @@ class ReadPipeTransport(_PipeTransport, asyncio.ReadTransport):
             self._close(None)
 
 
-class WritePipeTransport(_PipeTransport, asyncio.WriteTransport):
+class WritePipeTransport(_PipeTransport, TransportBase, asyncio.WriteTransport):
     """The write end of a pipe."""
 
     def __init__(self, loop: Any, pipe: Any, protocol: Any, waiter: Any = None, extra: Any = None):
@@ -187,19 +187,6 @@ class WritePipeTransport(_PipeTransport, asyncio.WriteTransport):
 
     def get_write_buffer_size(self) -> int:
         return len(self._buffer)
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return (self._low_water, self._high_water)
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if high is None:
-            high = DEFAULT_HIGH_WATER if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high_water, self._low_water = high, low
-        self._maybe_pause_protocol()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -249,16 +236,6 @@ class WritePipeTransport(_PipeTransport, asyncio.WriteTransport):
         self._poller.clear_writer(self._fd)
         if self._closing:
             self._close(None)
-
-    def _maybe_pause_protocol(self) -> None:
-        if not self._protocol_paused and len(self._buffer) > self._high_water:
-            self._protocol_paused = True
-            self._protocol.pause_writing()
-
-    def _maybe_resume_protocol(self) -> None:
-        if self._protocol_paused and len(self._buffer) <= self._low_water:
-            self._protocol_paused = False
-            self._protocol.resume_writing()
 
     def _clear_buffer(self) -> None:
         self._buffer.clear()

@@ -46,15 +46,13 @@ import warnings
 from typing import Any
 
 from reactor.loop import logger
+from reactor.transport_base import DEFAULT_HIGH_WATER, LOST_WRITE_LOG_THRESHOLD, TransportBase
 
 # Bytes asked of the kernel per stream read. Below glibc's mmap threshold, so a
 # read costs no mmap/munmap pair (256 KiB reads cost ~10 µs more each).
 MAX_READ_SIZE = 64 * 1024
 # The largest datagram received whole; read into a buffer kept per endpoint.
 MAX_DATAGRAM_SIZE = 256 * 1024
-DEFAULT_HIGH_WATER = 64 * 1024
-# Writes to a lost connection are dropped silently up to this count, then logged.
-LOST_WRITE_LOG_THRESHOLD = 5
 
 _STREAM_NODELAY_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
@@ -67,7 +65,7 @@ def _as_byte_view(data: Any) -> bytes | memoryview:
     raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
 
 
-class _SocketTransportBase:
+class _SocketTransportBase(TransportBase):
     """What stream and datagram transports share: lifecycle, flow control, extra info."""
 
     def _setup(self, loop: Any, sock: socket.socket, protocol: Any, extra: Any, server: Any):
@@ -103,25 +101,6 @@ class _SocketTransportBase:
         if sock is not None:
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
             sock.close()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        extra = self._extra
-        if name in extra:
-            return extra[name]
-        if name in ("sockname", "peername") and self._sock is not None:
-            try:
-                value = self._sock.getsockname() if name == "sockname" else self._sock.getpeername()
-            except OSError:
-                return default
-            extra[name] = value
-            return value
-        return default
-
-    def get_protocol(self) -> Any:
-        return self._protocol
-
-    def is_closing(self) -> bool:
-        return self._closing
 
     def is_reading(self) -> bool:
         return not self._reading_paused and not self._closing
@@ -160,44 +139,6 @@ class _SocketTransportBase:
 
     # flow control ------------------------------------------------------------
 
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return (self._low_water, self._high_water)
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if high is None:
-            high = DEFAULT_HIGH_WATER if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high_water = high
-        self._low_water = low
-        self._maybe_pause_protocol()
-
-    def _maybe_pause_protocol(self) -> None:
-        if self._protocol_paused or self.get_write_buffer_size() <= self._high_water:
-            return
-        self._protocol_paused = True
-        try:
-            self._protocol.pause_writing()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._report("protocol.pause_writing() failed", exc)
-
-    def _maybe_resume_protocol(self) -> None:
-        if not self._protocol_paused or self.get_write_buffer_size() > self._low_water:
-            return
-        self._protocol_paused = False
-        try:
-            self._protocol.resume_writing()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._report("protocol.resume_writing() failed", exc)
-
-    # closing -----------------------------------------------------------------
-
     def close(self) -> None:
         if self._closing:
             return
@@ -221,19 +162,6 @@ class _SocketTransportBase:
             self._poller.clear_reader(self._fd)
         self._conn_lost += 1
         self._loop.call_soon(self._call_connection_lost, exc)
-
-    def _fatal_error(self, exc: BaseException, message: str) -> None:
-        if isinstance(exc, OSError):
-            if self._loop.get_debug():
-                logger.debug("%r: %s", self, message, exc_info=True)
-        else:
-            self._report(message, exc)
-        self._force_close(exc)
-
-    def _report(self, message: str, exc: BaseException) -> None:
-        self._loop.call_exception_handler(
-            {"message": message, "exception": exc, "transport": self, "protocol": self._protocol}
-        )
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         sock = self._sock
@@ -455,13 +383,6 @@ class SocketTransport(_SocketTransportBase, asyncio.Transport):
         waiter = self._loop.create_future()
         self._drain_waiters.append(waiter)
         await waiter
-
-    def _wake_drain_waiters(self) -> None:
-        if self._drain_waiters:
-            waiters, self._drain_waiters = self._drain_waiters, []
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         self._wake_drain_waiters()
