@@ -45,7 +45,10 @@ has flagged no pending work.
 The three system calls go through ``ctypes`` (``syscall(2)`` in libc): one
 foreign call per iteration, made with the GIL released, so other threads run
 while the loop waits. (The waiting calls of the PyPI ``liburing`` binding hold
-the GIL, which would keep a ``call_soon_threadsafe`` caller from ever running.)
+the GIL, which would keep a ``call_soon_threadsafe`` caller from ever running;
+its calls are cheaper, 1.1 against 2.5 µs for one NOP: ``python -m
+loadtest.ringbench`` measures both, README "Backends" has the figures.)
+``io_uring_enter`` is called without ctypes ``argtypes``, see `_enter`.
 
 The ring is created with ``IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN`` when
 the kernel has them (6.1): completions are then posted only while the loop is
@@ -173,6 +176,37 @@ def _syscall(number: int, a: int, b: int, c: int, d: int, e: int, f: int) -> int
     return result
 
 
+# io_uring_enter runs every loop iteration, so it skips argtypes: converting seven
+# arguments through c_long.from_param costs more than the foreign call itself (1.04
+# against 0.44 µs per call, measured here). Without argtypes a Python int goes as a
+# 32-bit C int, and the upper half of the 64-bit register the kernel reads is NOT
+# defined (an argsz passed so came out wrong, EINVAL). The kernel truncates fd,
+# to_submit, min_complete and flags to u32, so ints are safe there; the syscall number,
+# the argument pointer and its size are 64-bit and go as ctypes objects: a c_long made
+# once, a c_void_p made once per ring or None (NULL), a c_size_t made once.
+# (A second CDLL object, so that this function pointer has no argtypes.)
+_libc_enter = ctypes.CDLL(None, use_errno=True).syscall
+_libc_enter.restype = ctypes.c_long
+_NR_ENTER = ctypes.c_long(abi.NR_IO_URING_ENTER)
+_NO_ARGUMENT_SIZE = ctypes.c_size_t(0)
+_GETEVENTS_ARG_SIZE = ctypes.c_size_t(abi.GETEVENTS_ARG.size)
+
+
+def _enter(
+    fd: int,
+    to_submit: int,
+    min_complete: int,
+    flags: int,
+    argument: ctypes.c_void_p | None = None,
+    size: ctypes.c_size_t = _NO_ARGUMENT_SIZE,
+) -> int:
+    """io_uring_enter with the GIL released; the result, or minus the errno on failure."""
+    result = _libc_enter(_NR_ENTER, fd, to_submit, min_complete, flags, argument, size)
+    if result == -1:
+        return -_get_errno()
+    return result
+
+
 def _setup_failure(code: int, entries: int) -> RingUnavailable:
     if code == errno.ENOSYS:
         reason = "this kernel has no io_uring (older than 5.1, or built without CONFIG_IO_URING)"
@@ -263,7 +297,7 @@ class Ring(Operations):
     __slots__ = tuple(
         "_fd sq_entries cq_entries setup_flags features _closed _owner _mappings _views "
         "_enabled _enter_flags _in_flight _backlog _buffer_groups _internal_serial _internal "
-        "_deadline _deadline_pin _getevents_arg _getevents_arg_address _getevents_arg_pin "
+        "_deadline _deadline_pin _getevents_arg _getevents_arg_pointer _getevents_arg_pin "
         "_sq_words _cq_bytes _cq_words _sqes _sq_head_index _sq_tail_index _sq_flags_index "
         "_sq_mask _cq_head_index _cq_tail_index _cq_overflow_index _cq_mask _cqes_offset "
         "_sq_tail _sq_space capabilities _ext_arg __weakref__".split()
@@ -293,7 +327,8 @@ class Ring(Operations):
         deadline_address, self._deadline_pin = pin(self._deadline)
         self._getevents_arg = bytearray(abi.GETEVENTS_ARG.size)
         abi.GETEVENTS_ARG.pack_into(self._getevents_arg, 0, 0, 8, 0, deadline_address)
-        self._getevents_arg_address, self._getevents_arg_pin = pin(self._getevents_arg)
+        getevents_arg_address, self._getevents_arg_pin = pin(self._getevents_arg)
+        self._getevents_arg_pointer = ctypes.c_void_p(getevents_arg_address)
         try:
             sq_offsets = fields[abi.SQ_OFFSETS_AT : abi.SQ_OFFSETS_AT + len(abi.SQ_OFFSET_FIELDS)]
             cq_offsets = fields[abi.CQ_OFFSETS_AT : abi.CQ_OFFSETS_AT + len(abi.CQ_OFFSET_FIELDS)]
@@ -477,16 +512,25 @@ class Ring(Operations):
         words[self._sq_tail_index] = tail  # publish the SQEs written since the last submit
         queued = (tail - words[self._sq_head_index]) & _MASK32
         flags = self._enter_flags
-        argument = size = 0
         if wait_for:
             flags |= abi.ENTER_GETEVENTS
             if timeout is not None and self._ext_arg:
                 abi.TIMESPEC.pack_into(self._deadline, 0, *split_seconds(timeout))
                 flags |= abi.ENTER_EXT_ARG
-                argument, size = self._getevents_arg_address, abi.GETEVENTS_ARG.size
-        elif not queued and not words[self._sq_flags_index] & (abi.SQ_TASKRUN | abi.SQ_CQ_OVERFLOW):
+                result = _enter(
+                    self._fd,
+                    queued,
+                    wait_for,
+                    flags,
+                    self._getevents_arg_pointer,
+                    _GETEVENTS_ARG_SIZE,
+                )
+            else:
+                result = _enter(self._fd, queued, wait_for, flags)
+        elif queued or words[self._sq_flags_index] & (abi.SQ_TASKRUN | abi.SQ_CQ_OVERFLOW):
+            result = _enter(self._fd, queued, 0, flags)
+        else:
             return 0
-        result = _syscall(abi.NR_IO_URING_ENTER, self._fd, queued, wait_for, flags, argument, size)
         if result < 0:
             self._enter_failed(-result)
         left = (tail - words[self._sq_head_index]) & _MASK32
@@ -579,7 +623,7 @@ class Ring(Operations):
     def _flush_overflow(self, ready: list[tuple[int, int, int]]) -> None:
         """Completions wait in the kernel's overflow list: enter to move them into the CQ."""
         for _ in range(64):
-            result = _syscall(abi.NR_IO_URING_ENTER, self._fd, 0, 0, abi.ENTER_GETEVENTS, 0, 0)
+            result = _enter(self._fd, 0, 0, abi.ENTER_GETEVENTS)
             if result < 0 and -result not in (errno.EINTR, errno.EAGAIN, errno.EBUSY):
                 self._enter_failed(-result)
             self._reap(ready)

@@ -127,22 +127,21 @@ def test_writes_of_one_iteration_reach_the_kernel_in_one_enter(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     enters: list[int] = []
-    real = ring_module._syscall
+    real = ring_module._enter
 
-    def counting(number: int, *args: int) -> int:
-        if number == abi.NR_IO_URING_ENTER:
-            enters.append(args[1])
-        return real(number, *args)
+    def counting(fd: int, to_submit: int, *args: object) -> int:
+        enters.append(to_submit)
+        return real(fd, to_submit, *args)
 
     async def main() -> list[int]:
         loop = asyncio.get_running_loop()
         pairs = [await connected_pair() for _ in range(20)]
         await asyncio.sleep(0.01)
-        monkeypatch.setattr(ring_module, "_syscall", counting)
+        monkeypatch.setattr(ring_module, "_enter", counting)
         for server_side, _, _ in pairs:
             server_side.transport.write(b"one iteration")
         await asyncio.gather(*(client.received(13) for _, client, _ in pairs))
-        monkeypatch.setattr(ring_module, "_syscall", real)
+        monkeypatch.setattr(ring_module, "_enter", real)
         submitted_first = list(enters)
         for _, client, server in pairs:
             client.transport.close()

@@ -36,14 +36,13 @@ NETWORK_OPCODES = {
 def count_enters(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the ``to_submit`` of every io_uring_enter the ring makes from now on."""
     calls: list[int] = []
-    real = ring_module._syscall
+    real = ring_module._enter
 
-    def counting(number: int, *args: int) -> int:
-        if number == abi.NR_IO_URING_ENTER:
-            calls.append(args[1])
-        return real(number, *args)
+    def counting(fd: int, to_submit: int, *args: object) -> int:
+        calls.append(to_submit)
+        return real(fd, to_submit, *args)
 
-    monkeypatch.setattr(ring_module, "_syscall", counting)
+    monkeypatch.setattr(ring_module, "_enter", counting)
     return calls
 
 
@@ -172,15 +171,15 @@ def test_an_overflowing_completion_queue_loses_nothing() -> None:
 def test_a_refused_enter_keeps_the_submissions_queued_for_the_next_submit(
     ring: Ring, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
-    real = ring_module._syscall
+    real = ring_module._enter
     refusals = [code]
 
-    def busy_once(number: int, *args: int) -> int:
-        if number == abi.NR_IO_URING_ENTER and refusals:
+    def busy_once(*args: object) -> int:
+        if refusals:
             return -refusals.pop()
-        return real(number, *args)
+        return real(*args)
 
-    monkeypatch.setattr(ring_module, "_syscall", busy_once)
+    monkeypatch.setattr(ring_module, "_enter", busy_once)
     ring.prepare_nop(1)
     ring.prepare_nop(2)
     assert ring.submit(1, 1.0) == 0
@@ -189,16 +188,16 @@ def test_a_refused_enter_keeps_the_submissions_queued_for_the_next_submit(
 
 
 def test_an_unexpected_enter_failure_raises(ring: Ring, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = ring_module._syscall
+    real = ring_module._enter
 
-    def failing(number: int, *args: int) -> int:
-        return -errno.EFAULT if number == abi.NR_IO_URING_ENTER else real(number, *args)
+    def failing(*args: object) -> int:
+        return -errno.EFAULT
 
     ring.prepare_nop(1)
-    monkeypatch.setattr(ring_module, "_syscall", failing)
+    monkeypatch.setattr(ring_module, "_enter", failing)
     with pytest.raises(OSError, match="io_uring_enter failed: Bad address"):
         ring.submit()
-    monkeypatch.setattr(ring_module, "_syscall", real)
+    monkeypatch.setattr(ring_module, "_enter", real)
     assert collect(ring, 1) == [(1, 0, 0)], "the failed submission stayed queued"
 
 
