@@ -19,6 +19,7 @@ wrk is not a Python package: ``apt-get install wrk`` (Debian/Ubuntu) or
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shutil
@@ -122,8 +123,10 @@ def run_wrk(args: argparse.Namespace, port: int, duration: float, script: str | 
 
 def parse_wrk(output: str) -> dict[str, float]:
     def latency(percent: str) -> float:
+        """A percentile in ms; NaN when wrk has none (it sometimes prints ``99%  0.00us``,
+        a latency no request can have, with pipelining: its histogram's bug, not a figure)."""
         match = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
-        if match is None:
+        if match is None or float(match.group(1)) == 0:
             return float("nan")
         scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
         return float(match.group(1)) * scale
@@ -165,11 +168,17 @@ def format_table(results: dict[str, Measurement], args: argparse.Namespace) -> s
         user_ratio = f"{user / peer.user_us():.2f}x" if peer and peer.requests else "-"
         rate_ratio = f"{rate / statistics.median(peer.rates):.2f}x" if peer and peer.rates else "-"
         lines.append(
-            f"| {name} | {rate:,.0f} | {statistics.median(result.p50_ms):.2f} "
-            f"| {statistics.median(result.p99_ms):.2f} | {user:.2f} | {system:.2f} "
+            f"| {name} | {rate:,.0f} | {_median_ms(result.p50_ms)} "
+            f"| {_median_ms(result.p99_ms)} | {user:.2f} | {system:.2f} "
             f"| {user + system:.2f} | {user_ratio} | {rate_ratio} | {result.errors} |"
         )
     return "\n".join(lines)
+
+
+def _median_ms(values: list[float]) -> str:
+    """The median of the rounds that have the figure; ``-`` when none has."""
+    known = [value for value in values if not math.isnan(value)]
+    return f"{statistics.median(known):.2f}" if known else "-"
 
 
 def main(args: argparse.Namespace) -> int:

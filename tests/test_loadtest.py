@@ -273,3 +273,32 @@ def test_rate_by_second_scales_the_partial_first_and_last_seconds():
     # a run from 100.5 to 102.25: half of second 100, all of 101, a quarter of 102
     history = rate_by_second({100: 50, 101: 120, 102: 40}, 100.5, 102.25)
     assert history == [(0.0, 100.0), (1.0, 120.0), (2.0, 160.0)]
+
+
+WRK_OUTPUT = """Running 2s test @ http://127.0.0.1:18092/
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   632.34us  506.81us   6.15ms   82.09%
+    Req/Sec   573.08k   117.45k  840.96k    75.00%
+  Latency Distribution
+     50%  616.00us
+     75%    1.00ms
+     90%    1.52ms
+     99%    {p99}
+  1140272 requests in 2.00s, 115.27MB read
+  Socket errors: connect 0, read 3, write 0, timeout 1
+Requests/sec: 568962.23
+Transfer/sec:     57.52MB
+"""
+
+
+def test_bench_reads_wrk_and_takes_its_zero_percentile_for_missing():
+    from loadtest.bench import _median_ms, parse_wrk
+
+    run = parse_wrk(WRK_OUTPUT.format(p99="3.05ms"))
+    assert run["requests"] == 1_140_272 and run["seconds"] == 2.0 and run["errors"] == 4
+    assert (run["p50_ms"], run["p99_ms"]) == (pytest.approx(0.616), 3.05)
+    # wrk prints this now and then with pipelining; no request takes 0 µs
+    missing = parse_wrk(WRK_OUTPUT.format(p99="0.00us"))["p99_ms"]
+    assert _median_ms([missing, 2.0, 4.0]) == "3.00"
+    assert _median_ms([missing]) == "-"
