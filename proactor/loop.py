@@ -104,7 +104,6 @@ from reactor.networking import Networking
 from reactor.readiness import ReadinessOperations, _check_sendfile_params
 from reactor.servers import Server
 from reactor.subprocesses import Subprocesses
-from reactor.transports import DatagramTransport
 
 logger = logging.getLogger("proactor")
 
@@ -277,15 +276,6 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
         server: Server | None = None,
     ) -> StreamTransport:
         return StreamTransport(self, sock, protocol, waiter, extra, server)
-
-    def _make_datagram_transport(
-        self,
-        sock: socket.socket,
-        protocol: asyncio.BaseProtocol,
-        address: Any = None,
-        waiter: asyncio.Future | None = None,
-    ) -> DatagramTransport:
-        return DatagramTransport(self, sock, protocol, address, waiter)
 
     def _start_listening(self, server: Server, sock: socket.socket, backlog: int) -> None:
         sock.listen(backlog)

@@ -170,21 +170,9 @@ class StreamTransport(Sending, asyncio.Transport):
         self._protocol_connected = True
         self._buffered_protocol = isinstance(protocol, asyncio.BufferedProtocol)
 
-    def _start(self, waiter: asyncio.Future | None) -> None:
-        try:
-            self._protocol.connection_made(self)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol.connection_made() call failed.")
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(exc)
-            return
-        self._protocol_connected = True
+    def _start_reading(self) -> None:
         if self._wants_receive():
             self._arm_receive()
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     # reading --------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ parts that each explain themselves:
   ``sock_*`` coroutines.
 * `reactor.networking.Networking`: ``create_connection``, ``create_server``,
   Unix sockets, datagram endpoints and TLS, which call back into this class for
-  transports (`_make_socket_transport`, `_make_datagram_transport`) and for
+  transports (`_make_socket_transport`) and for
   listening (`_start_listening`, `_stop_listening`).
 * `reactor.subprocesses.Subprocesses`: child processes and pipes; their pipes
   and each child's pidfd are just more fds on the same poller.
@@ -35,7 +35,7 @@ from reactor.poller import new_poller
 from reactor.readiness import ReadinessOperations, _check_sendfile_params
 from reactor.servers import Acceptor, Server
 from reactor.subprocesses import Subprocesses
-from reactor.transports import DatagramTransport, SocketTransport
+from reactor.transports import SocketTransport
 
 
 class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
@@ -108,15 +108,6 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
         server: Server | None = None,
     ) -> SocketTransport:
         return SocketTransport(self, sock, protocol, waiter, extra, server)
-
-    def _make_datagram_transport(
-        self,
-        sock: socket.socket,
-        protocol: asyncio.BaseProtocol,
-        address: Any = None,
-        waiter: asyncio.Future | None = None,
-    ) -> DatagramTransport:
-        return DatagramTransport(self, sock, protocol, address, waiter)
 
     def _start_listening(self, server: Server, sock: socket.socket, backlog: int) -> None:
         sock.listen(backlog)

@@ -2,9 +2,10 @@
 
 `Networking` holds the ``create_*`` half of the asyncio API. It resolves
 addresses, creates, binds, connects and listens on sockets, and then asks the
-I/O layer for transports through four methods that the concrete loop provides:
-``_make_socket_transport``, ``_make_datagram_transport``, ``_start_listening``
-(via `Server`) and ``sock_connect``; the loop's listeners hand each accepted
+I/O layer for transports through three methods that the concrete loop provides:
+``_make_socket_transport``, ``_start_listening`` (via `Server`) and
+``sock_connect``. Datagram endpoints use the reactor's readiness transport on
+every loop (``_make_datagram_transport``); the loop's listeners hand each accepted
 socket back to ``_accept_connection``. Nothing here waits for readiness itself,
 so a completion-based loop can mix this class in with its own transports.
 
@@ -37,6 +38,7 @@ from typing import Any
 
 from reactor.loop import logger
 from reactor.servers import Server
+from reactor.transports import DatagramTransport
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 _UNSET = object()
@@ -231,6 +233,15 @@ class Networking:
             transport.close()
             raise
         return transport, protocol
+
+    def _make_datagram_transport(
+        self,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        address: Any = None,
+        waiter: asyncio.Future | None = None,
+    ) -> DatagramTransport:
+        return DatagramTransport(self, sock, protocol, address, waiter)
 
     def _accept_connection(self, server: Server, conn: socket.socket, address: Any) -> None:
         """A listener accepted ``conn``: give it a protocol from the server and a transport."""

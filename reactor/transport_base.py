@@ -12,11 +12,12 @@ transport:
 * errors: an `OSError` on the socket ends the connection quietly (the
   protocol learns of it from ``connection_lost``); any other exception, raised
   by the protocol's own callbacks, also goes to the loop's exception handler;
+* ``_start``: ``connection_made``, then reading, then the creator's waiter;
 * ``get_extra_info`` with ``socket`` and a lazily read ``sockname`` and
   ``peername``; the waiters of ``loop.sendfile`` for an empty buffer.
 
-A class that mixes it in provides ``get_write_buffer_size()`` and
-``_force_close(exc)``, and the attributes named below.
+A class that mixes it in provides ``get_write_buffer_size()``,
+``_force_close(exc)`` and ``_start_reading()``, and the attributes named below.
 """
 
 from __future__ import annotations
@@ -46,8 +47,29 @@ class TransportBase:
     _low_water: int
     _protocol_paused: bool
     _drain_waiters: list[asyncio.Future]
+    _protocol_connected: bool
     get_write_buffer_size: Callable[[], int]  # provided by the concrete transport
     _force_close: Callable[[BaseException | None], None]  # likewise
+    _start_reading: Callable[[], None]  # likewise: read unless paused or closed
+
+    def _start(self, waiter: asyncio.Future | None) -> None:
+        """Queued by the constructor: connection_made, then reading, then the creator's waiter.
+
+        The protocol never sees data before ``connection_made``; a protocol that
+        paused reading or closed the transport in it gets no read started."""
+        try:
+            self._protocol.connection_made(self)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.connection_made() call failed.")
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+            return
+        self._protocol_connected = True
+        self._start_reading()
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         extra = self._extra

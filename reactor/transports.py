@@ -121,21 +121,9 @@ class _SocketTransportBase(TransportBase):
     def _wants_reading(self) -> bool:
         return True
 
-    def _start(self, waiter: asyncio.Future | None) -> None:
-        try:
-            self._protocol.connection_made(self)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol.connection_made() call failed.")
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(exc)
-            return
-        self._protocol_connected = True
+    def _start_reading(self) -> None:
         if not self._closing and not self._reading_paused:
             self._poller.set_reader(self._fd, self._read_ready)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     # flow control ------------------------------------------------------------
 
