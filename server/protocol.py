@@ -249,6 +249,7 @@ class HttpConnection(ResponseWriter, asyncio.Protocol):
 
     def _feed(self, data: bytes) -> None:
         in_head = self.url and not self.head_done
+        queued = len(self.pending)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -259,7 +260,9 @@ class HttpConnection(ResponseWriter, asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._record_parser_error(exc)
         else:
-            if in_head and self.url and not self.head_done:
+            # Still in a head, and the same one: no request was completed on the way
+            # (the chunk may finish the head it began in and start another).
+            if in_head and self.url and not self.head_done and len(self.pending) == queued:
                 self._count_head_chunk(len(data))
 
     def _count_head_chunk(self, size: int) -> None:

@@ -54,6 +54,7 @@ from hypothesis import strategies as st
 
 from server.protocol import HttpConnection
 from tests.fuzz_support import (
+    LIMITS,
     STREAM_CHUNK,
     FakeTransport,
     check_conversation,
@@ -319,3 +320,25 @@ def test_handler_cancelled_before_its_first_step_is_cleaned_up_and_answered(back
         assert bytes(transport.delivered).startswith(b"HTTP/1.1 503 ")
         assert transport.closed
         assert harness.loop_errors == [] and harness.errors.records == []
+
+
+def test_a_read_that_ends_one_head_and_starts_another_is_not_one_long_head(backend, tmp_path):
+    """Found when the reactor began reading small first: a read ending inside a head,
+    then one read finishing it, carrying many whole requests (more bytes than
+    max_header_bytes) and ending inside another head. All of that second read was
+    counted as the first head's unparsed bytes: a false 431 for a valid pipeline."""
+    pad = b"p" * 400  # 7 heads of ~440 bytes: each within max_header_bytes, all far above
+    requests = [
+        b"GET /seq?i=%d HTTP/1.1\r\nHost: t\r\nX-Pad: %s\r\n\r\n" % (i, pad) for i in range(7)
+    ]
+    data = b"".join(requests)
+    first_cut = 20  # inside the first request line
+    second_cut = len(data) - 10  # inside the last head
+    assert second_cut - first_cut > 2 * LIMITS.max_header_bytes
+    chunks = [data[:first_cut], data[first_cut:second_cut], data[second_cut:]]
+    with harness_on(backend, tmp_path) as harness:
+        talk = harness.converse(chunks, [True, True, True])
+        finals = check_conversation(harness, talk)
+        assert [reply.status for reply in finals] == [200] * 7
+        assert [reply.body for reply in finals] == [b"%d" % i for i in range(7)]
+        assert talk.rejected == 0
