@@ -54,6 +54,7 @@ import asyncio
 import errno
 import socket
 import warnings
+from asyncio.trsock import TransportSocket
 from typing import Any
 
 from proactor import abi
@@ -107,7 +108,8 @@ class StreamTransport(Sending, asyncio.Transport):
         self._multishot = loop._multishot_recv
         self._sock: socket.socket | None = sock
         self._fd = sock.fileno()
-        self._extra = {"socket": sock} if extra is None else {"socket": sock, **extra}
+        shown = TransportSocket(sock)  # as in asyncio: no close() under the ring's feet
+        self._extra = {"socket": shown} if extra is None else {"socket": shown, **extra}
         self._protocol: Any = protocol
         self._protocol_connected = False
         self._buffered_protocol = isinstance(protocol, asyncio.BufferedProtocol)

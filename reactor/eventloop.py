@@ -87,7 +87,7 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
             raise asyncio.SendfileNotAvailableError(
                 f"the reactor sends files only over its own socket transports, not {transport!r}"
             )
-        sock = transport.get_extra_info("socket")
+        sock = transport._sock  # the socket itself, not the TransportSocket users see
         _check_sendfile_params(sock, file, offset, count)
         await transport._wait_until_drained()
         try:

@@ -82,6 +82,64 @@ def test_large_write_is_delivered_whole(backend: LoopUnderTest):
     assert backend.run(main, timeout=20)
 
 
+def test_messages_of_every_size_arrive_whole_and_in_order(backend: LoopUnderTest):
+    # One message at a time, each read by the server before the next is sent, so
+    # reads come back empty-ish, exactly full, over-full and huge in turn (the
+    # reactor reads small until a read comes back full; these are its edges).
+    sizes = [1, 478, 479, 480, 512, 4096, 70_000, 3, 1, 2, 5, 8, 479, 200_000, 13]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server_side, transport, client, server = await _pair(loop)
+        sent = bytearray()
+        for number, size in enumerate(sizes):
+            message = bytes([number]) * size
+            transport.write(message)
+            sent += message
+            await server_side.received(len(sent))
+        transport.close()
+        server.close()
+        return bytes(server_side.data) == bytes(sent)
+
+    assert backend.run(main, timeout=20)
+
+
+class _ChunkCounter(asyncio.Protocol):
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.chunks = 0
+        self.size = 0
+        self.made = loop.create_future()
+        self.done = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made.set_result(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks += 1
+        self.size += len(data)
+
+    def eof_received(self) -> None:
+        self.done.set_result((self.chunks, self.size))
+
+
+def test_a_bulk_upload_is_not_delivered_in_small_pieces(backend: LoopUnderTest):
+    async def main():
+        loop = asyncio.get_running_loop()
+        server_side, transport, client, server = await _pair(loop, server_protocol=_ChunkCounter)
+        transport.write(b"x" * 100)  # a small read first: the reader starts small
+        transport.write(bytes(4 * 1024 * 1024))
+        transport.write_eof()
+        chunks, size = await server_side.done
+        transport.close()
+        server.close()
+        return chunks, size
+
+    chunks, size = backend.run(main, timeout=20)
+    assert size == 100 + 4 * 1024 * 1024
+    assert chunks <= size // 8192  # reads of 479 bytes would make it 8,700
+
+
 def test_create_connection_to_a_closed_port_raises_connection_refused(backend: LoopUnderTest):
     async def main():
         loop = asyncio.get_running_loop()
@@ -348,6 +406,23 @@ def test_get_extra_info_reports_socket_and_both_addresses(backend: LoopUnderTest
     assert tuple(info["sockname"]) == tuple(peer_of_server)
     assert info["socket family"] == socket.AF_INET
     assert missing == "default"
+
+
+def test_the_socket_in_extra_info_cannot_be_closed_under_the_transport(backend: LoopUnderTest):
+    # asyncio hands out a TransportSocket, uvloop a PseudoSocket; neither closes.
+    async def main():
+        loop = asyncio.get_running_loop()
+        server_side, transport, client, server = await _pair(loop)
+        shown = transport.get_extra_info("socket")
+        with pytest.raises((AttributeError, TypeError)):
+            shown.close()
+        transport.write(b"still open")
+        await server_side.received(10)
+        transport.close()
+        server.close()
+        return bytes(server_side.data)
+
+    assert backend.run(main, timeout=10) == b"still open"
 
 
 def test_write_eof_half_closes_and_the_peer_can_still_answer(backend: LoopUnderTest):
