@@ -152,25 +152,31 @@ def parse_wrk(output: str) -> dict[str, float]:
 
 
 def format_table(results: dict[str, Measurement], args: argparse.Namespace) -> str:
+    """The results as a Markdown table; the columns against the peer only when it ran."""
     peer = results.get(PEER)
+    compared = peer is not None and peer.requests > 0 and bool(peer.rates)
+    against = f" user vs {PEER} | req/s vs {PEER} |" if compared else ""
     lines = [
         f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s x {args.rounds} rounds, "
         f"pipeline {args.pipeline}, {args.workers} worker(s), path {args.path}, "
         f"{os.cpu_count()} cores, Python {sys.version.split()[0]}",
         "",
-        "| server | req/s | p50 ms | p99 ms | user µs/req | sys µs/req | total µs/req "
-        f"| user vs {PEER} | req/s vs {PEER} | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| server | req/s | p50 ms | p99 ms | user µs/req | sys µs/req | total µs/req |{against}"
+        " errors |",
+        "|---|" + "---:|" * (9 if compared else 7),
     ]
     for name, result in results.items():
         rate = statistics.median(result.rates)
         user, system = result.user_us(), result.system_us()
-        user_ratio = f"{user / peer.user_us():.2f}x" if peer and peer.requests else "-"
-        rate_ratio = f"{rate / statistics.median(peer.rates):.2f}x" if peer and peer.rates else "-"
+        ratios = ""
+        if compared:
+            ratios = (
+                f" {user / peer.user_us():.2f}x | {rate / statistics.median(peer.rates):.2f}x |"
+            )
         lines.append(
             f"| {name} | {rate:,.0f} | {_median_ms(result.p50_ms)} "
             f"| {_median_ms(result.p99_ms)} | {user:.2f} | {system:.2f} "
-            f"| {user + system:.2f} | {user_ratio} | {rate_ratio} | {result.errors} |"
+            f"| {user + system:.2f} |{ratios} {result.errors} |"
         )
     return "\n".join(lines)
 

@@ -302,3 +302,80 @@ def test_bench_reads_wrk_and_takes_its_zero_percentile_for_missing():
     missing = parse_wrk(WRK_OUTPUT.format(p99="0.00us"))["p99_ms"]
     assert _median_ms([missing, 2.0, 4.0]) == "3.00"
     assert _median_ms([missing]) == "-"
+
+
+CALLGRIND_DUMP = """# callgrind format
+events: Ir
+fn=(1) _PyEval_EvalFrameDefault
+0 700
+cfn=(2) llhttp__internal__run
+calls=3 0
+0 900
+fn=(2)
+0 300
+fn=(3) take_gil
+0 50
+fn=(4) _PyEval_EvalFrameDefault'2
+0 100
+fn=(5) os_read
+0 20
+cfn=(3)
+calls=1 0
+0 50
+"""
+
+
+def test_instructions_counts_each_function_itself_and_groups_them(tmp_path):
+    from loadtest.instructions import grouped, self_costs, table
+
+    dump = tmp_path / "callgrind.reactor.1"
+    dump.write_text(CALLGRIND_DUMP)
+    costs = self_costs(dump)  # a call's inclusive cost (the line after calls=) is not counted
+    assert costs == {
+        "_PyEval_EvalFrameDefault": 700,
+        "llhttp__internal__run": 300,
+        "take_gil": 50,
+        "_PyEval_EvalFrameDefault'2": 100,
+        "os_read": 20,
+    }
+    groups = grouped(costs)
+    assert (groups["interpreter"], groups["parser"], groups["GIL"]) == (800, 300, 50)
+    assert groups["call wrappers"] == 20 and sum(groups.values()) == 1170
+    text = table({"reactor": {group: cost / 10 for group, cost in groups.items()}})
+    assert "| interpreter | 80 |" in text and "| **total** | **117** |" in text
+    assert "libuv" not in text  # a group that is empty everywhere is left out
+
+
+def test_instructions_drives_a_raw_server_in_lock_step():
+    from loadtest.instructions import drive
+    from loadtest.servers import ServerProcess, free_port, python
+
+    port = free_port()
+    command = [python(), "-m", "loadtest.raw", "--loop", "reactor", "--port", str(port)]
+    with ServerProcess("raw reactor", command, port).start() as server:
+        drive(server.port, 200)  # raises unless every request got its answer
+
+
+def test_bench_table_has_the_peer_columns_only_when_the_peer_ran():
+    import argparse
+
+    from loadtest.bench import PEER, Measurement, format_table
+    from loadtest.servers import CpuTime
+
+    args = argparse.Namespace(threads=1, connections=50, duration=4, rounds=1, pipeline=1)
+    args.workers, args.path = 1, "/"
+
+    def measured(requests: int, user: float) -> Measurement:
+        result = Measurement()
+        run = {"requests": requests, "seconds": 4.0, "rate": requests / 4.0}
+        result.add({**run, "p50_ms": 0.5, "p99_ms": 1.0, "errors": 0}, CpuTime(user, 0.5))
+        return result
+
+    alone = format_table({"forkloop reactor": measured(400_000, 1.6)}, args)
+    assert "vs" not in alone
+    assert "| forkloop reactor | 100,000 | 0.50 | 1.00 | 4.00 | 1.25 | 5.25 | 0 |" in alone
+    both = format_table(
+        {"forkloop reactor": measured(400_000, 1.6), PEER: measured(200_000, 2.0)}, args
+    )
+    assert f"| user vs {PEER} | req/s vs {PEER} |" in both
+    assert "| 4.00 | 1.25 | 5.25 | 0.40x | 2.00x | 0 |" in both
