@@ -110,6 +110,11 @@ logger = logging.getLogger("proactor")
 _MORE = abi.CQE_F_MORE
 _ENGINE_SENTENCES = {"uring": "io_uring", "emulated": "emulated (epoll readiness)"}
 SENDFILE_CHUNK = 256 * 1024
+# The first send of an iteration that brought fewer completions than this is
+# made at once with write(2) (`proactor.sending`): through the ring it would
+# end the next enter by itself, with nothing but its own completion, and a
+# lone request would cost two enters and two iterations.
+SEND_THROUGH_RING_FROM = 2
 CANCEL_RETRY_DELAY = 0.01
 
 
@@ -126,6 +131,7 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
         # Completions read but not yet dispatched: left by an interrupted dispatch or read
         # early by _submit_early. Dispatched, oldest first, before the engine is read again.
         self._undelivered: list[tuple[int, int, int]] | None = None
+        self._send_directly = False  # see SEND_THROUGH_RING_FROM
         self._transports: dict[int, Any] = {}
         self._acceptors: dict[int, Acceptor] = {}
         self._receive_buffers: Any = None
@@ -174,7 +180,9 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
             ring.submit(1, timeout)
         else:
             ring.submit(0)
-        self._dispatch(ring.completions())
+        completions = ring.completions()
+        self._send_directly = len(completions) < SEND_THROUGH_RING_FROM
+        self._dispatch(completions)
 
     def _dispatch(self, completions: list[tuple[int, int, int]]) -> None:
         """Call each completion's handler; drop it with the operation's last completion."""

@@ -5,7 +5,14 @@ socket, the state and the closing rules; this part only moves bytes out.
 
 ``write()`` copies anything that is not ``bytes`` (the caller may reuse its
 buffer) and, when no send is in flight, prepares one at once: it reaches the
-kernel with the iteration's single ``io_uring_enter``. While a send is in
+kernel with the iteration's single ``io_uring_enter``. Except at low load: when
+the iteration brought fewer than `proactor.loop.SEND_THROUGH_RING_FROM`
+completions, its first send is written at once with ``write(2)``, as a
+readiness loop would, and only what the kernel did not take goes through the
+ring. A lone send through the ring would make the next enter return with
+nothing but its own completion: two enters and two loop iterations per
+request, where under load one enter carries every connection's sends (and the
+sends of a burst written in one quiet iteration still share one). While a send is in
 flight, writes queue up; when it completes they go out as one send (joined
 when small) or one ``sendmsg`` of up to `IOV_LIMIT` buffers. A short send
 (the socket buffer filled) is resubmitted from where it stopped. Bytes in
@@ -34,6 +41,7 @@ import asyncio
 import errno
 import os
 import socket
+from os import write as write_fd
 from typing import Any
 
 from reactor.loop import logger
@@ -101,6 +109,19 @@ class Sending(TransportBase):
             if self._send_remaining + self._pending_size > self._high_water:
                 self._over_high_water()
             return
+        loop = self._loop
+        if loop._send_directly and not self._closing:
+            loop._send_directly = False  # one per quiet iteration: a burst still shares an enter
+            try:
+                sent = write_fd(self._fd, data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._fatal_error(exc, "Fatal write error on socket transport")
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]  # the kernel's buffer is full: the rest goes through the ring
         user_data = self._new_user_data()
         self._ring.prepare_send(user_data, self._fd, data)
         self._handlers[user_data] = self._sent_handler

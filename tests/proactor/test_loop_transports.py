@@ -196,8 +196,9 @@ def test_a_short_send_is_resubmitted_from_where_it_stopped(
     assert run_on(engine_name, main, timeout=60) == (True, True)
     results = [result for _, result, _ in sends]
     assert all(result > 0 for result in results)
-    assert sum(results) >= len(payload)
-    assert any(result < len(payload) for result in results), "no send completed short"
+    # what write(2) took at once (the first write of a quiet iteration) has no completion
+    assert 0 < sum(results) <= len(payload)
+    assert len(results) > 1, "no send completed short"
 
 
 @pytest.mark.parametrize("engine_name", ENGINES)
