@@ -34,7 +34,9 @@ What it costs
 With io_uring, a request on a keep-alive connection costs no system call of
 its own: its bytes arrive as a completion of the connection's standing
 multishot recv, and its response's send goes to the kernel in the enter that
-the loop makes anyway. The whole loop makes one ``io_uring_enter`` per
+the loop makes anyway (at low load, when an iteration brought a single
+completion, its first send is a plain ``write`` instead: see
+`SEND_THROUGH_RING_FROM`). The whole loop makes one ``io_uring_enter`` per
 iteration however many connections were served in it (plus one early enter
 per `proactor.engine.RING_ENTRIES` operations queued in one iteration).
 Accepting costs no system call either; wrapping the new fd in a socket object
