@@ -5,17 +5,17 @@ socket, the state and the closing rules; this part only moves bytes out.
 
 ``write()`` copies anything that is not ``bytes`` (the caller may reuse its
 buffer) and, when no send is in flight, prepares one at once: it reaches the
-kernel with the iteration's single ``io_uring_enter``. Except at low load: when
-the iteration brought fewer than `proactor.loop.SEND_THROUGH_RING_FROM`
+kernel with the iteration's single ``io_uring_enter``. Except at low load:
+when the iteration brought fewer than `proactor.loop.SEND_THROUGH_RING_FROM`
 completions, its first send is written at once with ``write(2)``, as a
 readiness loop would, and only what the kernel did not take goes through the
 ring. A lone send through the ring would make the next enter return with
 nothing but its own completion: two enters and two loop iterations per
 request, where under load one enter carries every connection's sends (and the
-sends of a burst written in one quiet iteration still share one). While a send is in
-flight, writes queue up; when it completes they go out as one send (joined
-when small) or one ``sendmsg`` of up to `IOV_LIMIT` buffers. A short send
-(the socket buffer filled) is resubmitted from where it stopped. Bytes in
+sends of a burst written in one quiet iteration still share one). While a send
+is in flight, writes queue up; when it completes they go out as one send
+(joined when small) or one ``sendmsg`` of up to `IOV_LIMIT` buffers. A short
+send (the socket buffer filled) is resubmitted from where it stopped. Bytes in
 flight count in ``get_write_buffer_size()``, so ``pause_writing()`` and
 ``resume_writing()`` fire at the high- and low-water marks as with any
 transport. ``write_eof()`` shuts the socket down for writing once everything
@@ -24,7 +24,9 @@ before it was sent.
 Invariants
 ----------
 * At most one SEND or SENDMSG is in flight per socket (``_send_user_data``),
-  so bytes leave in the order they were written.
+  so bytes leave in the order they were written. A direct ``write(2)`` is
+  made only when nothing is in flight or queued, and never once the
+  transport is closing (its fd may be on its way to the engine's close).
 * ``_sending`` is what the send in flight points at and ``_send_remaining``
   how much of it the kernel has yet to take; both count, with the queued
   writes, in ``get_write_buffer_size()``.

@@ -25,13 +25,14 @@ Facts about epoll that this module is built on
 
 Dispatch
 --------
-``poll(timeout)`` waits, then calls each ready fd's callbacks straight from the
-result list: no `selectors.SelectorKey`, no `asyncio.Handle` per event, one dict
-lookup per callback. Plain readability, nearly every event, is told apart with
-one comparison and dispatched inline; anything else goes through ``_dispatch``. The callback is looked up again for every event, so a
-callback that unregisters or closes another fd earlier in the same batch is
-respected. A spurious call (the fd number was reused inside one batch) is
-harmless because every reader and writer copes with EAGAIN.
+``poll(timeout)`` waits, then calls each ready fd's callbacks straight from
+the result list: no `selectors.SelectorKey`, no `asyncio.Handle` per event,
+one dict lookup per callback. Plain readability, nearly every event, is told
+apart with one comparison and dispatched inline; anything else goes through
+``_dispatch``. The callback is looked up again for every event, so a callback
+that unregisters or closes another fd earlier in the same batch is respected.
+A spurious call (the fd number was reused inside one batch) is harmless
+because every reader and writer copes with EAGAIN.
 
 A callback that raises is reported through the ``report_error`` function the
 loop passes in and the batch goes on; ``SystemExit`` and ``KeyboardInterrupt``
