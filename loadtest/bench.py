@@ -29,8 +29,8 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from loadtest.servers import CpuTime, ServerProcess, forkloop_server, free_port, python
-from server import backends
+from ..server import backends
+from .servers import CpuTime, ServerProcess, forkloop_server, free_port, python
 
 PEER = "uvicorn"
 
@@ -97,7 +97,7 @@ def server_commands(args: argparse.Namespace) -> list[ServerProcess]:
         servers.append(forkloop_server(loop, args.workers))
     if not args.no_peer:
         port = free_port()
-        command = [python(), "-m", "uvicorn", "loadtest.peer:app", "--port", str(port)]
+        command = [python(), "-m", "uvicorn", "forkloop.loadtest.peer:app", "--port", str(port)]
         command += ["--loop", "uvloop", "--http", "httptools", "--no-access-log"]
         command += ["--log-level", "warning"]
         if args.workers > 1:
@@ -106,7 +106,7 @@ def server_commands(args: argparse.Namespace) -> list[ServerProcess]:
     if args.raw:
         for loop in loops:
             port = free_port()
-            command = [python(), "-m", "loadtest.raw", "--loop", loop, "--port", str(port)]
+            command = [python(), "-m", "forkloop.loadtest.raw", "--loop", loop, "--port", str(port)]
             servers.append(ServerProcess(f"raw httptools {loop}", command, port))
     return servers
 

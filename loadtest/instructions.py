@@ -1,8 +1,8 @@
 """Where a loop's time goes: user-space instructions per request, counted by callgrind.
 
     apt-get install valgrind
-    python -m loadtest.instructions                        # asyncio, uvloop, reactor
-    python -m loadtest.instructions --loops reactor --requests 20000
+    python -m forkloop.loadtest.instructions                        # asyncio, uvloop, reactor
+    python -m forkloop.loadtest.instructions --loops reactor --requests 20000
 
 Each loop serves the bare httptools protocol (`loadtest.raw`) under
 ``valgrind --tool=callgrind``. After a warm-up the counters are zeroed, a
@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loadtest.servers import ServerProcess, free_port, python
+from .servers import ServerProcess, free_port, python
 
 CONNECTIONS = 10
 WARM_UP_REQUESTS = 2000
@@ -123,7 +123,7 @@ def count(loop: str, requests: int, workdir: Path) -> collections.Counter[str]:
     dump = workdir / f"callgrind.{loop}"
     command = [
         "valgrind", "--tool=callgrind", f"--callgrind-out-file={dump}", "--dump-instr=no",
-        python(), "-m", "loadtest.raw", "--loop", loop, "--port", str(port),
+        python(), "-m", "forkloop.loadtest.raw", "--loop", loop, "--port", str(port),
     ]  # fmt: skip
     server = ServerProcess(f"{loop} under callgrind", command, port).start(timeout=180.0)
     try:

@@ -5,7 +5,7 @@ request objects, one canned response per request. Whatever it costs per
 request is the loop plus the parser; what forkloop costs above it is the
 server's own work.
 
-    python -m loadtest.raw --loop reactor --port 8001
+    python -m forkloop.loadtest.raw --loop reactor --port 8001
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import asyncio
 
 import httptools
 
-from server import backends
+from ..server import backends
 
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: raw\r\nContent-Type: text/plain; charset=utf-8\r\n"

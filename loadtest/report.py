@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.servers import CLOCK_TICKS
+from .servers import CLOCK_TICKS
 
 MEASURABLE_CPU_TICKS = 5  # /proc counts CPU in clock ticks (10 ms): fewer is ±20 % or worse
 CACHE_LOOKUPS = ("cache_hits", "cache_misses", "cache_stale", "cache_updating", "cache_bypass")

@@ -1,8 +1,8 @@
 """What one io_uring operation costs from Python: forkloop's ring against the PyPI binding.
 
-    python -m loadtest.ringbench            # forkloop's ring (proactor.ring.Ring)
+    python -m forkloop.loadtest.ringbench            # forkloop's ring (proactor.ring.Ring)
     pip install liburing                    # in the same interpreter, to compare
-    python -m loadtest.ringbench --rounds 7
+    python -m forkloop.loadtest.ringbench --rounds 7
 
 Three measures per binding, each the median of ``--rounds`` rounds:
 
@@ -33,8 +33,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from proactor.buffers import Pinned
-from proactor.ring import Ring
+from ..proactor.buffers import Pinned
+from ..proactor.ring import Ring
 
 BATCHES = (1, 32)
 PAIR_PAYLOAD = b"x" * 64
@@ -222,7 +222,9 @@ def measure(binding_class: type, operations: int, rounds: int, sleep_spins: int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.ringbench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m forkloop.loadtest.ringbench", description=__doc__
+    )
     parser.add_argument("--operations", type=int, default=64_000, help="operations per round")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)

@@ -67,9 +67,9 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
-from loadtest.report import ScenarioRun, markdown, read_locust_results, write_plot
-from loadtest.servers import ServerProcess, forkloop_server, python
-from server import backends
+from ..server import backends
+from .report import ScenarioRun, markdown, read_locust_results, write_plot
+from .servers import ServerProcess, forkloop_server, python
 
 SCENARIOS = {
     "hello": "Keep-alive GETs of `/`.",
@@ -443,10 +443,10 @@ def violations(runs: list[ScenarioRun], args: argparse.Namespace) -> list[str]:
 
 
 def invocation() -> str:
-    """This command line as typed: ``forkloop loadtest ...`` or ``python -m loadtest ...``."""
+    """This command line as typed: ``forkloop loadtest ...`` or ``python -m forkloop.loadtest ...``."""
     program = Path(sys.argv[0]).name
     if program == "__main__.py":
-        return shlex.join(["python", "-m", "loadtest", *sys.argv[1:]])
+        return shlex.join(["python", "-m", "forkloop.loadtest", *sys.argv[1:]])
     return shlex.join([program, *sys.argv[1:]])
 
 
@@ -577,9 +577,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def command_line(argv: list[str] | None = None) -> int:
-    """``python -m loadtest``: the same as ``forkloop loadtest``."""
+    """``python -m forkloop.loadtest``: the same as ``forkloop loadtest``."""
     parser = argparse.ArgumentParser(
-        prog="python -m loadtest", description="locust scenarios on each backend, with a report"
+        prog="python -m forkloop.loadtest",
+        description="locust scenarios on each backend, with a report",
     )
     add_arguments(parser)
     return main(parser.parse_args(argv))

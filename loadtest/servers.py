@@ -164,6 +164,6 @@ def python() -> str:
 def forkloop_server(loop: str, workers: int, extra: list[str] | None = None) -> ServerProcess:
     """forkloop serving its demo app with ``loop`` on a free port of 127.0.0.1."""
     port = free_port()
-    command = [python(), "-m", "server", "--bind", f"127.0.0.1:{port}", "--loop", loop]
+    command = [python(), "-m", "forkloop", "--bind", f"127.0.0.1:{port}", "--loop", loop]
     command += ["--workers", str(workers), "--log-level", "warning", *(extra or [])]
     return ServerProcess(f"forkloop {loop}", command, port)

@@ -1,7 +1,7 @@
 """Soak: a bounded mixed load on every backend; memory and descriptors must stay flat.
 
-    python -m loadtest.soak [--loops asyncio,uvloop] [--duration 600] [--workers 2]
-    python -m loadtest.soak --short            # 20 s per backend, for CI
+    python -m forkloop.loadtest.soak [--loops asyncio,uvloop] [--duration 600] [--workers 2]
+    python -m forkloop.loadtest.soak --short            # 20 s per backend, for CI
 
 For each backend, `forkloop serve --workers 2` (the demo app) runs as a
 subprocess under a mixed load from client threads:
@@ -43,8 +43,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loadtest.servers import ServerProcess, descendants, free_port, python
-from server import backends
+from ..server import backends
+from .servers import ServerProcess, descendants, free_port, python
 
 HELLO = b"Hello, World!"
 TIMEOUT = 15.0  # seconds any one request may take before it counts as failed
@@ -257,7 +257,7 @@ class SoakResult:
 
 def soak(loop: str, duration: float, workers: int, interval: float, warm_up: float) -> SoakResult:
     port = free_port()
-    command = [python(), "-m", "server", "--bind", f"127.0.0.1:{port}", "--loop", loop]
+    command = [python(), "-m", "forkloop", "--bind", f"127.0.0.1:{port}", "--loop", loop]
     command += ["--workers", str(workers), "--log-level", "warning"]
     with ServerProcess(f"forkloop-{loop}", command, port) as server:
         root = server.process.pid

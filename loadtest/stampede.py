@@ -1,6 +1,6 @@
 """Stampede benchmark: 1,000 concurrent cold requests for one key, single-flight on and off.
 
-    python -m loadtest.stampede [--requests 1000] [--compute-ms 200] [--loop uvloop]
+    python -m forkloop.loadtest.stampede [--requests 1000] [--compute-ms 200] [--loop uvloop]
 
 One worker serves this module's app. For each mode, the script opens
 ``--requests`` connections, sends one request for the same cold key on each
@@ -25,9 +25,9 @@ import subprocess
 import sys
 import time
 
-from loadtest.servers import ServerProcess, free_port, python
-from server import App, Request, Response
-from server.cache import CachePolicy
+from ..server import App, Request, Response
+from ..server.cache import CachePolicy
+from .servers import ServerProcess, free_port, python
 
 app = App()
 
@@ -110,7 +110,14 @@ def main() -> int:
         resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * args.requests + 256)), hard)
     )
     port = free_port()
-    command = [python(), "-m", "server", "loadtest.stampede:app", "--bind", f"127.0.0.1:{port}"]
+    command = [
+        python(),
+        "-m",
+        "forkloop",
+        "forkloop.loadtest.stampede:app",
+        "--bind",
+        f"127.0.0.1:{port}",
+    ]
     command += [
         "--workers",
         "1",

@@ -1,6 +1,6 @@
 """What the master's operations cost under load: reload, upgrade, kill -9, graceful stop.
 
-    python -m loadtest.supervision [--loop uvloop] [--workers 2] [--seconds 3]
+    python -m forkloop.loadtest.supervision [--loop uvloop] [--workers 2] [--seconds 3]
 
 For each operation a server (`forkloop serve --workers N`, the demo app) runs
 under a steady load of keep-alive and new-connection requests
@@ -24,8 +24,8 @@ import threading
 import time
 import urllib.request
 
-from loadtest.clients import LoadLoop
-from loadtest.servers import descendants, free_port, python, wait_until_answering
+from .clients import LoadLoop
+from .servers import descendants, free_port, python, wait_until_answering
 
 HELLO = b"Hello, World!"
 
@@ -38,7 +38,7 @@ class Server:
     def __init__(self, loop: str, workers: int, folder: str) -> None:
         self.port = free_port()
         self.pid_file = os.path.join(folder, f"forkloop-{self.port}.pid")
-        command = [python(), "-m", "server", "--bind", f"127.0.0.1:{self.port}", "--loop", loop]
+        command = [python(), "-m", "forkloop", "--bind", f"127.0.0.1:{self.port}", "--loop", loop]
         command += [
             "--workers",
             str(workers),

@@ -2,7 +2,7 @@
 
 Use it like uvloop::
 
-    import proactor
+    from forkloop import proactor
     proactor.run(main())                      # or
     asyncio.run(main(), loop_factory=proactor.new_event_loop)   # Python 3.12+
     with asyncio.Runner(loop_factory=proactor.new_event_loop) as runner: ...
@@ -26,8 +26,8 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from proactor.engine import EngineUnavailable
-from proactor.loop import EventLoop
+from .engine import EngineUnavailable
+from .loop import EventLoop
 
 __all__ = [
     "EngineUnavailable",

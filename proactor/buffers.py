@@ -59,7 +59,7 @@ import ctypes
 import mmap
 from collections.abc import Callable
 
-from proactor import abi
+from . import abi
 
 _from_buffer = ctypes.c_char.from_buffer
 _addressof = ctypes.addressof

@@ -73,8 +73,8 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from proactor import abi
-from reactor.poller import new_poller
+from ..reactor.poller import new_poller
+from . import abi
 
 Completion = tuple[int, int, int]
 

@@ -46,9 +46,9 @@ from __future__ import annotations
 import logging
 import os
 
-from proactor import abi
-from proactor.emulated import EmulatedRing
-from proactor.ring import Ring, RingUnavailable
+from . import abi
+from .emulated import EmulatedRing
+from .ring import Ring, RingUnavailable
 
 ENVIRONMENT_VARIABLE = "FORKLOOP_PROACTOR_ENGINE"
 ENGINE_CHOICES = ("auto", "uring", "emulated")

@@ -91,21 +91,21 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from proactor import abi
-from proactor.engine import (
+from ..reactor.loop import LoopCore
+from ..reactor.networking import Networking
+from ..reactor.readiness import ReadinessOperations, _check_sendfile_params
+from ..reactor.servers import Server
+from ..reactor.subprocesses import Subprocesses
+from . import abi
+from .engine import (
     RECEIVE_BUFFER_COUNT,
     RECEIVE_BUFFER_GROUP,
     RECEIVE_BUFFER_SIZE,
     open_engine,
 )
-from proactor.readiness import PollWatches
-from proactor.servers import Acceptor
-from proactor.transports import StreamTransport
-from reactor.loop import LoopCore
-from reactor.networking import Networking
-from reactor.readiness import ReadinessOperations, _check_sendfile_params
-from reactor.servers import Server
-from reactor.subprocesses import Subprocesses
+from .readiness import PollWatches
+from .servers import Acceptor
+from .transports import StreamTransport
 
 logger = logging.getLogger("proactor")
 

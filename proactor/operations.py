@@ -83,9 +83,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
-from proactor import abi
-from proactor.buffers import _BYTES_DATA_OFFSET as _BYTES_AT
-from proactor.buffers import Pinned, pin, pin_span
+from . import abi
+from .buffers import _BYTES_DATA_OFFSET as _BYTES_AT
+from .buffers import Pinned, pin, pin_span
 
 _MASK32 = 0xFFFFFFFF
 _BIG_ENDIAN = sys.byteorder == "big"

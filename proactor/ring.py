@@ -121,9 +121,9 @@ import os
 import time
 import weakref
 
-from proactor import abi
-from proactor.buffers import ProvidedBuffers, pin
-from proactor.operations import Capabilities, Operations, Wakeup, split_seconds
+from . import abi
+from .buffers import ProvidedBuffers, pin
+from .operations import Capabilities, Operations, Wakeup, split_seconds
 
 __all__ = [
     "Capabilities",

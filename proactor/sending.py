@@ -46,8 +46,8 @@ import socket
 from os import write as write_fd
 from typing import Any
 
-from reactor.loop import logger
-from reactor.transport_base import LOST_WRITE_LOG_THRESHOLD, TransportBase
+from ..reactor.loop import logger
+from ..reactor.transport_base import LOST_WRITE_LOG_THRESHOLD, TransportBase
 
 # Writes smaller than this, queued behind a send in flight, are joined into one buffer;
 # larger ones go out as one sendmsg without a copy.

@@ -57,8 +57,8 @@ import os
 import socket
 from typing import Any
 
-from proactor import abi
-from proactor.transports import ignore_completion
+from . import abi
+from .transports import ignore_completion
 
 ACCEPT_RETRY_DELAY = 1.0
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})

@@ -57,10 +57,10 @@ import warnings
 from asyncio.trsock import TransportSocket
 from typing import Any
 
-from proactor import abi
-from proactor.buffers import Pinned
-from proactor.sending import Sending, result_error
-from reactor.transport_base import DEFAULT_HIGH_WATER
+from ..reactor.transport_base import DEFAULT_HIGH_WATER
+from . import abi
+from .buffers import Pinned
+from .sending import Sending, result_error
 
 # Single-shot receive buffer of a transport, when the kernel has no provided buffers.
 OWN_RECEIVE_BUFFER = 16 * 1024

@@ -2,7 +2,7 @@
 
 Use it like uvloop::
 
-    import reactor
+    from forkloop import reactor
     reactor.run(main())                      # or
     asyncio.run(main(), loop_factory=reactor.new_event_loop)   # Python 3.12+
     with asyncio.Runner(loop_factory=reactor.new_event_loop) as runner: ...
@@ -25,7 +25,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from reactor.eventloop import EventLoop
+from .eventloop import EventLoop
 
 __all__ = ["EventLoop", "EventLoopPolicy", "install", "new_event_loop", "run"]
 

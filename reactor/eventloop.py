@@ -29,13 +29,13 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from reactor.loop import LoopCore
-from reactor.networking import Networking
-from reactor.poller import new_poller
-from reactor.readiness import ReadinessOperations, _check_sendfile_params
-from reactor.servers import Acceptor, Server
-from reactor.subprocesses import Subprocesses
-from reactor.transports import SocketTransport
+from .loop import LoopCore
+from .networking import Networking
+from .poller import new_poller
+from .readiness import ReadinessOperations, _check_sendfile_params
+from .servers import Acceptor, Server
+from .subprocesses import Subprocesses
+from .transports import SocketTransport
 
 
 class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):

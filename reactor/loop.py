@@ -78,8 +78,8 @@ from contextvars import Context
 from time import monotonic
 from typing import Any
 
-from reactor.timers import CLOCK_RESOLUTION, TimerQueue
-from reactor.wakeup import SignalHandlers, WakeupChannel
+from .timers import CLOCK_RESOLUTION, TimerQueue
+from .wakeup import SignalHandlers, WakeupChannel
 
 # Loop errors go where asyncio users already look for them.
 logger = logging.getLogger("asyncio")

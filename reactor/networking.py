@@ -36,9 +36,9 @@ from asyncio import sslproto
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from reactor.loop import logger
-from reactor.servers import Server
-from reactor.transports import DatagramTransport
+from .loop import logger
+from .servers import Server
+from .transports import DatagramTransport
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 _UNSET = object()

@@ -25,8 +25,8 @@ import stat
 import warnings
 from typing import Any
 
-from reactor.loop import logger
-from reactor.transport_base import DEFAULT_HIGH_WATER, TransportBase
+from .loop import logger
+from .transport_base import DEFAULT_HIGH_WATER, TransportBase
 
 MAX_READ_SIZE = 64 * 1024
 

@@ -33,8 +33,8 @@ import threading
 import warnings
 from typing import Any
 
-from reactor.loop import logger
-from reactor.pipes import ReadPipeTransport, WritePipeTransport
+from .loop import logger
+from .pipes import ReadPipeTransport, WritePipeTransport
 
 
 class _PipeProtocol(asyncio.Protocol):

@@ -27,7 +27,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from reactor.loop import logger
+from .loop import logger
 
 DEFAULT_HIGH_WATER = 64 * 1024
 # Writes to a lost connection are dropped silently up to this count, then logged.

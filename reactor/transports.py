@@ -58,8 +58,8 @@ from os import read as read_fd
 from os import write as write_fd
 from typing import Any
 
-from reactor.loop import logger
-from reactor.transport_base import DEFAULT_HIGH_WATER, LOST_WRITE_LOG_THRESHOLD, TransportBase
+from .loop import logger
+from .transport_base import DEFAULT_HIGH_WATER, LOST_WRITE_LOG_THRESHOLD, TransportBase
 
 # Bytes asked of the kernel per stream read. A read of n bytes allocates n bytes
 # and shrinks them to what arrived. Up to SMALL_READ_SIZE the bytes object comes

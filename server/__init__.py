@@ -1,6 +1,6 @@
 """forkloop's HTTP/1.1 server: routing, the connection layer, workers."""
 
-from server.app import App, Route
-from server.http import HeaderError, Headers, Request, Response
+from .app import App, Route
+from .http import HeaderError, Headers, Request, Response
 
 __all__ = ["App", "HeaderError", "Headers", "Request", "Response", "Route"]

@@ -27,8 +27,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from server.cache import CachePolicy, ResponseCache
-from server.http import Request, Response, error_response
+from .cache import CachePolicy, ResponseCache
+from .http import Request, Response, error_response
 
 Handler = Callable[[Request], Any] | Callable[[Request], Awaitable[Any]]
 

@@ -23,8 +23,8 @@ LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 _REGISTRY: dict[str, tuple[str, str]] = {
     "asyncio": ("asyncio:SelectorEventLoop", "the standard library's selector loop"),
     "uvloop": ("uvloop:new_event_loop", "libuv-based loop written in Cython"),
-    "reactor": ("reactor:new_event_loop", "forkloop's hand-built epoll loop"),
-    "proactor": ("proactor:new_event_loop", "forkloop's io_uring completion loop"),
+    "reactor": ("forkloop.reactor:new_event_loop", "forkloop's hand-built epoll loop"),
+    "proactor": ("forkloop.proactor:new_event_loop", "forkloop's io_uring completion loop"),
 }
 
 

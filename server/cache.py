@@ -60,8 +60,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
-from server.http import Request, Response, as_response, content_type_line, encode_header
-from server.singleflight import SingleFlight
+from .http import Request, Response, as_response, content_type_line, encode_header
+from .singleflight import SingleFlight
 
 log = logging.getLogger("forkloop.cache")
 

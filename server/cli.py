@@ -4,7 +4,7 @@
     forkloop bench [--raw] [--loops reactor,uvloop] [--duration 5]
     forkloop loadtest [--loops uvloop,reactor] [--scenarios hello,cached] [--duration 10]
 
-``python -m server`` is ``forkloop serve``.
+``python -m forkloop`` is ``forkloop serve``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
-from server import backends
-from server.config import Config, Limits
-from server.logs import configure_logging
+from . import backends
+from .config import Config, Limits
+from .logs import configure_logging
 
 # --flag name for each Limits field, with its help text
 _LIMIT_FLAGS = {
@@ -158,10 +158,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def serve(args: argparse.Namespace, serve_argv: list[str]) -> int:
-    from server.listeners import inherited_sockets
-    from server.master import Master
-    from server.service import tls_context
-    from server.worker import Worker, bind_all
+    from .listeners import inherited_sockets
+    from .master import Master
+    from .service import tls_context
+    from .worker import Worker, bind_all
 
     config = config_from_args(args)
     configure_logging(config.log_level)
@@ -186,7 +186,7 @@ def serve(args: argparse.Namespace, serve_argv: list[str]) -> int:
         except ImportError as exc:
             log.error("%s", exc)
             return 3
-    from server.master import _set_process_title
+    from .master import _set_process_title
 
     _set_process_title("forkloop: master process " + " ".join(["forkloop", "serve", *serve_argv]))
     master = Master(
@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             name, help=f"send {signal.Signals(signum).name} to the master: {description}"
         )
         command.add_argument("--pid-file", required=True, help="the master's pid file")
-    from loadtest import bench, runner
+    from ..loadtest import bench, runner
 
     bench.add_arguments(commands.add_parser("bench", help="CPU-per-request benchmark vs uvicorn"))
     runner.add_arguments(
@@ -289,5 +289,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m server``: the same as ``forkloop serve``."""
+    """``python -m forkloop``: the same as ``forkloop serve``."""
     return main(["serve", *(sys.argv[1:] if argv is None else argv)])

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 
-from server.app import App
-from server.cache import CachePolicy
-from server.http import Request, Response, error_response
+from .app import App
+from .cache import CachePolicy
+from .http import Request, Response, error_response
 
 app = App()
 

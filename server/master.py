@@ -46,9 +46,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.config import Config
-from server.listeners import describe
-from server.scoreboard import BOOTING, FREE, READY, Scoreboard
+from .config import Config
+from .listeners import describe
+from .scoreboard import BOOTING, FREE, READY, Scoreboard
 
 log = logging.getLogger("forkloop.master")
 
@@ -217,7 +217,7 @@ class Master:
         return record
 
     def _become_worker(self, slot: int, generation: int, max_requests: int) -> None:
-        from server.worker import Worker
+        from .worker import Worker
 
         exit_code = 0
         try:
@@ -397,7 +397,7 @@ class Master:
             with contextlib.suppress(FileNotFoundError):
                 os.replace(self.pid_file, self.pid_file + ".oldbin")
         environment = {**os.environ, UPGRADE_FDS_ENV: ",".join(map(str, fds))}
-        argv = [sys.executable, "-m", "server", *self.upgrade_argv]
+        argv = [sys.executable, "-m", "forkloop", *self.upgrade_argv]
         pid = os.fork()
         if pid == 0:
             try:

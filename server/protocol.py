@@ -85,11 +85,11 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from server.http import Request, Response, as_response, error_response
-from server.responses import ResponseWriter, peer_name
+from .http import Request, Response, as_response, error_response
+from .responses import ResponseWriter, peer_name
 
 if TYPE_CHECKING:
-    from server.service import HttpService
+    from .service import HttpService
 
 log = logging.getLogger("forkloop.http")
 

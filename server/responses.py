@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from server.http import (
+from .http import (
     STATUS_LINES,
     HeaderError,
     Request,
@@ -36,7 +36,7 @@ from server.http import (
 )
 
 if TYPE_CHECKING:
-    from server.service import HttpService, Stats
+    from .service import HttpService, Stats
 
 log = logging.getLogger("forkloop.http")
 

@@ -24,11 +24,11 @@ from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
-from server.app import App
-from server.config import Config
-from server.http import SERVER_NAME, STATUS_LINES, Request, content_type_line, status_line
-from server.logs import AccessLog
-from server.protocol import SHUTDOWN, HttpConnection
+from .app import App
+from .config import Config
+from .http import SERVER_NAME, STATUS_LINES, Request, content_type_line, status_line
+from .logs import AccessLog
+from .protocol import SHUTDOWN, HttpConnection
 
 log = logging.getLogger("forkloop")
 

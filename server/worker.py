@@ -22,16 +22,16 @@ import signal
 import socket
 from typing import TYPE_CHECKING
 
-from server import backends
-from server.app import App, import_app
-from server.config import Config
-from server.listeners import bind, describe, parse_bind
-from server.logs import AccessLog
-from server.scoreboard import READY, STOPPING
-from server.service import HttpService
+from . import backends
+from .app import App, import_app
+from .config import Config
+from .listeners import bind, describe, parse_bind
+from .logs import AccessLog
+from .scoreboard import READY, STOPPING
+from .service import HttpService
 
 if TYPE_CHECKING:
-    from server.master import Supervision
+    from .master import Supervision
 
 log = logging.getLogger("forkloop")
 
@@ -41,7 +41,7 @@ FAST_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 def load_app(config: Config) -> App:
     if config.app is None:
-        from server.demo import app
+        from .demo import app
 
         return app
     return import_app(config.app)

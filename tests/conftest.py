@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-
-from server import backends
+from forkloop.server import backends
 
 
 @dataclass(frozen=True)

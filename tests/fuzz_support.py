@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import httptools
-
-from server.app import App
-from server.cache import CachePolicy
-from server.config import Config, Limits
-from server.http import Request, Response, error_response, safe_join
-from server.protocol import HttpConnection
-from server.service import HttpService
+from forkloop.server.app import App
+from forkloop.server.cache import CachePolicy
+from forkloop.server.config import Config, Limits
+from forkloop.server.http import Request, Response, error_response, safe_join
+from forkloop.server.protocol import HttpConnection
+from forkloop.server.service import HttpService
 
 SECRET = b"the-secret-outside-the-root"
 PUBLIC = b"public file contents"

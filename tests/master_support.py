@@ -1,6 +1,6 @@
 """Support for the master/worker tests: a supervised server process and a load loop.
 
-`MasterUnderTest` starts ``python -m server`` with a master and workers and
+`MasterUnderTest` starts ``python -m forkloop`` with a master and workers and
 tells the test which processes are its workers (children of the master, read
 from ``/proc``). The load that runs meanwhile is `loadtest.clients.LoadLoop`.
 """
@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from loadtest.clients import LoadLoop  # noqa: F401 - the tests import it from here
-from loadtest.servers import descendants, free_port, wait_until_answering
+from forkloop.loadtest.clients import LoadLoop  # noqa: F401 - the tests import it from here
+from forkloop.loadtest.servers import descendants, free_port, wait_until_answering
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
@@ -53,7 +53,7 @@ class MasterUnderTest:
         self.command = [
             sys.executable,
             "-m",
-            "server",
+            "forkloop",
             app,
             "--bind",
             f"127.0.0.1:{self.port}",

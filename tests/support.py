@@ -17,10 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httptools
-
-from server.app import App
-from server.config import Config, Limits
-from server.service import HttpService
+from forkloop.server.app import App
+from forkloop.server.config import Config, Limits
+from forkloop.server.service import HttpService
 
 
 @dataclass

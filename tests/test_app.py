@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from server.app import App, import_app
-from server.http import HeaderError, Request, Response, as_response, encode_header
-from server.listeners import parse_bind
+from forkloop.server.app import App, import_app
+from forkloop.server.http import HeaderError, Request, Response, as_response, encode_header
+from forkloop.server.listeners import parse_bind
 
 
 def make_request(method: str, target: bytes, headers=()) -> Request:
@@ -108,7 +107,7 @@ def test_bad_bind_addresses_are_refused_with_a_hint(text):
 
 def test_import_app_errors_name_the_problem():
     with pytest.raises(ImportError, match="has no attribute 'nope'"):
-        import_app("server.demo:nope")
+        import_app("forkloop.server.demo:nope")
     with pytest.raises(ImportError, match="not a forkloop App"):
-        import_app("server.demo:HELLO")
-    assert import_app("server.demo:app").resolve(make_request("GET", b"/")).path == "/"
+        import_app("forkloop.server.demo:HELLO")
+    assert import_app("forkloop.server.demo:app").resolve(make_request("GET", b"/")).path == "/"

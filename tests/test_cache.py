@@ -12,9 +12,10 @@ import inspect
 import socket
 import time
 
-from server.app import App
-from server.cache import CachePolicy, ResponseCache
-from server.http import Request, Response
+from forkloop.server.app import App
+from forkloop.server.cache import CachePolicy, ResponseCache
+from forkloop.server.http import Request, Response
+
 from tests.support import RawClient, running_server
 
 

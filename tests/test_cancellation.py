@@ -8,8 +8,9 @@ import socket
 import threading
 import time
 
-from server.app import App
-from server.http import Request, Response
+from forkloop.server.app import App
+from forkloop.server.http import Request, Response
+
 from tests.support import RawClient, running_server
 
 

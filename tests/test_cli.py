@@ -1,4 +1,4 @@
-"""The command line: `forkloop serve` / `python -m server` as a real process."""
+"""The command line: `forkloop serve` / `python -m forkloop` as a real process."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import urllib.request
 
 import pytest
 
-from loadtest.servers import ServerProcess, free_port, wait_until_answering
-from server import backends
+from forkloop.loadtest.servers import ServerProcess, free_port, wait_until_answering
+from forkloop.server import backends
 
 
 def _parent_of(pid: int) -> int:
@@ -24,12 +24,12 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
         return response.status, response.read()
 
 
-def test_python_dash_m_server_serves_the_default_app_and_stops_on_sigterm(backend):
+def test_python_dash_m_forkloop_serves_the_default_app_and_stops_on_sigterm(backend):
     port = free_port()
     command = [
         sys.executable,
         "-m",
-        "server",
+        "forkloop",
         "--bind",
         f"127.0.0.1:{port}",
         "--loop",
@@ -87,7 +87,7 @@ def test_forkloop_console_script_serves_with_access_log(tmp_path):
 
 def test_unknown_loop_is_a_clear_error():
     result = subprocess.run(
-        [sys.executable, "-m", "server", "--loop", "nonesuch"],
+        [sys.executable, "-m", "forkloop", "--loop", "nonesuch"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -99,7 +99,7 @@ def test_unknown_loop_is_a_clear_error():
 def test_unimportable_app_is_a_clear_error():
     port = free_port()
     result = subprocess.run(
-        [sys.executable, "-m", "server", "no_such_module:app", "--bind", f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "forkloop", "no_such_module:app", "--bind", f"127.0.0.1:{port}"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -116,7 +116,7 @@ def test_bind_address_in_use_is_a_clear_error():
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "server", "--bind", f"127.0.0.1:{port}"],
+            [sys.executable, "-m", "forkloop", "--bind", f"127.0.0.1:{port}"],
             capture_output=True,
             text=True,
             timeout=30,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from forkloop.server.demo import app
 
-from server.demo import app
 from tests.support import RawClient, running_server
 
 

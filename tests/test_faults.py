@@ -17,11 +17,11 @@ import sys
 import time
 
 import pytest
+from forkloop.loadtest.servers import free_port, tree_cpu, wait_until_answering
+from forkloop.server.app import App
+from forkloop.server.http import Request, Response
+from forkloop.server.logs import AccessLog
 
-from loadtest.servers import free_port, tree_cpu, wait_until_answering
-from server.app import App
-from server.http import Request, Response
-from server.logs import AccessLog
 from tests.master_support import LoadLoop, MasterUnderTest, alive, wait_for
 from tests.support import RawClient, running_server
 
@@ -104,7 +104,7 @@ def test_bad_certificate_is_a_clear_start_up_error(tmp_path):
         [
             sys.executable,
             "-m",
-            "server",
+            "forkloop",
             "--bind",
             f"127.0.0.1:{free_port()}",
             "--certfile",
@@ -164,7 +164,7 @@ def test_worker_out_of_descriptors_backs_off_then_accepts_again(backend, tmp_pat
         [
             sys.executable,
             "-m",
-            "server",
+            "forkloop",
             "--no-master",
             "--bind",
             f"127.0.0.1:{port}",
@@ -253,7 +253,7 @@ def test_a_leaked_task_does_not_stop_a_graceful_shutdown(backend, tmp_path):
 
 LEAKY_APP = """
 import asyncio
-from server import App, Response
+from forkloop.server import App, Response
 app = App()
 leaked = []
 

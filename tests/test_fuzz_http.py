@@ -49,10 +49,10 @@ import os
 
 import httptools
 import pytest
+from forkloop.server.protocol import HttpConnection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.protocol import HttpConnection
 from tests.fuzz_support import (
     LIMITS,
     STREAM_CHUNK,

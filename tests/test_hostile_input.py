@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from forkloop.server.app import App
+from forkloop.server.http import Request, Response, error_response, safe_join
 
-from server.app import App
-from server.http import Request, Response, error_response, safe_join
 from tests.support import HttpReply, RawClient, running_server
 
 LIMITS = dict(

@@ -11,9 +11,9 @@ import json
 import time
 
 import pytest
+from forkloop.server.app import App
+from forkloop.server.http import Request, Response
 
-from server.app import App
-from server.http import Request, Response
 from tests.support import RawClient, running_server, send_raw
 
 app = App()

@@ -1,6 +1,6 @@
 """``forkloop loadtest``: short real runs of every scenario, the verdict, locust's modes.
 
-Each run is the real thing, shortened: ``python -m loadtest`` starts the
+Each run is the real thing, shortened: ``python -m forkloop.loadtest`` starts the
 server on 127.0.0.1 and runs locust as a subprocess, one second per scenario
 with a few users, then the test reads ``results.json``. Stampede bursts come
 twice a second here so that a one-second run holds at least one. Locust is
@@ -23,11 +23,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
-from loadtest import runner
-from loadtest.report import percentile, rate_by_second
-from loadtest.runner import server_counters
-from server import backends
+from forkloop.loadtest import runner
+from forkloop.loadtest.report import percentile, rate_by_second
+from forkloop.loadtest.runner import server_counters
+from forkloop.server import backends
 
 # found, never imported: importing locust would patch this process with gevent
 pytestmark = pytest.mark.skipif(
@@ -40,10 +39,10 @@ FAST_BURSTS = ["--locust-args", "--stampede-every 0.5"]
 
 
 def run_loadtest(*arguments: str, timeout: float = 50) -> tuple[int, dict, str]:
-    """``python -m loadtest ARGUMENTS``: its exit status, its results.json, its stderr."""
+    """``python -m forkloop.loadtest ARGUMENTS``: its exit status, its results.json, its stderr."""
     output = arguments[arguments.index("--output") + 1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "loadtest", *arguments],
+        [sys.executable, "-m", "forkloop.loadtest", *arguments],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -215,7 +214,7 @@ def test_the_ramp_shape_raises_users_in_steps(tmp_path):
 
 
 def test_the_runner_never_imports_locust():
-    probe = "import sys, server.cli, loadtest.runner; print('gevent' in sys.modules, 'locust' in sys.modules)"
+    probe = "import sys, forkloop.server.cli, forkloop.loadtest.runner; print('gevent' in sys.modules, 'locust' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.stdout.split() == ["False", "False"], result.stderr
 
@@ -293,7 +292,7 @@ Transfer/sec:     57.52MB
 
 
 def test_bench_reads_wrk_and_takes_its_zero_percentile_for_missing():
-    from loadtest.bench import _median_ms, parse_wrk
+    from forkloop.loadtest.bench import _median_ms, parse_wrk
 
     run = parse_wrk(WRK_OUTPUT.format(p99="3.05ms"))
     assert run["requests"] == 1_140_272 and run["seconds"] == 2.0 and run["errors"] == 4
@@ -326,7 +325,7 @@ calls=1 0
 
 
 def test_instructions_counts_each_function_itself_and_groups_them(tmp_path):
-    from loadtest.instructions import grouped, self_costs, table
+    from forkloop.loadtest.instructions import grouped, self_costs, table
 
     dump = tmp_path / "callgrind.reactor.1"
     dump.write_text(CALLGRIND_DUMP)
@@ -347,11 +346,11 @@ def test_instructions_counts_each_function_itself_and_groups_them(tmp_path):
 
 
 def test_instructions_drives_a_raw_server_in_lock_step():
-    from loadtest.instructions import drive
-    from loadtest.servers import ServerProcess, free_port, python
+    from forkloop.loadtest.instructions import drive
+    from forkloop.loadtest.servers import ServerProcess, free_port, python
 
     port = free_port()
-    command = [python(), "-m", "loadtest.raw", "--loop", "reactor", "--port", str(port)]
+    command = [python(), "-m", "forkloop.loadtest.raw", "--loop", "reactor", "--port", str(port)]
     with ServerProcess("raw reactor", command, port).start() as server:
         drive(server.port, 200)  # raises unless every request got its answer
 
@@ -359,8 +358,8 @@ def test_instructions_drives_a_raw_server_in_lock_step():
 def test_bench_table_has_the_peer_columns_only_when_the_peer_ran():
     import argparse
 
-    from loadtest.bench import PEER, Measurement, format_table
-    from loadtest.servers import CpuTime
+    from forkloop.loadtest.bench import PEER, Measurement, format_table
+    from forkloop.loadtest.servers import CpuTime
 
     args = argparse.Namespace(threads=1, connections=50, duration=4, rounds=1, pipeline=1)
     args.workers, args.path = 1, "/"

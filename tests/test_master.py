@@ -105,7 +105,7 @@ def test_reload_with_a_broken_app_keeps_the_old_workers(backend, tmp_path):
 
 
 GOOD_APP = """
-from server import App, Response
+from forkloop.server import App, Response
 app = App()
 app.get("/")(lambda request: Response("version 1"))
 """
@@ -245,7 +245,7 @@ def signal_worker(pid: int, signum: int) -> None:
 
 
 def children_of(pid: int) -> set[int]:
-    from loadtest.servers import descendants
+    from forkloop.loadtest.servers import descendants
 
     return {child for child in descendants(pid)[1:] if alive(child) and _parent(child) == pid}
 
@@ -288,7 +288,7 @@ def _swallow(fn, *args) -> None:
 
 
 def test_serves_ipv4_ipv6_and_unix_binds_at_once(start_master, tmp_path):
-    from loadtest.servers import free_port
+    from forkloop.loadtest.servers import free_port
 
     v6_port = free_port()
     unix_path = tmp_path / "forkloop.sock"

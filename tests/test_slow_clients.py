@@ -26,10 +26,10 @@ import struct
 import time
 
 import pytest
+from forkloop.loadtest.servers import ServerProcess, free_port, python
+from forkloop.server.app import App
+from forkloop.server.http import Request, Response
 
-from loadtest.servers import ServerProcess, free_port, python
-from server.app import App
-from server.http import Request, Response
 from tests.master_support import wait_for
 from tests.support import RawClient, running_server
 
@@ -389,7 +389,7 @@ def _raise_descriptor_limit(wanted: int) -> None:
 def test_five_thousand_idle_keep_alive_connections_cost_bounded_memory(backend):
     _raise_descriptor_limit(IDLE_CONNECTIONS + 512)
     port = free_port()
-    command = [python(), "-m", "server", "--no-master", "--bind", f"127.0.0.1:{port}"]
+    command = [python(), "-m", "forkloop", "--no-master", "--bind", f"127.0.0.1:{port}"]
     command += ["--loop", backend.backend, "--log-level", "warning"]
     request = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
     idle: list[socket.socket] = []

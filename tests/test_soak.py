@@ -14,9 +14,8 @@ import subprocess
 import sys
 
 import pytest
-
-from loadtest.soak import slope_per_minute
-from server import backends
+from forkloop.loadtest.soak import slope_per_minute
+from forkloop.server import backends
 
 
 def soak_loop() -> str:
@@ -28,7 +27,7 @@ def soak_loop() -> str:
 def test_short_soak_fails_no_request_and_leaves_no_descriptor_behind():
     loop = soak_loop()
     result = subprocess.run(
-        [sys.executable, "-m", "loadtest.soak", "--short", "--loops", loop],
+        [sys.executable, "-m", "forkloop.loadtest.soak", "--short", "--loops", loop],
         capture_output=True,
         text=True,
         timeout=140,

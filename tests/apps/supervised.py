@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 
-from server import App, Request, Response
+from forkloop.server import App, Request, Response
 
 app = App()
 

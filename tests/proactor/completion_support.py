@@ -13,11 +13,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from forkloop.proactor import loop as loop_module
+from forkloop.proactor.transports import StreamTransport
 from ring_support import EXPECT_NO_IO_URING
 
-import proactor
-from proactor import loop as loop_module
-from proactor.transports import StreamTransport
+from forkloop import proactor
 
 ENGINES = ["uring", "emulated"]
 

@@ -13,11 +13,10 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+from forkloop.proactor import abi
+from forkloop.proactor import ring as ring_module
+from forkloop.proactor.ring import Ring
 from ring_support import open_ring
-
-from proactor import abi
-from proactor import ring as ring_module
-from proactor.ring import Ring
 
 SETUP_MODES = {
     "deferred": None,

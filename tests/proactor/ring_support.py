@@ -13,8 +13,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-
-from proactor.ring import Ring, RingUnavailable
+from forkloop.proactor.ring import Ring, RingUnavailable
 
 Completion = tuple[int, int, int]
 EXPECT_NO_IO_URING = os.environ.get("FORKLOOP_EXPECT_NO_IO_URING") == "1"

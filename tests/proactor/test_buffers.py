@@ -8,11 +8,10 @@ import os
 import socket
 
 import pytest
+from forkloop.proactor import abi
+from forkloop.proactor.buffers import Pinned, pin
+from forkloop.proactor.ring import Ring
 from ring_support import collect, open_ring, run_until
-
-from proactor import abi
-from proactor.buffers import Pinned, pin
-from proactor.ring import Ring
 
 MORE = abi.CQE_F_MORE
 HAS_BUFFER = abi.CQE_F_BUFFER

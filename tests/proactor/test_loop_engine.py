@@ -28,12 +28,12 @@ from completion_support import (
     open_fds,
     run_on,
 )
+from forkloop.proactor import abi, engine
+from forkloop.proactor import ring as ring_module
+from forkloop.proactor.emulated import EmulatedRing
+from forkloop.proactor.ring import Ring
 
-import proactor
-from proactor import abi, engine
-from proactor import ring as ring_module
-from proactor.emulated import EmulatedRing
-from proactor.ring import Ring
+from forkloop import proactor
 
 # accepting ------------------------------------------------------------------------------
 

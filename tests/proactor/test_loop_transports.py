@@ -22,12 +22,11 @@ from completion_support import (
     record_results,
     run_on,
 )
-
-from proactor import abi
-from proactor import loop as loop_module
-from proactor.emulated import EmulatedRing
-from proactor.ring import Ring
-from proactor.transports import StreamTransport
+from forkloop.proactor import abi
+from forkloop.proactor import loop as loop_module
+from forkloop.proactor.emulated import EmulatedRing
+from forkloop.proactor.ring import Ring
+from forkloop.proactor.transports import StreamTransport
 
 # receiving ------------------------------------------------------------------------------
 

@@ -9,10 +9,9 @@ import select
 import socket
 
 import pytest
+from forkloop.proactor import abi
+from forkloop.proactor.ring import Ring
 from ring_support import by_user_data, collect, run_until
-
-from proactor import abi
-from proactor.ring import Ring
 
 MORE = abi.CQE_F_MORE
 

@@ -11,11 +11,10 @@ import threading
 import time
 
 import pytest
+from forkloop.proactor import abi
+from forkloop.proactor import ring as ring_module
+from forkloop.proactor.ring import Ring, RingUnavailable, Wakeup
 from ring_support import collect, open_ring
-
-from proactor import abi
-from proactor import ring as ring_module
-from proactor.ring import Ring, RingUnavailable, Wakeup
 
 NETWORK_OPCODES = {
     abi.OP_NOP,

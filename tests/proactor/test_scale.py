@@ -14,9 +14,8 @@ import errno
 import os
 import socket
 
+from forkloop.proactor import abi
 from ring_support import open_ring, run_until
-
-from proactor import abi
 
 CONNECTIONS = 10_000
 AT_ONCE = 250

@@ -6,8 +6,7 @@ import selectors
 import socket
 
 import pytest
-
-from reactor.poller import EpollPoller, SelectorPoller, new_poller
+from forkloop.reactor.poller import EpollPoller, SelectorPoller, new_poller
 
 
 @pytest.fixture(params=["epoll", "selectors"])

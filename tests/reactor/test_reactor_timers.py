@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-import reactor
-from reactor.timers import COMPACT_MINIMUM_SIZE, TimerQueue
+from forkloop.reactor.timers import COMPACT_MINIMUM_SIZE, TimerQueue
+
+from forkloop import reactor
 
 
 def _run(main):

@@ -1,7 +1,0 @@
-"""``python -m server`` runs ``forkloop serve``."""
-
-import sys
-
-from server.cli import serve_main
-
-sys.exit(serve_main())
