@@ -64,7 +64,7 @@ def test_forkloop_console_script_serves_with_access_log(tmp_path):
     command = [
         sys.executable,
         "-c",
-        "import sys; from server.cli import main; sys.exit(main())",
+        "import sys; from forkloop.server.cli import main; sys.exit(main())",
         "serve",
         "--bind",
         f"127.0.0.1:{port}",
