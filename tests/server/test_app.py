@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from forkloop.server.app import App, import_app
 from forkloop.server.http import HeaderError, Request, Response, as_response, encode_header
 from forkloop.server.listeners import parse_bind

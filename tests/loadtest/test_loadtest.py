@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
 from forkloop.loadtest import runner
 from forkloop.loadtest.report import percentile, rate_by_second
 from forkloop.loadtest.runner import server_counters

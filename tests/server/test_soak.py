@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+
 from forkloop.loadtest.soak import slope_per_minute
 from forkloop.server import backends
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httptools
+
 from forkloop.server.app import App
 from forkloop.server.config import Config, Limits
 from forkloop.server.service import HttpService

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.master_support import LoadLoop, MasterUnderTest, _parent, alive, wait_for
+from tests.server.master_support import LoadLoop, MasterUnderTest, _parent, alive, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -17,13 +17,13 @@ import sys
 import time
 
 import pytest
+
 from forkloop.loadtest.servers import free_port, tree_cpu, wait_until_answering
 from forkloop.server.app import App
 from forkloop.server.http import Request, Response
 from forkloop.server.logs import AccessLog
-
-from tests.master_support import LoadLoop, MasterUnderTest, alive, wait_for
-from tests.support import RawClient, running_server
+from tests.server.master_support import LoadLoop, MasterUnderTest, alive, wait_for
+from tests.server.support import RawClient, running_server
 
 app = App()
 

@@ -5,7 +5,7 @@ method, version, framing, Expect, Upgrade, trailers, HEAD), the same requests
 mutated (bytes inserted, dropped, replaced, duplicated; smuggling tokens such as
 a second ``Content-Length`` spliced in) and plain random bytes. A stream is cut
 at random points and fed to one `HttpConnection` through `FakeTransport`
-(``tests/fuzz_support.py``), with the client reading (or not) between chunks,
+(``tests/server/fuzz_support.py``), with the client reading (or not) between chunks,
 so write-buffer pauses, stashing and pipelining limits are all reached. No
 socket is involved: an example costs a few milliseconds.
 
@@ -38,7 +38,7 @@ fuzzer runs on every backend with a CI-sized budget each (500 examples per
 property; the whole file takes about 15 s here). For a long run, raise the
 budget on one backend (200,000 per property take about 20 minutes):
 
-    FORKLOOP_FUZZ_EXAMPLES=200000 .venv/bin/python -m pytest tests/test_fuzz_http.py \\
+    FORKLOOP_FUZZ_EXAMPLES=200000 .venv/bin/python -m pytest tests/server/test_fuzz_http.py \\
         -k asyncio -p no:cacheprovider --timeout 0
 """
 
@@ -49,11 +49,11 @@ import os
 
 import httptools
 import pytest
-from forkloop.server.protocol import HttpConnection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fuzz_support import (
+from forkloop.server.protocol import HttpConnection
+from tests.server.fuzz_support import (
     LIMITS,
     STREAM_CHUNK,
     FakeTransport,

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from forkloop.server.app import App
 from forkloop.server.http import Request, Response, error_response, safe_join
-
-from tests.support import HttpReply, RawClient, running_server
+from tests.server.support import HttpReply, RawClient, running_server
 
 LIMITS = dict(
     max_request_line=256,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httptools
+
 from forkloop.server.app import App
 from forkloop.server.cache import CachePolicy
 from forkloop.server.config import Config, Limits

@@ -26,12 +26,12 @@ import struct
 import time
 
 import pytest
+
 from forkloop.loadtest.servers import ServerProcess, free_port, python
 from forkloop.server.app import App
 from forkloop.server.http import Request, Response
-
-from tests.master_support import wait_for
-from tests.support import RawClient, running_server
+from tests.server.master_support import wait_for
+from tests.server.support import RawClient, running_server
 
 app = App()
 produced = {"bytes": 0}

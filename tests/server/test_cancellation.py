@@ -10,8 +10,7 @@ import time
 
 from forkloop.server.app import App
 from forkloop.server.http import Request, Response
-
-from tests.support import RawClient, running_server
+from tests.server.support import RawClient, running_server
 
 
 class Observed:

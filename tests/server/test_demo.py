@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from forkloop.server.demo import app
 
-from tests.support import RawClient, running_server
+from forkloop.server.demo import app
+from tests.server.support import RawClient, running_server
 
 
 def test_demo_routes_answer(backend, request):

@@ -11,10 +11,10 @@ import json
 import time
 
 import pytest
+
 from forkloop.server.app import App
 from forkloop.server.http import Request, Response
-
-from tests.support import RawClient, running_server, send_raw
+from tests.server.support import RawClient, running_server, send_raw
 
 app = App()
 produced = {"bytes": 0}

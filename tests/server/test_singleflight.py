@@ -17,9 +17,10 @@ from functools import partial
 from typing import Any
 
 import pytest
-from forkloop.server.singleflight import SharedResult, SharedWorkCancelled, SingleFlight
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
+
+from forkloop.server.singleflight import SharedResult, SharedWorkCancelled, SingleFlight
 
 
 class WorkFailed(Exception):

@@ -44,7 +44,7 @@ class MasterUnderTest:
         backend: str,
         tmp_path: Path,
         *options: str,
-        app: str = "tests.apps.supervised:app",
+        app: str = "tests.server.apps.supervised:app",
         env: dict | None = None,
     ):
         self.port = free_port()

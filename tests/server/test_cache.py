@@ -15,8 +15,7 @@ import time
 from forkloop.server.app import App
 from forkloop.server.cache import CachePolicy, ResponseCache
 from forkloop.server.http import Request, Response
-
-from tests.support import RawClient, running_server
+from tests.server.support import RawClient, running_server
 
 
 class Clock:
