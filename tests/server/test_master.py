@@ -214,7 +214,7 @@ def test_reload_command_signals_the_master_in_the_pid_file(start_master):
         [
             sys.executable,
             "-c",
-            "import sys; from server.cli import main; sys.exit(main())",
+            "import sys; from forkloop.server.cli import main; sys.exit(main())",
             "reload",
             "--pid-file",
             str(master.pid_file),
