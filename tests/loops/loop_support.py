@@ -1,4 +1,4 @@
-"""Protocols and helpers shared by the loop conformance suite.
+"""Protocols and helpers shared by the loop suites (conformance, reactor, proactor).
 
 Every protocol here records what the loop did to it and exposes futures for
 the events a test waits on, so tests synchronise on the loop's own callbacks
@@ -17,13 +17,19 @@ from typing import Any
 
 
 class Recorder(asyncio.Protocol):
-    """Records every callback; futures resolve on connection_made, eof and connection_lost."""
+    """Records every callback; futures resolve on connection_made, eof, connection_lost
+    and the first pause_writing and resume_writing; ``received(n)`` waits for n bytes.
+
+    The one recording stream protocol of the loop suites (`tests/loops`,
+    `tests/reactor`, `tests/proactor`).
+    """
 
     def __init__(self, *, keep_open_on_eof: bool = False) -> None:
         loop = asyncio.get_running_loop()
         self.keep_open_on_eof = keep_open_on_eof
         self.transport: Any = None
         self.data = bytearray()
+        self.reads = 0  # data_received calls: how finely the loop cut the stream
         self.events: list[str] = []
         self.made = loop.create_future()
         self.eof = loop.create_future()
@@ -38,6 +44,7 @@ class Recorder(asyncio.Protocol):
         self.made.set_result(transport)
 
     def data_received(self, data: bytes) -> None:
+        self.reads += 1
         if not self.events or self.events[-1] != "data":
             self.events.append("data")
         self.data += data
@@ -177,9 +184,3 @@ def rst_close(sock: socket.socket) -> None:
     """Close ``sock`` so that the peer gets a TCP reset instead of an orderly FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
-
-
-async def until(predicate: Any) -> None:
-    """Yield to the loop until ``predicate()`` holds (bounded by the test's timeout)."""
-    while not predicate():
-        await asyncio.sleep(0)

@@ -8,6 +8,7 @@ import signal
 import sys
 
 from tests.conftest import LoopUnderTest
+from tests.loops.loop_support import Recorder
 
 PYTHON = sys.executable
 
@@ -120,22 +121,11 @@ def test_subprocess_protocol_sees_connection_made_first_and_connection_lost_last
 
 
 def test_connect_read_and_write_pipe_carry_data_and_eof(backend: LoopUnderTest):
-    class Collector(asyncio.Protocol):
-        def __init__(self):
-            self.data = bytearray()
-            self.lost = asyncio.get_running_loop().create_future()
-
-        def data_received(self, data):
-            self.data += data
-
-        def connection_lost(self, exc):
-            self.lost.set_result(exc)
-
     async def main():
         loop = asyncio.get_running_loop()
         read_fd, write_fd = os.pipe()
-        reader_transport, collector = await loop.connect_read_pipe(
-            Collector, os.fdopen(read_fd, "rb", 0)
+        reader_transport, reader = await loop.connect_read_pipe(
+            Recorder, os.fdopen(read_fd, "rb", 0)
         )
         writer_transport, _ = await loop.connect_write_pipe(
             asyncio.BaseProtocol, os.fdopen(write_fd, "wb", 0)
@@ -143,7 +133,7 @@ def test_connect_read_and_write_pipe_carry_data_and_eof(backend: LoopUnderTest):
         writer_transport.write(b"through ")
         writer_transport.write(b"a pipe")
         writer_transport.close()
-        lost = await collector.lost
-        return bytes(collector.data), lost, reader_transport.is_closing()
+        lost = await reader.lost
+        return bytes(reader.data), lost, reader_transport.is_closing()
 
     assert backend.run(main, timeout=10) == (b"through a pipe", None, True)

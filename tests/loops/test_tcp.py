@@ -17,8 +17,8 @@ from tests.loops.loop_support import (
     ipv6_loopback_works,
     port_of,
     rst_close,
-    until,
 )
+from tests.waiting import until
 
 # echo ------------------------------------------------------------------------------
 
@@ -104,36 +104,17 @@ def test_messages_of_every_size_arrive_whole_and_in_order(backend: LoopUnderTest
     assert backend.run(main, timeout=20)
 
 
-class _ChunkCounter(asyncio.Protocol):
-    def __init__(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.chunks = 0
-        self.size = 0
-        self.made = loop.create_future()
-        self.done = loop.create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.made.set_result(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.chunks += 1
-        self.size += len(data)
-
-    def eof_received(self) -> None:
-        self.done.set_result((self.chunks, self.size))
-
-
 def test_a_bulk_upload_is_not_delivered_in_small_pieces(backend: LoopUnderTest):
     async def main():
         loop = asyncio.get_running_loop()
-        server_side, transport, client, server = await _pair(loop, server_protocol=_ChunkCounter)
+        server_side, transport, client, server = await _pair(loop)
         transport.write(b"x" * 100)  # a small read first: the reader starts small
         transport.write(bytes(4 * 1024 * 1024))
         transport.write_eof()
-        chunks, size = await server_side.done
+        await server_side.eof
         transport.close()
         server.close()
-        return chunks, size
+        return server_side.reads, len(server_side.data)
 
     chunks, size = backend.run(main, timeout=20)
     assert size == 100 + 4 * 1024 * 1024
@@ -689,6 +670,14 @@ def test_cancelled_sock_recv_leaves_the_socket_usable(backend: LoopUnderTest):
     assert backend.run(main, timeout=10) == b"later"
 
 
+# Stock loops that lack loop.sock_sendfile(), and why they are excused: uvloop
+# keeps AbstractEventLoop's stub, which raises NotImplementedError (the server
+# never calls sock_sendfile). Each is checked to still lack it, so the test says
+# when one gains it. forkloop's own loops are never listed: a NotImplementedError
+# from them fails the test.
+STOCK_LOOPS_WITHOUT_SOCK_SENDFILE = {"uvloop"}
+
+
 def test_sock_sendfile_sends_a_file_natively_and_by_fallback(backend: LoopUnderTest, tmp_path):
     content = bytes(range(256)) * 4096
     path = tmp_path / "payload.bin"
@@ -702,10 +691,7 @@ def test_sock_sendfile_sends_a_file_natively_and_by_fallback(backend: LoopUnderT
             for sock in (left, right):
                 sock.setblocking(False)
             with source, left, right:
-                try:
-                    first = await loop.sock_sendfile(left, source, 1000, 1000)
-                except NotImplementedError:
-                    pytest.skip("this backend does not implement loop.sock_sendfile()")
+                first = await loop.sock_sendfile(left, source, 1000, 1000)
                 sending = asyncio.ensure_future(loop.sock_sendfile(left, source, 2000, 499_000))
                 received = bytearray()
                 while len(received) < 500_000:
@@ -714,6 +700,10 @@ def test_sock_sendfile_sends_a_file_natively_and_by_fallback(backend: LoopUnderT
                 results.append((sent, bytes(received) == content[1000:501_000], source.tell()))
         return results
 
+    if backend.backend in STOCK_LOOPS_WITHOUT_SOCK_SENDFILE:
+        with pytest.raises(NotImplementedError):
+            backend.run(main, timeout=20)
+        return
     assert backend.run(main, timeout=20) == [(500_000, True, 501_000)] * 2
 
 

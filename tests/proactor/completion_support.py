@@ -1,4 +1,6 @@
-"""Helpers for the proactor loop tests: a loop on a chosen engine, and recording protocols.
+"""Helpers for the proactor loop tests: a loop on a chosen engine, a connected pair.
+
+The protocols are the loop suites' own (`tests/loops/loop_support.py`).
 
 The io_uring variant never skips quietly: `new_loop` fails when io_uring cannot
 be used here, unless ``FORKLOOP_EXPECT_NO_IO_URING=1`` declares the machine
@@ -13,11 +15,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from forkloop.proactor import loop as loop_module
-from forkloop.proactor.transports import StreamTransport
 from ring_support import EXPECT_NO_IO_URING
 
 from forkloop import proactor
+from forkloop.proactor import loop as loop_module
+from forkloop.proactor.transports import StreamTransport
+from tests.loops.loop_support import Recorder
 
 ENGINES = ["uring", "emulated"]
 
@@ -44,56 +47,19 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-class Collector(asyncio.Protocol):
-    """Keeps what arrives; ``received(n)`` waits for n bytes, ``lost`` for connection_lost."""
-
-    def __init__(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.data = bytearray()
-        self.made = loop.create_future()
-        self.lost = loop.create_future()
-        self.paused = loop.create_future()
-        self._waiters: list[tuple[int, asyncio.Future]] = []
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        self.made.set_result(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.data += data
-        for count, waiter in self._waiters:
-            if len(self.data) >= count and not waiter.done():
-                waiter.set_result(None)
-
-    def pause_writing(self) -> None:
-        if not self.paused.done():
-            self.paused.set_result(None)
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(exc)
-
-    async def received(self, count: int) -> bytes:
-        if len(self.data) < count:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append((count, waiter))
-            await waiter
-        return bytes(self.data)
-
-
-async def connected_pair(**server_options: Any) -> tuple[Collector, Collector, Any]:
-    """A (server side, client side) pair of collectors over TCP, and the server."""
+async def connected_pair(**server_options: Any) -> tuple[Recorder, Recorder, Any]:
+    """A (server side, client side) pair of recorders over TCP, and the server."""
     loop = asyncio.get_running_loop()
     accepted: asyncio.Future = loop.create_future()
 
-    def factory() -> Collector:
-        protocol = Collector()
+    def factory() -> Recorder:
+        protocol = Recorder()
         accepted.set_result(protocol)
         return protocol
 
     server = await loop.create_server(factory, "127.0.0.1", 0, **server_options)
     port = server.sockets[0].getsockname()[1]
-    _, client = await loop.create_connection(Collector, "127.0.0.1", port)
+    _, client = await loop.create_connection(Recorder, "127.0.0.1", port)
     server_side = await accepted
     await server_side.made
     return server_side, client, server
@@ -110,14 +76,6 @@ def record_results(monkeypatch: pytest.MonkeyPatch, method: str) -> list[tuple[A
 
     monkeypatch.setattr(StreamTransport, method, recording)
     return calls
-
-
-class Echo(asyncio.Protocol):
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)
 
 
 RECEIVE_MODES = ["multishot", "single-shot provided", "own buffer"]

@@ -19,21 +19,14 @@ import threading
 from typing import Any
 
 import pytest
-from completion_support import (
-    ENGINES,
-    Collector,
-    Echo,
-    connected_pair,
-    new_loop,
-    open_fds,
-    run_on,
-)
+from completion_support import ENGINES, connected_pair, new_loop, open_fds, run_on
+
+from forkloop import proactor
 from forkloop.proactor import abi, engine
 from forkloop.proactor import ring as ring_module
 from forkloop.proactor.emulated import EmulatedRing
 from forkloop.proactor.ring import Ring
-
-from forkloop import proactor
+from tests.loops.loop_support import Echo, Recorder
 
 # accepting ------------------------------------------------------------------------------
 
@@ -46,11 +39,11 @@ def test_multishot_accept_takes_a_burst_of_connections_on_a_private_listener(
 
     async def main() -> tuple[int, bool]:
         loop = asyncio.get_running_loop()
-        accepted: list[Collector] = []
+        accepted: list[Recorder] = []
         done = loop.create_future()
 
-        def factory() -> Collector:
-            protocol = Collector()
+        def factory() -> Recorder:
+            protocol = Recorder()
             accepted.append(protocol)
             if len(accepted) == count:
                 done.set_result(None)
@@ -227,7 +220,7 @@ def test_ten_thousand_connections_leave_no_fd_buffer_or_operation_behind(
     total, wave = 10_000, 100
 
     async def one_exchange(loop: Any, port: int, payload: bytes) -> bytes:
-        transport, client = await loop.create_connection(Collector, "127.0.0.1", port)
+        transport, client = await loop.create_connection(Recorder, "127.0.0.1", port)
         transport.write(payload)
         echoed = await client.received(len(payload))
         transport.close()

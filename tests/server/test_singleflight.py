@@ -3,8 +3,8 @@
 Every test runs on every loop backend, through `run_checked`, which also fails
 the test if the loop's exception handler was called at all (an exception "never
 retrieved", a task destroyed while pending). Tests synchronise on events and on
-the group's counters; `until` yields to the loop a bounded number of times and
-never sleeps on the clock.
+the group's counters; `until` (`tests/waiting.py`) turns the loop a bounded
+number of times and never sleeps on the clock.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 from forkloop.server.singleflight import SharedResult, SharedWorkCancelled, SingleFlight
+from tests.waiting import until
 
 
 class WorkFailed(Exception):
@@ -47,13 +48,9 @@ def run_checked(backend, main: Callable[[], Awaitable[Any]], timeout: float = 10
     return result
 
 
-async def until(predicate: Callable[[], bool], iterations: int = 100) -> None:
-    """Let the loop run until ``predicate()`` holds, for at most ``iterations`` steps."""
-    for _ in range(iterations):
-        if predicate():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"condition not reached within {iterations} loop iterations")
+# Everything waited for here is done by the loop at once, without I/O or timers:
+# a wait that needs more turns than this has found a bug.
+TURNS = 100
 
 
 class Work:
@@ -101,7 +98,7 @@ def test_concurrent_callers_share_one_computation(backend):
         group, work = SingleFlight(), Work(value=object())
         callers = start_callers(group, "k", work, 500)
         await work.started.wait()
-        await until(lambda: group.stats.followers == 499)
+        await until(lambda: group.stats.followers == 499, turns=TURNS)
         assert work.calls == 1 and "k" in group
         work.release.set()
         results = await asyncio.gather(*callers)
@@ -164,10 +161,10 @@ def test_waiters_are_woken_as_soon_as_the_work_finishes(backend):
         group, work = SingleFlight(), Work()
         callers = start_callers(group, "k", work, 3)
         await work.started.wait()
-        await until(lambda: group.stats.followers == 2)
+        await until(lambda: group.stats.followers == 2, turns=TURNS)
         work.release.set()
         # the work's step, its done callback, the waiters' step: no timer involved
-        await until(lambda: all(caller.done() for caller in callers), iterations=5)
+        await until(lambda: all(caller.done() for caller in callers), turns=5)
 
     run_checked(backend, main)
 
@@ -178,7 +175,7 @@ def test_do_with_info_tells_the_leader_from_followers(backend):
         leader = asyncio.create_task(group.do_with_info("k", work))
         await work.started.wait()
         follower = asyncio.create_task(group.do_with_info("k", work))
-        await until(lambda: group.stats.followers == 1)
+        await until(lambda: group.stats.followers == 1, turns=TURNS)
         work.release.set()
         assert await leader == SharedResult("result", coalesced=False)
         assert await follower == SharedResult("result", coalesced=True)
@@ -191,7 +188,7 @@ def test_fn_may_be_a_lambda_returning_any_awaitable(backend):
         group = SingleFlight()
         future = asyncio.get_running_loop().create_future()
         caller = asyncio.create_task(group.do("k", lambda: future))
-        await until(lambda: "k" in group)
+        await until(lambda: "k" in group, turns=TURNS)
         future.set_result(42)
         assert await caller == 42
 
@@ -206,7 +203,7 @@ def test_cancelled_leader_leaves_and_followers_are_still_served(backend):
         group, work = SingleFlight(), Work()
         leader, *followers = start_callers(group, "k", work, 4)
         await work.started.wait()
-        await until(lambda: group.stats.followers == 3)
+        await until(lambda: group.stats.followers == 3, turns=TURNS)
         leader.cancel()
         with pytest.raises(asyncio.CancelledError):
             await leader
@@ -224,7 +221,7 @@ def test_cancelled_follower_leaves_and_others_are_still_served(backend):
         group, work = SingleFlight(), Work()
         leader, follower, other = start_callers(group, "k", work, 3)
         await work.started.wait()
-        await until(lambda: group.stats.followers == 2)
+        await until(lambda: group.stats.followers == 2, turns=TURNS)
         follower.cancel()
         with pytest.raises(asyncio.CancelledError):
             await follower
@@ -243,12 +240,12 @@ def test_last_waiter_cancel_cancels_shared_work(backend):
             await abandon_and_start_afresh(group, work)
         finally:
             work.finally_may_end.set()
-        await until(lambda: work.tasks[0].done())
+        await until(lambda: work.tasks[0].done(), turns=TURNS)
 
     async def abandon_and_start_afresh(group: SingleFlight, work: Work) -> None:
         callers = start_callers(group, "k", work, 3)
         await work.started.wait()
-        await until(lambda: group.stats.followers == 2)
+        await until(lambda: group.stats.followers == 2, turns=TURNS)
         for caller in callers:
             caller.cancel()
         await asyncio.gather(*callers, return_exceptions=True)
@@ -321,7 +318,7 @@ def test_task_group_sibling_failure_cancels_waiters_and_reports_only_that_failur
 
         async def fail_once_both_wait():
             await work.started.wait()
-            await until(lambda: group.stats.followers == 1)
+            await until(lambda: group.stats.followers == 1, turns=TURNS)
             raise WorkFailed("sibling")
 
         with pytest.raises(ExceptionGroup) as caught:
@@ -352,7 +349,7 @@ def test_waiter_cancelled_after_its_result_was_set_raises_cancelled_error(backen
             return "result"
 
         callers.extend(asyncio.create_task(group.do("k", compute)) for _ in range(2))
-        await until(lambda: group.stats.followers == 1)
+        await until(lambda: group.stats.followers == 1, turns=TURNS)
         release.set()
         results = await asyncio.gather(*callers, return_exceptions=True)
         assert isinstance(results[0], asyncio.CancelledError) and results[1] == "result"
@@ -376,7 +373,7 @@ def test_finish_if_abandoned_keeps_work_running_and_published(backend):
         assert "k" in group and group.stats.cancelled_works == 0
         # a new caller joins the abandoned work rather than starting another
         joiner = asyncio.create_task(group.do_with_info("k", work))
-        await until(lambda: group.stats.followers == 1)
+        await until(lambda: group.stats.followers == 1, turns=TURNS)
         work.release.set()
         assert await joiner == SharedResult("result", coalesced=True)
         assert work.calls == 1 and not work.saw_cancellation and "k" not in group
@@ -389,14 +386,14 @@ def test_finish_if_abandoned_asked_by_a_follower_keeps_the_work_running(backend)
         group, work = SingleFlight(), Work()
         [leader] = start_callers(group, "k", work, 1)
         [follower] = start_callers(group, "k", work, 1, finish_if_abandoned=True)
-        await until(lambda: group.stats.followers == 1)
+        await until(lambda: group.stats.followers == 1, turns=TURNS)
         leader.cancel()
         follower.cancel()
         await asyncio.gather(leader, follower, return_exceptions=True)
         assert "k" in group and not work.saw_cancellation
         work.release.set()
         await work.finally_ran.wait()
-        await until(lambda: "k" not in group)
+        await until(lambda: "k" not in group, turns=TURNS)
         assert group.stats.cancelled_works == 0
 
     run_checked(backend, main)
@@ -410,7 +407,7 @@ def test_failure_of_abandoned_work_is_retrieved_and_not_reported(backend):
         caller.cancel()
         await asyncio.gather(caller, return_exceptions=True)
         work.release.set()
-        await until(lambda: "k" not in group)
+        await until(lambda: "k" not in group, turns=TURNS)
 
     run_checked(backend, main)  # fails if "Task exception was never retrieved"
 
@@ -456,7 +453,7 @@ def test_exception_is_shared_by_every_waiter(backend):
         error = WorkFailed("upstream refused")
         group, work = SingleFlight(), Work(error=error)
         callers = start_callers(group, "k", work, 5)
-        await until(lambda: group.stats.followers == 4)
+        await until(lambda: group.stats.followers == 4, turns=TURNS)
         work.release.set()
         results = await asyncio.gather(*callers, return_exceptions=True)
         assert all(result is error for result in results)
@@ -470,9 +467,9 @@ def test_base_exception_subclass_reaches_every_waiter(backend):
         error = WorkAborted("abort")
         group, work = SingleFlight(), Work(error=error)
         callers = start_callers(group, "k", work, 3)
-        await until(lambda: group.stats.followers == 2)
+        await until(lambda: group.stats.followers == 2, turns=TURNS)
         work.release.set()
-        await until(lambda: all(caller.done() for caller in callers))
+        await until(lambda: all(caller.done() for caller in callers), turns=TURNS)
         assert all(caller.exception() is error for caller in callers)
 
     run_checked(backend, main)
@@ -498,7 +495,7 @@ def test_work_cancelled_from_outside_raises_shared_work_cancelled_in_waiters(bac
         group, work = SingleFlight(), Work()
         callers = start_callers(group, "k", work, 2)
         await work.started.wait()
-        await until(lambda: group.stats.followers == 1)
+        await until(lambda: group.stats.followers == 1, turns=TURNS)
         work.tasks[0].cancel()  # as the loop does at shutdown
         results = await asyncio.gather(*callers, return_exceptions=True)
         assert all(isinstance(result, SharedWorkCancelled) for result in results)
