@@ -2,7 +2,8 @@
 
 CI runs `loadtest/soak.py --short` (20 s of load) on one backend: forkloop's
 own reactor, the loop most likely to leak, or the one named by
-``FORKLOOP_SOAK_LOOP``. Twenty seconds cannot measure a slow leak; they do
+``FORKLOOP_SOAK_LOOP``. A backend that cannot be imported fails the test; it is
+never replaced by another. Twenty seconds cannot measure a slow leak; they do
 catch a failed request, a descriptor left behind and a steep climb. The
 10-minute run is in the README.
 """
@@ -20,8 +21,11 @@ from forkloop.server import backends
 
 
 def soak_loop() -> str:
+    """The backend to soak: the reactor, or ``FORKLOOP_SOAK_LOOP``; it must be importable."""
     wanted = os.environ.get("FORKLOOP_SOAK_LOOP", "reactor")
-    return wanted if backends.is_available(wanted) else "asyncio"
+    assert wanted in backends.names(), f"FORKLOOP_SOAK_LOOP={wanted!r} is not a loop backend"
+    assert backends.is_available(wanted), f"the {wanted} backend cannot be imported here"
+    return wanted
 
 
 @pytest.mark.timeout(150)
