@@ -50,7 +50,7 @@ def hello(request: Request) -> Response:
 
 @app.get("/stats")
 def stats(request: Request) -> Response:
-    return Response.json(request.service.snapshot())
+    return Response.json(request.server_stats())
 
 
 async def _one_request(

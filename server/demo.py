@@ -77,7 +77,7 @@ def healthz(request: Request) -> Response:
 
 @app.get("/stats")
 def stats(request: Request) -> Response:
-    return Response.json(request.service.snapshot())
+    return Response.json(request.server_stats())
 
 
 def _int_param(request: Request, name: str, default: int) -> int | None:

@@ -27,8 +27,11 @@ import re
 from collections.abc import AsyncIterable, Awaitable, Iterable, Iterator, Mapping
 from http import HTTPStatus
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, unquote_to_bytes
+
+if TYPE_CHECKING:
+    from .context import ConnectionContext
 
 HeaderItems = Mapping[str, str] | Iterable[tuple[str, str]]
 T = TypeVar("T")
@@ -143,7 +146,7 @@ class Request:
         client: tuple[str, int] | None,
         keep_alive: bool,
         body: bytes = b"",
-        service: Any = None,
+        context: ConnectionContext | None = None,
     ) -> None:
         self.method = method
         self.target = target
@@ -151,7 +154,7 @@ class Request:
         self.raw_headers = raw_headers
         self.client = client
         self.keep_alive = keep_alive
-        self.service = service
+        self._context = context
         self._body = body
 
     @property
@@ -203,6 +206,13 @@ class Request:
     def query_param(self, name: str, default: str | None = None) -> str | None:
         values = self.query.get(name)
         return values[0] if values else default
+
+    def server_stats(self) -> dict[str, Any]:
+        """The serving worker's counters (the ``/stats`` document), server-wide
+        totals included when a master supervises it."""
+        if self._context is None:
+            raise RuntimeError("this request was not received by a server")
+        return self._context.snapshot()
 
     async def body(self) -> bytes:
         """The whole body (already received and bounded by the body-size limit)."""

@@ -1,89 +1,92 @@
 """How a connection answers: complete responses, streams, refusals, and the one write.
 
-`ResponseWriter` is the sending half of `server.protocol.HttpConnection`, kept
-apart so that each half reads on its own; it works on the connection's state
-and is not used alone.
+`ResponseWriter` is the sending half of a connection (`server.protocol`), an
+object of its own with its own state: the output waiting to be written and the
+count of requests the connection may still answer. It decides whether the
+connection may stay open after each response; the connection decides what
+that means for its phase.
 
 * A complete response (``bytes`` body) becomes a head and a body appended to
-  ``output``; `_flush` sends all of ``output`` in one ``transport.write``. A
-  small body is joined to its head; a large one is flushed at once, so a full
-  write buffer holds back the requests queued behind it (protocol rule 3).
-* A streaming response sends its head, then each chunk as it comes, waiting in
-  `_drain` whenever the transport has paused writing; HTTP/1.1 gets chunked
-  framing unless the length was declared, HTTP/1.0 a close-delimited body. A
-  stream cut short can only be told by closing the connection.
+  ``output``; `flush` sends all of ``output`` in one ``transport.write``, so a
+  burst of pipelined requests answered inline costs one send. A small body is
+  joined to its head; a large one is written at once, so a full write buffer
+  holds back the requests queued behind it.
+* A streaming response sends its head, then each chunk as it comes, waiting
+  for the client whenever the transport has paused writing; HTTP/1.1 gets
+  chunked framing unless the length was declared, HTTP/1.0 a close-delimited
+  body. A stream cut short can only be told by closing the connection, which
+  the writer does itself.
 * A response a handler made unsendable (bad status, CR/LF or a non-Latin-1
   character in a header) is never half-written: it becomes a 500.
-* Once ``closing`` is set and no request is active, the connection closes
-  when its output is sent; `HttpConnection._close_when_sent` decides whether
-  it lingers first.
+
+Invariants: every response is counted once (``stats.responses``, the access
+log); ``output`` holds only whole responses (or a 100 Continue), in request
+order; nothing is written once the transport is detached.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterable
+from typing import Any
 
-from .http import (
-    STATUS_LINES,
-    HeaderError,
-    Request,
-    Response,
-    error_response,
-    status_line,
-)
-
-if TYPE_CHECKING:
-    from .service import HttpService, Stats
+from .context import ConnectionContext
+from .flow import FlowControl
+from .http import STATUS_LINES, HeaderError, Request, Response, error_response, status_line
 
 log = logging.getLogger("forkloop.http")
 
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
 class ResponseWriter:
-    """Appends responses to ``output`` and writes them; see the module's docstring."""
+    """Turns responses into bytes on the transport; see the module's docstring."""
 
-    # the connection's state this half works on (set by HttpConnection.__init__)
-    service: HttpService
-    stats: Stats
-    loop: asyncio.AbstractEventLoop
-    transport: Any
-    client: tuple[str, int] | None
-    output: list[bytes]
-    requests_left: int
-    rejection: tuple[int, str] | None
-    closing: bool
-    active: Any
-    write_paused: bool
-    drain_waiter: asyncio.Future[None] | None
-    _close_when_sent: Callable[[Any], None]  # close, or linger first
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        context: ConnectionContext,
+        flow: FlowControl,
+        client: tuple[str, int] | None,
+    ) -> None:
+        self.transport: asyncio.Transport | None = transport
+        self.context = context
+        self.flow = flow
+        self.client = client
+        self.output: list[bytes] = []
+        self.requests_left = context.limits.max_keepalive_requests
 
-    def _keep_alive_after(self, request: Request) -> bool:
+    def detach(self) -> None:
+        """The connection is lost: nothing more is written."""
+        self.transport = None
+
+    def keep_alive_after(self, request: Request) -> bool:
         """Count one more response; may the connection stay open after it?"""
         left = self.requests_left = self.requests_left - 1
-        return request.keep_alive and left > 0 and not self.service.draining
+        return request.keep_alive and left > 0 and not self.context.draining
 
-    def _respond(self, request: Request, response: Response) -> None:
-        """Append a complete (bytes-body) response to the output."""
-        keep_alive = self._keep_alive_after(request)
+    def respond(self, request: Request, response: Response) -> bool:
+        """Append a complete (bytes-body) response to the output; False if the
+        connection must close after it."""
+        keep_alive = self.keep_alive_after(request)
+        context = self.context
         status = response.status
         try:
             if response.encoded_headers is not None:  # checked when it was made (cache entries)
                 first_line = STATUS_LINES.get(status) or status_line(status)
-                head = first_line + self.service.date_and_server + response.encoded_headers
+                head = first_line + context.date_and_server + response.encoded_headers
             elif response.headers:
                 head = self._head_with_headers(response)
                 keep_alive = keep_alive and not response.wants_close()
             else:
-                head = self.service.response_prefix(status, response.content_type)
+                head = context.response_prefix(status, response.content_type)
             if status < 200:
                 raise HeaderError(f"status {status} is not a final status")
         except HeaderError as exc:
             response, status = self._unsendable(request, exc), 500
-            head = self.service.response_prefix(status, response.content_type)
+            head = context.response_prefix(status, response.content_type)
         body = response.body
         if status in _NO_BODY_STATUSES:
             body = b""
@@ -99,12 +102,11 @@ class ResponseWriter:
             self.output.append(head + body)
         else:
             self.output += (head, body)
-            self._flush()  # now: if it fills the write buffer, the queue behind it waits
-        self.stats.responses[status] += 1
-        if self.service.access_log is not None:
-            self.service.access_log.write(request, status, len(body))
-        if not keep_alive:
-            self.closing = True
+            self.flush()  # now: if it fills the write buffer, the queue behind it waits
+        context.stats.responses[status] += 1
+        if context.access_log is not None:
+            context.access_log.write(request, status, len(body))
+        return keep_alive
 
     def _head_with_headers(self, response: Response) -> bytes:
         """Status line, Date, Server and the handler's own header lines; `HeaderError`
@@ -112,7 +114,7 @@ class ResponseWriter:
         own = response.encode_headers()
         status = response.status
         return b"".join(
-            (STATUS_LINES.get(status) or status_line(status), self.service.date_and_server, own)
+            (STATUS_LINES.get(status) or status_line(status), self.context.date_and_server, own)
         )
 
     def _unsendable(self, request: Request, problem: HeaderError) -> Response:
@@ -120,13 +122,16 @@ class ResponseWriter:
         log.error("response to %s %s dropped: %s", request.method, request.path, problem)
         return error_response(500, "the handler made a response that cannot be sent")
 
-    async def _stream(self, request: Request, response: Response) -> None:
+    async def stream(self, request: Request, response: Response) -> bool:
         """Send a streaming response: chunked, or close-delimited for HTTP/1.0 clients.
+        False if the connection must close after it.
 
         A body cut short (error, cancellation) can only be told to the client by
         closing the connection, so that is what happens."""
+        stream = response.stream
+        assert stream is not None
         try:
-            keep_alive = self._keep_alive_after(request) and not response.wants_close()
+            keep_alive = self.keep_alive_after(request) and not response.wants_close()
             declared = response.declared_length()
             chunked = declared is None and request.version == "1.1"
             if declared is None and not chunked:
@@ -140,38 +145,37 @@ class ResponseWriter:
                 raise HeaderError(f"status {response.status} is not a final status")
             head = (
                 status_line(response.status)
-                + self.service.date_and_server
+                + self.context.date_and_server
                 + response.encode_headers()
                 + framing
                 + _connection_line(request, keep_alive)
                 + b"\r\n"
             )
         except HeaderError as exc:
-            self.requests_left += 1  # counted again by _respond
-            self._respond(request, self._unsendable(request, exc))
-            await _close_stream(response.stream)
-            return
+            self.requests_left += 1  # counted again by respond
+            keep_alive = self.respond(request, self._unsendable(request, exc))
+            await _close_stream(stream)
+            return keep_alive
         self.output.append(head)
-        self._flush()
+        self.flush()
         sent = 0
         body_wanted = request.method != "HEAD"
         try:
             if body_wanted:
-                async for chunk in response.stream:
+                async for chunk in stream:
                     if not chunk:
                         continue
                     sent += len(chunk)
                     if declared is not None and sent > declared:
                         raise RuntimeError(f"stream sent more than its Content-Length {declared}")
-                    if self.transport is None or self.transport.is_closing():
+                    transport = self.transport
+                    if transport is None or transport.is_closing():
                         # the client is gone (connection_lost may be a loop turn away): a
                         # generator that never suspends would otherwise write into the void
-                        return
-                    self.transport.write(
-                        b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
-                    )
-                    if self.write_paused:
-                        await self._drain()
+                        return False
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    if self.flow.write_paused:
+                        await self.flow.drain(self.context.loop)
             if declared is not None and sent != declared and body_wanted:
                 raise RuntimeError(f"stream sent {sent} of its Content-Length {declared}")
             if chunked and body_wanted and self.transport is not None:
@@ -182,51 +186,37 @@ class ResponseWriter:
         except Exception:
             log.exception("streaming response to %s %s failed", request.method, request.path)
             self._cut_short()
+            keep_alive = False
         finally:
-            await _close_stream(response.stream)
-        self.stats.responses[response.status] += 1
-        if self.service.access_log is not None:
-            self.service.access_log.write(request, response.status, sent)
-        if not keep_alive:
-            self.closing = True
+            await _close_stream(stream)
+        self.context.count_response(request, response.status, sent)
+        return keep_alive
 
     def _cut_short(self) -> None:
-        self.closing = True
         if self.transport is not None:
             self.transport.close()
 
-    async def _drain(self) -> None:
-        waiter = self.drain_waiter = self.loop.create_future()
-        try:
-            await waiter
-        finally:
-            self.drain_waiter = None
-
-    def _send_rejection(self) -> None:
-        status, reason = self.rejection or (400, "bad request")
+    def refuse(self, status: int, reason: str) -> None:
+        """Append the answer to a request refused for its framing or a timeout."""
         log.info("%s: answered %d and closed: %s", peer_name(self.client), status, reason)
-        self.service.stats.rejected += 1
+        context = self.context
+        context.stats.rejected += 1
         response = error_response(status, reason)
         self.output.append(
             STATUS_LINES[status]
-            + self.service.date_and_server
+            + context.date_and_server
             + response.encode_headers()
             + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(response.body)
             + response.body
         )
-        self.service.count_response(None, status, len(response.body))
-        self.closing = True
+        context.count_response(None, status, len(response.body))
 
-    def _flush(self) -> None:
-        transport = self.transport
-        if transport is None:
-            return
+    def flush(self) -> None:
+        """Write all of ``output`` in one ``transport.write``."""
         output = self.output
-        if output:
-            transport.write(output[0] if len(output) == 1 else b"".join(output))
+        if output and self.transport is not None:
+            self.transport.write(output[0] if len(output) == 1 else b"".join(output))
             output.clear()
-        if self.closing and self.active is None:
-            self._close_when_sent(transport)
 
 
 def _connection_line(request: Request, keep_alive: bool) -> bytes:
@@ -235,8 +225,8 @@ def _connection_line(request: Request, keep_alive: bool) -> bytes:
     return b"" if request.version == "1.1" else b"Connection: keep-alive\r\n"
 
 
-async def _close_stream(stream: Any) -> None:
-    aclose = getattr(stream, "aclose", None)
+async def _close_stream(stream: AsyncIterable[bytes]) -> None:
+    aclose: Any = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()
 

@@ -251,13 +251,15 @@ class Harness:
             if not transport.closed:
                 transport.closed = transport.lost = True
                 connection.connection_lost(ConnectionResetError("connection reset by peer"))
-            await self._until(lambda: connection.active is None, transport)
-            assert connection.active is None, "a handler outlived its connection"
+            await self._until(lambda: connection.active_request is None, transport)
+            assert connection.active_request is None, "a handler outlived its connection"
             return Conversation(b"", dispatched, 0, transport, reset=True)
-        await self._until(lambda: connection.active is None or transport.closed, transport)
-        if ending == "deadline" and not transport.closed and not connection.send_deadline:
+        await self._until(lambda: connection.active_request is None or transport.closed, transport)
+        if ending == "deadline" and not transport.closed and not connection.flow.send_deadline:
             connection.check_deadlines(self.loop.time() + 1e6)  # the tick, long after
-            await self._until(lambda: connection.active is None or transport.closed, transport)
+            await self._until(
+                lambda: connection.active_request is None or transport.closed, transport
+            )
         if not transport.closed:  # the client half-closes
             await self._until(lambda: not transport.reading_paused, transport)
             if not connection.eof_received():

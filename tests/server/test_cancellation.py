@@ -71,7 +71,7 @@ def make_app(observed: Observed) -> App:
 
     @app.get("/stats")
     def stats(request: Request) -> Response:
-        return Response.json(request.service.snapshot())
+        return Response.json(request.server_stats())
 
     return app
 

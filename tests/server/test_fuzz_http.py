@@ -314,9 +314,9 @@ def test_handler_cancelled_before_its_first_step_is_cleaned_up_and_answered(back
             return connection, transport
 
         connection, _ = harness.loop.run_until_complete(cancel_at_once("disconnect"))
-        assert connection.active is None and connection.request_timer is None
+        assert connection.active_request is None and connection.request_timer is None
         connection, transport = harness.loop.run_until_complete(cancel_at_once("shutdown"))
-        assert connection.active is None and connection.request_timer is None
+        assert connection.active_request is None and connection.request_timer is None
         assert bytes(transport.delivered).startswith(b"HTTP/1.1 503 ")
         assert transport.closed
         assert harness.loop_errors == [] and harness.errors.records == []

@@ -78,7 +78,7 @@ def big(request: Request) -> Response:
 
 @app.get("/stats")
 def stats(request: Request) -> Response:
-    return Response.json(request.service.snapshot())
+    return Response.json(request.server_stats())
 
 
 # ---------------------------------------------------------------------- keep-alive

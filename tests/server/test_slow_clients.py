@@ -89,7 +89,7 @@ def buffered_for_clients(server) -> int:
 
 def stream_waits_for_its_client(server) -> bool:
     """True once a streaming response is held back by a full write buffer."""
-    return server.call(lambda: any(c.drain_waiter is not None for c in server.service.connections))
+    return server.call(lambda: any(c.flow.draining for c in server.service.connections))
 
 
 def reset(sock: socket.socket) -> None:
