@@ -11,8 +11,11 @@ Use it like uvloop::
 The loop submits operations and is told when they have *completed*, as
 io_uring and Windows' IOCP do, instead of being told that a socket is ready.
 Where io_uring is refused it runs the same code on an emulated engine over
-epoll: ``FORKLOOP_PROACTOR_ENGINE=auto|uring|emulated`` chooses
-(`proactor.engine`), and ``loop.engine_name`` says which one a loop runs on.
+epoll. `new_event_loop` picks the engine when the loop is built (io_uring if
+the kernel allows it; the user may override that with
+``FORKLOOP_PROACTOR_ENGINE=auto|uring|emulated``, see `proactor.engine`);
+`new_uring_event_loop` and `new_emulated_event_loop` name theirs, and ignore
+the variable. ``loop.engine_name`` says which one a loop runs on.
 
 `proactor.loop` explains one iteration and who owns what; `proactor.ring`,
 `proactor.operations` and `proactor.buffers` the io_uring binding;
@@ -34,7 +37,9 @@ __all__ = [
     "EventLoop",
     "EventLoopPolicy",
     "install",
+    "new_emulated_event_loop",
     "new_event_loop",
+    "new_uring_event_loop",
     "run",
 ]
 
@@ -44,6 +49,16 @@ T = TypeVar("T")
 def new_event_loop() -> EventLoop:
     """A new, not yet running, proactor event loop on the engine the environment asks for."""
     return EventLoop()
+
+
+def new_uring_event_loop() -> EventLoop:
+    """A new proactor event loop on io_uring, or `EngineUnavailable` saying why not."""
+    return EventLoop("uring")
+
+
+def new_emulated_event_loop() -> EventLoop:
+    """A new proactor event loop on the emulated engine (completions over epoll)."""
+    return EventLoop("emulated")
 
 
 class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):

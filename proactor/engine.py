@@ -28,7 +28,10 @@ completion of a multishot operation except its last.
 
 Choosing
 --------
-``FORKLOOP_PROACTOR_ENGINE`` (or the loop's ``engine`` argument) says which:
+The loop's ``engine`` argument says which (the ``proactor-uring`` and
+``proactor-emulated`` backends pass it); without one, ``proactor.new_event_loop``
+reads ``FORKLOOP_PROACTOR_ENGINE``, a user's override that nothing in forkloop
+sets:
 
 * ``auto`` (the default): io_uring when ``io_uring_setup`` works and the
   kernel has what the loop needs (`REQUIRED_OPCODES`, fast poll); otherwise
@@ -131,9 +134,11 @@ def open_engine(choice: str | None = None) -> tuple[Engine, str]:
     except RingUnavailable as exc:
         if wanted == "uring":
             raise EngineUnavailable(
-                f"{ENVIRONMENT_VARIABLE}=uring asks for io_uring, but {exc.strerror or exc}. "
-                f"Set {ENVIRONMENT_VARIABLE}=auto (or --proactor-engine auto) to fall back to "
-                "the emulated engine, or =emulated to choose it outright."
+                "the uring engine (forkloop serve --loop proactor-uring, "
+                f"{ENVIRONMENT_VARIABLE}=uring or engine='uring') asks for io_uring, but "
+                f"{exc.strerror or exc}. The auto engine (--loop proactor, "
+                f"{ENVIRONMENT_VARIABLE}=auto) falls back to the emulated engine; "
+                "--loop proactor-emulated (=emulated) chooses it outright."
             ) from exc
         logger.warning(
             "the proactor uses its emulated engine (epoll) because %s", exc.strerror or exc

@@ -8,6 +8,13 @@ asyncio, uvloop and forkloop's own loops drop-in peers.
 Factories are named as ``"module:attribute"`` and imported on first use, so a
 backend whose module is missing (uvloop off CPython, say) costs nothing until it
 is asked for, and then fails with a sentence that names the choices.
+
+A backend may be a *variant* of another: the proactor runs on io_uring or on
+its emulated engine, and each engine is a backend of its own
+(``proactor-uring``, ``proactor-emulated``) beside ``proactor``, which picks
+the engine when the loop is built. Variants are chosen by name; lists of
+"every backend here" (`available`) name only the backends they are variants
+of, and the tests run each variant in its parent's place (`variants`).
 """
 
 from __future__ import annotations
@@ -19,12 +26,34 @@ from dataclasses import dataclass
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
-# name -> ("module:attribute" of a zero-argument loop factory, one line for --help)
-_REGISTRY: dict[str, tuple[str, str]] = {
-    "asyncio": ("asyncio:SelectorEventLoop", "the standard library's selector loop"),
-    "uvloop": ("uvloop:new_event_loop", "libuv-based loop written in Cython"),
-    "reactor": ("forkloop.reactor:new_event_loop", "forkloop's hand-built epoll loop"),
-    "proactor": ("forkloop.proactor:new_event_loop", "forkloop's io_uring completion loop"),
+# name -> ("module:attribute" of a zero-argument loop factory, one line for --help,
+#          the backend this one is a variant of, or None)
+_REGISTRY: dict[str, tuple[str, str, str | None]] = {
+    "asyncio": ("asyncio:SelectorEventLoop", "the standard library's selector loop", None),
+    "uvloop": ("uvloop:new_event_loop", "libuv-based loop written in Cython", None),
+    "reactor": ("forkloop.reactor:new_event_loop", "forkloop's hand-built epoll loop", None),
+    "proactor": (
+        "forkloop.proactor:new_event_loop",
+        "forkloop's io_uring completion loop (emulated on epoll where io_uring is refused)",
+        None,
+    ),
+    "proactor-uring": (
+        "forkloop.proactor:new_uring_event_loop",
+        "the proactor on io_uring, or an error that says why io_uring is refused",
+        "proactor",
+    ),
+    "proactor-emulated": (
+        "forkloop.proactor:new_emulated_event_loop",
+        "the proactor on its emulated engine (completions over epoll)",
+        "proactor",
+    ),
+}
+
+# ``--proactor-engine``, an older spelling of the proactor's backends: engine -> backend.
+PROACTOR_ENGINE_BACKENDS = {
+    "auto": "proactor",
+    "uring": "proactor-uring",
+    "emulated": "proactor-emulated",
 }
 
 
@@ -37,6 +66,7 @@ class Backend:
     name: str
     target: str
     description: str
+    variant_of: str | None = None
 
     def loop_factory(self) -> LoopFactory:
         module_name, _, attribute = self.target.partition(":")
@@ -53,24 +83,29 @@ class Backend:
         return self.loop_factory()()
 
 
-def register(name: str, target: str, description: str = "") -> None:
+def register(name: str, target: str, description: str = "", variant_of: str | None = None) -> None:
     """Add a backend: ``register("myloop", "mypackage:new_event_loop")``."""
-    _REGISTRY[name] = (target, description)
+    _REGISTRY[name] = (target, description, variant_of)
 
 
 def names() -> list[str]:
-    """Every registered backend, available here or not."""
+    """Every registered backend, variants included, available here or not."""
     return list(_REGISTRY)
+
+
+def variants(name: str) -> list[str]:
+    """The backends registered as variants of ``name`` (the proactor's engines), in order."""
+    return [other for other, entry in _REGISTRY.items() if entry[2] == name]
 
 
 def get(name: str) -> Backend:
     try:
-        target, description = _REGISTRY[name]
+        target, description, variant_of = _REGISTRY[name]
     except KeyError:
         raise BackendUnavailable(
             f"unknown loop backend {name!r}; choose one of: {', '.join(_REGISTRY)}"
         ) from None
-    return Backend(name, target, description)
+    return Backend(name, target, description, variant_of)
 
 
 def is_available(name: str) -> bool:
@@ -83,8 +118,8 @@ def is_available(name: str) -> bool:
 
 
 def available() -> list[str]:
-    """Registered backends whose module imports here."""
-    return [name for name in _REGISTRY if is_available(name)]
+    """Registered backends whose module imports here, variants left out (they go by name)."""
+    return [name for name, entry in _REGISTRY.items() if entry[2] is None and is_available(name)]
 
 
 def loop_factory(name: str) -> LoopFactory:
@@ -99,3 +134,21 @@ def resolve(name: str) -> Backend:
             if is_available(preferred):
                 return get(preferred)
     return get(name)
+
+
+def with_proactor_engine(name: str, engine: str | None) -> str:
+    """The backend ``--loop name --proactor-engine engine`` asks for.
+
+    ``--proactor-engine`` is an alias: on a proactor backend it chooses the
+    proactor backend of that engine; on any other backend, as without it, it
+    changes nothing.
+    """
+    if engine is None or name not in PROACTOR_ENGINE_BACKENDS.values():
+        return name
+    try:
+        return PROACTOR_ENGINE_BACKENDS[engine]
+    except KeyError:
+        raise BackendUnavailable(
+            f"unknown proactor engine {engine!r}; choose one of: "
+            f"{', '.join(PROACTOR_ENGINE_BACKENDS)}"
+        ) from None

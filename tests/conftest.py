@@ -1,10 +1,10 @@
 """Fixtures shared by every suite: the loop backends under test.
 
 Every test that takes the ``backend`` fixture runs once per registered loop
-backend (and once per engine for backends that have several), so each backend
-is held to the same contract. A registered backend that cannot be built here
-fails loudly; set ``FORKLOOP_EXPECT_MISSING=name,...`` to say a backend is
-known to be missing on this machine.
+backend, and a backend with variants (the proactor's engines) once per variant
+in its place, so each is held to the same contract. A registered backend that
+cannot be built here fails loudly; set ``FORKLOOP_EXPECT_MISSING=name,...`` to
+say a backend is known to be missing on this machine.
 """
 
 from __future__ import annotations
@@ -12,20 +12,24 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
+
 from forkloop.server import backends
 
 
 @dataclass(frozen=True)
 class LoopUnderTest:
-    """One backend (and engine) as the tests see it."""
+    """One registered backend as the tests see it; ``id`` names it in test ids."""
 
     id: str
-    backend: str
-    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def backend(self) -> str:
+        """The registry's name, which ``forkloop serve --loop`` also takes."""
+        return self.id
 
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
         return backends.get(self.backend).new_event_loop()
@@ -41,19 +45,14 @@ class LoopUnderTest:
             return runner.run(bounded())
 
 
-# Backends with more than one engine list one LoopUnderTest per engine here.
-ENGINE_VARIANTS: dict[str, list[LoopUnderTest]] = {}
-ENGINE_VARIANTS["proactor"] = [
-    LoopUnderTest("proactor-uring", "proactor", {"FORKLOOP_PROACTOR_ENGINE": "uring"}),
-    LoopUnderTest("proactor-emulated", "proactor", {"FORKLOOP_PROACTOR_ENGINE": "emulated"}),
-]
-
-
 def loops_under_test() -> list[LoopUnderTest]:
-    variants: list[LoopUnderTest] = []
+    """Each backend, or its variants in its place (``proactor-uring``, ``proactor-emulated``)."""
+    tested: list[LoopUnderTest] = []
     for name in backends.names():
-        variants.extend(ENGINE_VARIANTS.get(name, [LoopUnderTest(name, name)]))
-    return variants
+        if backends.get(name).variant_of is not None:
+            continue  # tested in its parent's place
+        tested.extend(LoopUnderTest(each) for each in backends.variants(name) or [name])
+    return tested
 
 
 def _expected_missing() -> set[str]:
@@ -61,12 +60,10 @@ def _expected_missing() -> set[str]:
 
 
 @pytest.fixture(params=loops_under_test(), ids=lambda variant: variant.id)
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> LoopUnderTest:
+def backend(request: pytest.FixtureRequest) -> LoopUnderTest:
     variant: LoopUnderTest = request.param
     if not backends.is_available(variant.backend):
         if variant.backend in _expected_missing():
             pytest.skip(f"backend {variant.backend} declared missing by FORKLOOP_EXPECT_MISSING")
         pytest.fail(f"registered backend {variant.backend!r} cannot be imported here")
-    for key, value in variant.env.items():
-        monkeypatch.setenv(key, value)
     return variant
