@@ -3,9 +3,11 @@
     apt-get install valgrind
     python -m forkloop.loadtest.instructions                        # asyncio, uvloop, reactor
     python -m forkloop.loadtest.instructions --loops reactor --requests 20000
+    python -m forkloop.loadtest.instructions --full        # the whole server, not the bare protocol
 
-Each loop serves the bare httptools protocol (`loadtest.raw`) under
-``valgrind --tool=callgrind``. After a warm-up the counters are zeroed, a
+Each loop serves the bare httptools protocol (`loadtest.raw`), or with
+``--full`` forkloop's whole server (one worker, no master, the demo app's
+``/``), under ``valgrind --tool=callgrind``. After a warm-up the counters are zeroed, a
 client sends ``--requests`` requests over 10 keep-alive connections (one
 request per connection in flight), and the counters are dumped. Every
 instruction the server executed in user space is counted, in C and in the
@@ -118,12 +120,21 @@ def drive(port: int, requests: int) -> None:
             connection.close()
 
 
-def count(loop: str, requests: int, workdir: Path) -> collections.Counter[str]:
+def server_command(loop: str, port: int, full: bool) -> list[str]:
+    if not full:
+        return [python(), "-m", "forkloop.loadtest.raw", "--loop", loop, "--port", str(port)]
+    return [
+        python(), "-m", "forkloop", "--no-master", "--loop", loop, "--bind", f"127.0.0.1:{port}",
+        "--no-access-log", "--log-level", "warning",
+    ]  # fmt: skip
+
+
+def count(loop: str, requests: int, workdir: Path, full: bool = False) -> collections.Counter[str]:
     port = free_port()
     dump = workdir / f"callgrind.{loop}"
     command = [
         "valgrind", "--tool=callgrind", f"--callgrind-out-file={dump}", "--dump-instr=no",
-        python(), "-m", "forkloop.loadtest.raw", "--loop", loop, "--port", str(port),
+        *server_command(loop, port, full),
     ]  # fmt: skip
     server = ServerProcess(f"{loop} under callgrind", command, port).start(timeout=180.0)
     try:
@@ -164,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loops", default="asyncio,uvloop,reactor")
     parser.add_argument("--requests", type=int, default=6000)
+    parser.add_argument(
+        "--full", action="store_true", help="count forkloop's whole server, not the bare protocol"
+    )
     args = parser.parse_args(argv)
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -171,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     per_request: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="forkloop-callgrind-") as workdir:
         for loop in args.loops.split(","):
-            costs = count(loop, args.requests, Path(workdir))
+            costs = count(loop, args.requests, Path(workdir), args.full)
             per_request[loop] = {g: c / args.requests for g, c in grouped(costs).items()}
             total = sum(per_request[loop].values())
             print(f"{loop}: {total:,.0f} instructions per request", flush=True)
