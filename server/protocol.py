@@ -314,7 +314,7 @@ class HttpConnection(asyncio.Protocol):
         self._enter(RUNNING)
         task: asyncio.Task[None]
         if EAGER_TASKS:
-            task = asyncio.Task(coroutine, loop=self.loop, eager_start=True)  # type: ignore[call-arg]
+            task = asyncio.Task(coroutine, loop=self.loop, eager_start=True)
         else:
             task = self.loop.create_task(coroutine)
         if self.active_request is request:  # it suspended: now it can overrun its deadline
