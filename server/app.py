@@ -166,20 +166,8 @@ def _compile(path: str) -> str:
     return "".join(parts)
 
 
-def import_app(spec: str) -> App:
-    """``"package.module:attribute"`` → the App it names, with errors a user can act on."""
-    import importlib
+def import_app(spec: str, factory: bool = False) -> App:
+    """``"package.module:attribute"`` → the App it names; see `server.apploader`."""
+    from .apploader import import_app as load
 
-    module_name, _, attribute = spec.partition(":")
-    attribute = attribute or "app"
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ImportError(f"cannot import app module {module_name!r}: {exc}") from exc
-    try:
-        app = getattr(module, attribute)
-    except AttributeError:
-        raise ImportError(f"module {module_name!r} has no attribute {attribute!r}") from None
-    if not isinstance(app, App):
-        raise ImportError(f"{spec} is a {type(app).__name__}, not a forkloop App")
-    return app
+    return load(spec, factory)

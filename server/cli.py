@@ -1,10 +1,30 @@
 """The ``forkloop`` command.
 
     forkloop serve [module:app] --bind 127.0.0.1:8000 --loop uvloop --workers 4
+    forkloop serve myapp:app --host 0.0.0.0 --port 8080 --reload
+    forkloop serve --check-config -c forkloop.toml
+    forkloop reload|stop|quit|reopen --pid-file PATH
     forkloop bench [--raw] [--loops reactor,uvloop] [--duration 5]
     forkloop loadtest [--loops uvloop,reactor] [--scenarios hello,cached] [--duration 10]
 
 ``python -m forkloop`` is ``forkloop serve``.
+
+What the command promises a user, and where each promise is kept:
+
+* Settings come from the command line, then ``FORKLOOP_*`` environment
+  variables, then the ``--config`` file, then the defaults (`server.settings`
+  holds the one table of options and says how each is read and checked).
+* A bad input stops the command with one line on stderr that names the flag,
+  variable or file key and what was expected, never a traceback. The exit
+  status says whose problem it is: 2 for a usage or configuration error (fix
+  the command or the file), 3 when the server could not start (the app does
+  not import, the port is taken: fix the code or the machine).
+* ``--check-config`` reads and checks every setting, imports the app and
+  loads the certificate, as ``nginx -t`` does, then exits: 0 when the server
+  would start.
+* The app is found the way uvicorn and gunicorn find it: the current
+  directory (or ``--app-dir``) is importable, ``--chdir`` moves first
+  (`server.apploader`).
 """
 
 from __future__ import annotations
@@ -12,227 +32,256 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import platform
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
+from typing import NoReturn
 
-from . import backends
-from .config import Config, Limits
+from . import backends, settings
+from .apploader import AppLoadError, check_importable, load_app, prepare_import_path
+from .config import Config
+from .listeners import (
+    bind,
+    check_port_free,
+    describe,
+    inherited_metrics_socket,
+    inherited_sockets,
+    is_upgrade,
+    parse_bind,
+    remove_unix_sockets,
+)
 from .logs import configure_logging
+from .settings import SettingError
 
-# --flag name for each Limits field, with its help text
-_LIMIT_FLAGS = {
-    "header_timeout": "seconds for a whole request head to arrive (nginx client_header_timeout)",
-    "body_timeout": "longest gap in seconds between two body reads (client_body_timeout)",
-    "keepalive_timeout": "seconds an idle keep-alive connection is kept (keepalive_timeout)",
-    "send_timeout": "seconds a client may read nothing of a full write buffer (send_timeout)",
-    "max_keepalive_requests": "requests per connection before it is closed (keepalive_requests)",
-    "max_request_line": "longest request target in bytes; longer is 414",
-    "max_header_bytes": "largest request head in bytes; larger is 431",
-    "max_header_count": "most header fields in a request; more is 431",
-    "max_body_size": "largest request body in bytes, chunked included; larger is 413",
-    "max_pipelined": "complete requests queued on a connection before it stops reading",
-    "request_timeout": "seconds a handler may run before it is cancelled and 504 sent (0: off)",
-    "write_buffer_high": "write-buffer bytes above which a connection stops reading",
-    "max_connections": "open connections per worker; beyond it 503 and close (0: no limit)",
-    "lingering_time": "most seconds spent draining a refused request before closing (lingering_time)",
-    "lingering_timeout": "seconds of client silence that end the draining (lingering_timeout)",
-}
+USAGE_ERROR = 2
+BOOT_ERROR = 3
+
+log = logging.getLogger("forkloop")
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "app", nargs="?", default=None, help="the App to serve, as module:attribute (default: demo)"
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise SettingError(message)
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="forkloop serve",
+        description="Serve a forkloop App with a pre-forking master and workers.",
+        epilog="Every option can also be set in the environment as FORKLOOP_<OPTION> "
+        "(FORKLOOP_WORKERS=4, FORKLOOP_ACCESS_LOG=false), WEB_CONCURRENCY sets --workers, "
+        "and a --config TOML file takes the long names as keys (workers = 4). The command "
+        "line wins, then the environment, then the file. Signals to the master: TERM "
+        "graceful stop (a second TERM or INT: fast), INT fast stop, QUIT graceful stop, "
+        "HUP reload, USR1 reopen logs, USR2 upgrade, WINCH stop workers, TTIN/TTOU one "
+        "worker more/fewer.",
     )
+    settings.add_arguments(parser)
     parser.add_argument(
-        "--bind",
-        "-b",
-        action="append",
-        dest="binds",
-        metavar="ADDRESS",
-        help="HOST:PORT, [IPv6]:PORT or unix:PATH; repeat for several (default 127.0.0.1:8000)",
-    )
-    parser.add_argument(
-        "--loop",
-        default="auto",
-        choices=["auto", *backends.names()],
-        help="event loop backend (default auto: uvloop if installed, else asyncio)",
-    )
-    parser.add_argument(
-        "--proactor-engine",
-        choices=list(backends.PROACTOR_ENGINE_BACKENDS),
-        default=None,
-        help="engine of a proactor loop, an alias of --loop proactor (auto: io_uring when the "
-        "kernel allows it), proactor-uring or proactor-emulated (completions over epoll)",
-    )
-    parser.add_argument(
-        "--workers",
-        "-w",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="worker processes the master pre-forks (default: CPU count)",
-    )
-    parser.add_argument(
-        "--no-master",
+        "--check-config",
         action="store_true",
-        help="serve from this one process, no master and no workers (for debugging)",
+        default=argparse.SUPPRESS,
+        help="check the settings, import the app, load the certificate, then exit (nginx -t)",
     )
-    parser.add_argument(
-        "--config", "-c", default=None, help="TOML file of settings; HUP re-reads it"
-    )
-    parser.add_argument("--pid-file", default=None, help="write the master's pid here")
-    parser.add_argument("--certfile", default=None, help="PEM certificate chain: serve HTTPS")
-    parser.add_argument("--keyfile", default=None, help="PEM private key for --certfile")
-    parser.add_argument(
-        "--worker-timeout",
-        type=float,
-        default=30.0,
-        help="a worker whose event loop is blocked this long is killed and replaced",
-    )
-    parser.add_argument(
-        "--max-requests",
-        type=int,
-        default=0,
-        help="a worker retires gracefully after this many requests (0: never)",
-    )
-    parser.add_argument(
-        "--max-requests-jitter",
-        type=int,
-        default=0,
-        help="add up to this many to --max-requests per worker, so they don't retire together",
-    )
-    parser.add_argument("--backlog", type=int, default=2048, help="listen() backlog per socket")
-    parser.add_argument(
-        "--reuse-port", action="store_true", help="set SO_REUSEPORT on listening sockets"
-    )
-    parser.add_argument(
-        "--access-log",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="log each request in nginx's combined format (default off)",
-    )
-    parser.add_argument(
-        "--access-log-file", default=None, metavar="PATH", help="access log file (default stdout)"
-    )
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error", "critical"],
-        help="error log level",
-    )
-    parser.add_argument(
-        "--graceful-timeout",
-        type=float,
-        default=30.0,
-        help="seconds in-flight requests get to finish on SIGQUIT",
-    )
-    defaults = Limits()
-    for field in fields(Limits):
-        kind = type(getattr(defaults, field.name))
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"),
-            type=kind,
-            default=getattr(defaults, field.name),
-            help=f"{_LIMIT_FLAGS[field.name]} (default %(default)s)",
-        )
+    parser.add_argument("--version", action="store_true", default=argparse.SUPPRESS,
+                        help="print forkloop's version and exit")  # fmt: skip
+    return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    limits = Limits(**{field.name: getattr(args, field.name) for field in fields(Limits)})
-    return Config(
-        app=args.app,
-        binds=tuple(args.binds or ("127.0.0.1:8000",)),
-        loop=backends.with_proactor_engine(args.loop, args.proactor_engine),
-        workers=args.workers,
-        backlog=args.backlog,
-        reuse_port=args.reuse_port,
-        access_log=args.access_log or args.access_log_file is not None,
-        access_log_path=args.access_log_file,
-        log_level=args.log_level,
-        certfile=args.certfile,
-        keyfile=args.keyfile,
-        limits=limits,
-    )
+def parse_serve_args(serve_argv: Sequence[str]) -> argparse.Namespace:
+    """The options given on the command line (only those: absent ones are not set)."""
+    args, unknown = serve_parser().parse_known_args(list(serve_argv))
+    if unknown:
+        raise SettingError(settings.unknown_argument_message(unknown[0]))
+    return args
 
 
-def serve(args: argparse.Namespace, serve_argv: list[str]) -> int:
-    from .listeners import inherited_sockets
-    from .master import Master
-    from .service import tls_context
-    from .worker import Worker, bind_all
+def load_config(serve_argv: Sequence[str], base_dir: str | None = None) -> Config:
+    """The `Config` for these arguments: command line, environment, config file, defaults."""
+    return settings.resolve(parse_serve_args(serve_argv), os.environ, base_dir or os.getcwd())
 
-    config = config_from_args(args)
-    configure_logging(config.log_level)
-    log = logging.getLogger("forkloop")
+
+def version() -> str:
+    from .. import __version__
+
+    return f"forkloop {__version__} (Python {platform.python_version()})"
+
+
+def run_serve(serve_argv: list[str]) -> int:
+    """``forkloop serve ...``: check everything that can be checked, then serve."""
+    launch_dir = os.getcwd()
+    try:
+        args = parse_serve_args(serve_argv)
+        if getattr(args, "version", False):
+            print(version())
+            return 0
+        config = settings.resolve(args, os.environ, launch_dir)
+    except SettingError as exc:
+        return _usage_error(exc)
+    if getattr(args, "check_config", False):
+        return check_config(config, launch_dir)
+    return serve(config, serve_argv, launch_dir)
+
+
+def _usage_error(exc: BaseException) -> int:
+    print(f"forkloop: {exc}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def _boot_error(message: str) -> int:
+    log.critical("cannot start: %s", message)
+    return BOOT_ERROR
+
+
+def preflight(config: Config, launch_dir: str) -> int:
+    """Checks before binding or forking; 0, or the exit status after a one-line error."""
     try:
         backends.resolve(config.loop).loop_factory()
-        tls_context(config)  # a bad certificate is a start-up error, not a worker crash loop
-        sockets = inherited_sockets()
-        if not sockets and not (config.reuse_port and not args.no_master):
-            sockets = bind_all(config)
-    except ssl.SSLError as exc:
-        log.error("cannot use --certfile/--keyfile: %s", exc)
-        return 2
-    except (backends.BackendUnavailable, OSError, ValueError) as exc:
-        log.error("%s", exc)
-        return 2
-    if args.no_master:
+    except backends.BackendUnavailable as exc:
+        return _usage_error(exc)
+    problem = certificate_problem(config)
+    if problem:
+        return _usage_error(problem)
+    if config.reload:
         try:
-            return Worker(config, sockets, graceful_timeout=args.graceful_timeout).run()
-        except ImportError as exc:
-            log.error("%s", exc)
-            return 3
-    from .master import _set_process_title
+            import watchfiles  # noqa: F401
+        except ImportError:
+            return _usage_error(
+                "--reload needs the watchfiles package: pip install 'forkloop[reload]'"
+            )
+    try:
+        prepare_import_path(config, launch_dir)
+    except AppLoadError as exc:
+        return _usage_error(exc)
+    try:
+        check_importable(config)
+    except AppLoadError as exc:
+        return _boot_error(str(exc))
+    return 0
+
+
+def certificate_problem(config: Config) -> str | None:
+    """What is wrong with --certfile/--keyfile, in a sentence naming the file, or None."""
+    if config.certfile is None:
+        if config.keyfile is not None:
+            return "--keyfile needs --certfile (the certificate it belongs to)"
+        return None
+    for flag, path in (("--certfile", config.certfile), ("--keyfile", config.keyfile)):
+        if path is not None and not os.access(path, os.R_OK):
+            reason = "no such file" if not os.path.exists(path) else "not readable"
+            return f"cannot read {flag} {path}: {reason}"
+    from .service import tls_context
+
+    try:
+        tls_context(config)
+    except ssl.SSLError as exc:
+        files = config.certfile + (f" and {config.keyfile}" if config.keyfile else "")
+        return f"cannot use {files} for TLS: {exc.reason or exc} (expected PEM certificate and key)"
+    return None
+
+
+def check_config(config: Config, launch_dir: str) -> int:
+    """``--check-config``: every check a start makes, short of binding; exit 0 if all pass."""
+    configure_logging(config.log_level)
+    status = preflight(config, launch_dir)
+    if status:
+        return status
+    try:
+        load_app(config)
+    except AppLoadError as exc:
+        return _boot_error(str(exc))
+    where = ", ".join(config.binds)
+    print(
+        f"forkloop: configuration OK: app {config.app or 'demo'}, "
+        f"{config.workers} worker{'s' if config.workers != 1 else ''}, {where}"
+        + (f", config {config.config_path}" if config.config_path else "")
+    )
+    return 0
+
+
+def serve(config: Config, serve_argv: list[str], launch_dir: str) -> int:
+    configure_logging(config.log_level)
+    if config.proactor_engine is not None:
+        os.environ["FORKLOOP_PROACTOR_ENGINE"] = config.proactor_engine  # read by proactor/
+    status = preflight(config, launch_dir)
+    if status:
+        return status
+    try:
+        sockets, metrics_socket = open_listeners(config)
+    except OSError as exc:
+        return _boot_error(exc.strerror or str(exc))
+    if config.no_master:
+        return serve_without_master(config, sockets, metrics_socket)
+    from .master import Master, _set_process_title
 
     _set_process_title("forkloop: master process " + " ".join(["forkloop", "serve", *serve_argv]))
     master = Master(
         config,
         sockets,
-        reload_config=lambda: config_from_args(parse_serve_args(serve_argv)),
+        reload_config=lambda: load_config(serve_argv, launch_dir),
         upgrade_argv=serve_argv,
-        pid_file=args.pid_file,
-        worker_timeout=args.worker_timeout,
-        graceful_timeout=args.graceful_timeout,
-        max_requests=args.max_requests,
-        max_requests_jitter=args.max_requests_jitter,
+        metrics_socket=metrics_socket,
+        launch_dir=launch_dir,
     )
+    if config.reload:
+        from .reloader import start_reloader
+
+        start_reloader(config, launch_dir)
     return master.run()
 
 
-def parse_serve_args(serve_argv: Sequence[str]) -> argparse.Namespace:
-    """The serve options: the command line over the ``--config`` file over the defaults."""
-    parser = argparse.ArgumentParser(prog="forkloop serve")
-    add_serve_arguments(parser)
-    args = parser.parse_args(serve_argv)
-    if args.config:
-        parser.set_defaults(**read_config_file(args.config, parser))
-        args = parser.parse_args(serve_argv)
-    return args
+def open_listeners(config: Config) -> tuple[list[socket.socket], socket.socket | None]:
+    """The app's sockets (bound, not yet listening) and the metrics socket, if any."""
+    sockets = inherited_sockets()
+    upgrade = is_upgrade()
+    if not sockets:
+        addresses = [parse_bind(text) for text in config.binds]
+        if config.reuse_port and not upgrade:
+            for address in addresses:
+                check_port_free(address)
+        if not (config.reuse_port and not config.no_master):  # else: each worker binds
+            sockets = [bind(a, config.backlog, config.reuse_port, listen=False) for a in addresses]
+    metrics_socket = inherited_metrics_socket()
+    if metrics_socket is None and config.metrics_bind is not None:
+        try:
+            metrics_socket = bind(parse_bind(config.metrics_bind), config.backlog, listen=False)
+        except OSError as exc:
+            if not config.metrics_bind_is_default:
+                for sock in sockets:
+                    sock.close()
+                raise
+            log.warning(
+                "no /metrics: %s; choose a free address with --metrics-bind, or say off",
+                exc.strerror,
+            )
+    return sockets, metrics_socket
 
 
-def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, object]:
-    """A TOML file whose keys are the long options: ``workers = 4``, ``bind = ["..."]``."""
-    import tomllib
+def serve_without_master(
+    config: Config, sockets: list[socket.socket], metrics_socket: socket.socket | None
+) -> int:
+    from .worker import Worker
 
-    with open(path, "rb") as handle:
-        values = tomllib.load(handle)
-    known = {action.dest for action in parser._actions}
-    settings: dict[str, object] = {}
-    for key, value in values.items():
-        dest = {"bind": "binds"}.get(key.replace("-", "_"), key.replace("-", "_"))
-        if dest not in known or dest in ("config", "help"):
-            raise ValueError(f"{path}: unknown setting {key!r}")
-        if dest == "binds" and isinstance(value, str):
-            value = [value]
-        settings[dest] = value
-    return settings
+    try:
+        return Worker(config, sockets, metrics_socket=metrics_socket).run()
+    except AppLoadError as exc:
+        if exc.details:
+            log.debug("%s", exc.details)
+        return _boot_error(str(exc))
+    finally:
+        remove_unix_sockets([parse_bind(text) for text in config.binds])
+        if metrics_socket is not None:
+            log.debug("metrics were on %s", describe(metrics_socket))
 
 
 SIGNAL_COMMANDS = {
     "reload": (signal.SIGHUP, "re-read the configuration, replace the workers"),
-    "stop": (signal.SIGTERM, "fast shutdown"),
+    "stop": (signal.SIGINT, "fast shutdown"),
     "quit": (signal.SIGQUIT, "graceful shutdown"),
     "reopen": (signal.SIGUSR1, "reopen log files"),
 }
@@ -259,11 +308,14 @@ def send_signal(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        return run_serve(argv[1:])
     parser = argparse.ArgumentParser(
         prog="forkloop", description="HTTP/1.1 server and event-loop toolkit"
     )
+    parser.add_argument("--version", action="version", version=version())
     commands = parser.add_subparsers(dest="command", required=True)
-    add_serve_arguments(commands.add_parser("serve", help="run the HTTP server"))
+    commands.add_parser("serve", help="run the HTTP server (forkloop serve --help)")
     for name, (signum, description) in SIGNAL_COMMANDS.items():
         command = commands.add_parser(
             name, help=f"send {signal.Signals(signum).name} to the master: {description}"
@@ -276,9 +328,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands.add_parser("loadtest", help="locust scenarios on each backend, with a report")
     )
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        serve_argv = argv[argv.index("serve") + 1 :]
-        return serve(parse_serve_args(serve_argv), serve_argv)
     if args.command in SIGNAL_COMMANDS:
         return send_signal(args)
     if args.command == "loadtest":
@@ -288,4 +337,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
     """``python -m forkloop``: the same as ``forkloop serve``."""
-    return main(["serve", *(sys.argv[1:] if argv is None else argv)])
+    return run_serve(list(sys.argv[1:] if argv is None else argv))

@@ -1,13 +1,39 @@
-"""Server configuration: one immutable object, built from the command line.
+"""Server configuration: one immutable object holding every setting.
+
+`Config` is everything `forkloop serve` was asked to do: what to serve, where,
+on which loop, with how many workers, the master's timeouts, logging, metrics
+and the per-connection `Limits`. It is built once from the command line, the
+environment and the ``--config`` file (`server.settings` does that and says
+which wins), and never changed afterwards: the master, each worker and each
+connection read the same frozen object. A reload (HUP) builds a new one from
+the same sources and the master hands it to the next generation of workers,
+so every setting, the master's own timeouts included, follows a reload; the
+only ones a reload cannot change are the sockets already bound (``binds``,
+``reuse_port``, ``metrics_bind``), which need an upgrade (USR2).
 
 Defaults follow nginx where nginx has an equivalent, so an operator's intuition
-carries over (the nginx directive is named beside each limit).
+carries over (the nginx directive is named beside each limit), and gunicorn or
+uvicorn where the setting is theirs (workers, timeouts, access log, app
+loading).
+
+Invariants: every value here has been checked (`server.settings` refuses a
+zero worker count or a negative timeout with a sentence naming where it came
+from), so code that reads a `Config` never validates it again.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+
+DEFAULT_BIND = "127.0.0.1:8000"
+# Loopback, so metrics are not exposed beyond the host unless asked for; a port
+# of its own (outside the ranges apps usually take) so that it does not clash
+# with the app's. When this default is taken the server starts without metrics
+# and says so; an address given explicitly must be bindable.
+DEFAULT_METRICS_BIND = "127.0.0.1:9808"
+# nginx's "combined" format; the names are AccessLog's fields.
+COMBINED_FORMAT = '{client} - - [{time}] "{request}" {status} {size} "{referer}" "{user_agent}"'
 
 
 @dataclass(frozen=True)
@@ -54,15 +80,37 @@ class Limits:
 class Config:
     """Everything `forkloop serve` was asked to do."""
 
-    app: str | None = None
-    binds: tuple[str, ...] = ("127.0.0.1:8000",)
-    loop: str = "auto"
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # ---- what to serve
+    app: str | None = None  # "module:attribute"; None serves the demo app
+    factory: bool = False  # the attribute is a function that returns the app
+    app_dir: str = "."  # put on sys.path before importing the app (uvicorn's --app-dir)
+    chdir: str | None = None  # change to this directory first (gunicorn's --chdir)
+    health_path: str = "/healthz"  # answered "ok" by every worker, whatever the app
+    # ---- where
+    binds: tuple[str, ...] = (DEFAULT_BIND,)
     backlog: int = 2048
     reuse_port: bool = False
-    access_log: bool = False
-    access_log_path: str | None = None
-    log_level: str = "info"
     certfile: str | None = None  # PEM certificate (chain): serve HTTPS
     keyfile: str | None = None
+    # ---- how
+    loop: str = "auto"
+    proactor_engine: str | None = None
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    no_master: bool = False
+    # ---- the master's supervision
+    worker_timeout: float = 30.0  # a worker whose loop is blocked this long is killed
+    graceful_timeout: float = 30.0  # in-flight requests get this long on a graceful stop
+    max_requests: int = 0  # a worker retires after this many requests (0: never)
+    max_requests_jitter: int = 0
+    term: str = "graceful"  # what SIGTERM means: "graceful" (gunicorn, uvicorn) or "fast" (nginx)
+    pid_file: str | None = None
+    reload: bool = False  # restart the workers when a .py file under app_dir changes
+    # ---- logs and metrics
+    log_level: str = "info"
+    access_log: bool = True
+    access_log_path: str | None = None  # None: stdout
+    access_log_format: str = COMBINED_FORMAT
+    metrics_bind: str | None = DEFAULT_METRICS_BIND  # None: no /metrics
+    metrics_bind_is_default: bool = True  # the default address may be taken: then none
+    config_path: str | None = None  # the --config file, re-read on HUP
     limits: Limits = field(default_factory=Limits)

@@ -2,7 +2,20 @@
 
 Accepted forms, as gunicorn and uvicorn users write them:
 ``127.0.0.1:8000``, ``:8000`` (all IPv4 interfaces), ``[::1]:8000``,
-``localhost:8000``, ``unix:/run/forkloop.sock``.
+``localhost:8000``, ``unix:/run/forkloop.sock``. A refused address says what
+was wrong with it and what would do (a scheme, a port out of range, an IPv6
+address without brackets).
+
+Binding is split from listening: the master binds at start (so a port in use
+fails at once, exit 3) and the sockets start listening when the workers start
+serving, after every one of them has booted; until then a client is refused,
+not queued behind workers that are still importing the app.
+
+``--reuse-port`` lets several sockets share a port. It is meant for this
+server's own workers, not for two servers: `check_port_free` refuses a port
+that another live socket already listens on, unless that socket is this
+server's previous master handing over on USR2. A Unix socket file is this
+server's to remove when it exits (`remove_unix_sockets`).
 """
 
 from __future__ import annotations
@@ -33,13 +46,17 @@ def parse_bind(text: str) -> BindAddress:
         if not path:
             raise ValueError("unix: bind needs a path, e.g. unix:/tmp/forkloop.sock")
         return BindAddress(socket.AF_UNIX, path)
+    scheme, has_scheme, rest = text.partition("://")
+    if has_scheme:
+        example = rest.rstrip("/") if scheme.lower() in ("http", "https", "tcp") else "HOST:PORT"
+        raise ValueError(
+            f"bind address {text!r} has a scheme: write HOST:PORT without it, e.g. {example}"
+        )
     host, sep, port_text = text.rpartition(":")
-    if (
-        not sep
-        or not (port_text.isascii() and port_text.isdigit())
-        or not 0 <= int(port_text) <= 65535
-    ):
+    if not sep or not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(f"bind address {text!r} needs a port: HOST:PORT, [IPv6]:PORT or unix:PATH")
+    if not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"bind address {text!r}: port {port_text} is not between 0 and 65535")
     if host.startswith("[") and host.endswith("]"):
         return BindAddress(socket.AF_INET6, host[1:-1], int(port_text))
     if ":" in host:
@@ -47,8 +64,10 @@ def parse_bind(text: str) -> BindAddress:
     return BindAddress(socket.AF_INET, host or "0.0.0.0", int(port_text))
 
 
-def bind(address: BindAddress, backlog: int = 2048, reuse_port: bool = False) -> socket.socket:
-    """A non-blocking listening socket for ``address``."""
+def bind(
+    address: BindAddress, backlog: int = 2048, reuse_port: bool = False, listen: bool = True
+) -> socket.socket:
+    """A non-blocking socket bound to ``address``, listening unless ``listen`` is false."""
     if address.family == socket.AF_UNIX:
         _remove_stale_unix_socket(address.host)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -66,12 +85,48 @@ def bind(address: BindAddress, backlog: int = 2048, reuse_port: bool = False) ->
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     try:
         sock.bind(target)
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
+
+
+def check_port_free(address: BindAddress) -> None:
+    """Refuse a TCP port another live socket listens on, ``--reuse-port`` or not.
+
+    SO_REUSEPORT would let a second server bind beside the first and the kernel
+    would split the connections between them; a plain bind (SO_REUSEADDR only,
+    so connections in TIME_WAIT do not count) fails exactly when a socket
+    listens there."""
+    if address.family == socket.AF_UNIX:
+        return
+    infos = socket.getaddrinfo(
+        address.host, address.port, address.family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )
+    family, kind, proto, _, target = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            probe.bind(target)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"cannot listen on {address}: another process already serves this port "
+                f"({exc.strerror}); --reuse-port shares a port only among this server's "
+                "own workers",
+            ) from None
+
+
+def remove_unix_sockets(addresses: list[BindAddress]) -> None:
+    """Remove the Unix socket files this server bound (at exit)."""
+    for address in addresses:
+        if address.family == socket.AF_UNIX:
+            _remove_stale_unix_socket(address.host)
 
 
 def _remove_stale_unix_socket(path: str) -> None:
@@ -93,6 +148,28 @@ def describe(sock: socket.socket) -> str:
 
 
 SD_LISTEN_FDS_START = 3
+UPGRADE_FDS_ENV = "FORKLOOP_LISTEN_FDS"  # the listeners an upgrading master hands over
+UPGRADE_METRICS_FD_ENV = "FORKLOOP_METRICS_FD"  # and its /metrics listener
+UPGRADE_FROM_ENV = "FORKLOOP_UPGRADE_FROM"  # the old master's pid: its ports are ours
+
+
+def inherited_metrics_socket(environ: dict[str, str] | None = None) -> socket.socket | None:
+    """The ``/metrics`` listener an upgrading master handed over, if any."""
+    environ = os.environ if environ is None else environ
+    text = environ.get(UPGRADE_METRICS_FD_ENV)
+    os.environ.pop(UPGRADE_METRICS_FD_ENV, None)
+    if not text:
+        return None
+    sock = socket.socket(fileno=int(text))
+    sock.setblocking(False)
+    os.set_inheritable(sock.fileno(), False)
+    return sock
+
+
+def is_upgrade(environ: dict[str, str] | None = None) -> bool:
+    """True in a master started by USR2 (its ports are still held by the old master)."""
+    environ = os.environ if environ is None else environ
+    return bool(environ.get(UPGRADE_FROM_ENV))
 
 
 def inherited_sockets(environ: dict[str, str] | None = None) -> list[socket.socket]:
@@ -103,8 +180,8 @@ def inherited_sockets(environ: dict[str, str] | None = None) -> list[socket.sock
     """
     environ = os.environ if environ is None else environ
     fds: list[int] = []
-    if environ.get("FORKLOOP_LISTEN_FDS"):
-        fds = [int(fd) for fd in environ["FORKLOOP_LISTEN_FDS"].split(",")]
+    if environ.get(UPGRADE_FDS_ENV):
+        fds = [int(fd) for fd in environ[UPGRADE_FDS_ENV].split(",")]
     elif environ.get("LISTEN_FDS") and environ.get("LISTEN_PID") == str(os.getpid()):
         count = int(environ["LISTEN_FDS"])
         fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
@@ -114,6 +191,6 @@ def inherited_sockets(environ: dict[str, str] | None = None) -> list[socket.sock
         sock.setblocking(False)
         os.set_inheritable(fd, False)
         sockets.append(sock)
-    for name in ("FORKLOOP_LISTEN_FDS", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+    for name in (UPGRADE_FDS_ENV, "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)
     return sockets

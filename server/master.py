@@ -14,10 +14,21 @@ Signal handlers only append the signal to a list; ``signal.set_wakeup_fd``
 wakes the loop's ``select``. Everything else happens in the loop, one step at
 a time, so no handler ever runs in the middle of a fork or a reap.
 
-Signals, with nginx's meanings:
+Readiness: the master binds its sockets but does not let them listen until
+every worker of the first generation has booted (imported the app, built its
+loop); then it opens the scoreboard's gate and the workers start accepting.
+An orchestrator's probe is refused until the server can answer it whole.
 
-    TERM, INT  fast shutdown: workers get SIGTERM, SIGKILL after a short grace
-    QUIT       graceful shutdown: listeners closed, in-flight requests finish
+Signals, with the meanings Kubernetes, Docker, systemd and gunicorn users
+expect (nginx's, where those agree):
+
+    TERM       graceful shutdown by default (``--term graceful``): listeners
+               closed, in-flight requests finish within --graceful-timeout;
+               a second TERM makes it fast. ``--term fast`` gives nginx's
+               meaning: fast at once
+    INT        fast shutdown: workers get SIGINT (cancel in-flight requests,
+               answer 503), SIGKILL after a short grace
+    QUIT       graceful shutdown, whatever --term says
     HUP        reload: re-read the config file, start new workers, then stop
                the old ones gracefully; if the new ones cannot boot, keep the old
     USR1       reopen log files (here and in every worker)
@@ -26,9 +37,18 @@ Signals, with nginx's meanings:
     TTIN/TTOU  one worker more / fewer
 
 Workers are told apart from the upgraded master child by their pids; a worker
-that exits before it reports ready has failed to boot. Boots that keep
-failing back off exponentially, and at start the master gives up after a few
-in a row instead of fork-storming (gunicorn exits on boot errors too).
+that exits before it reports ready has failed to boot. A worker that cannot
+load the app writes the one-line reason to the master's boot-error pipe
+before it exits, and the master logs it once, however many workers failed
+alike. At start an app that cannot load stops the master at once (exit 3);
+other boot failures are retried with an exponential back-off, and the master
+gives up after a few in a row instead of fork-storming (gunicorn exits on
+boot errors too). Later, a worker that cannot boot is retried with the same
+back-off while the others serve.
+
+Every log line says what happened from the operator's side: which worker
+stopped, and why (``worker 4242 (#2) stopped: fast shutdown requested
+(SIGINT)``).
 """
 
 from __future__ import annotations
@@ -46,9 +66,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import backends
+from .apploader import AppLoadError
 from .config import Config
-from .listeners import describe
-from .scoreboard import BOOTING, FREE, READY, Scoreboard
+from .listeners import (
+    UPGRADE_FDS_ENV,
+    UPGRADE_FROM_ENV,
+    UPGRADE_METRICS_FD_ENV,
+    describe,
+    parse_bind,
+    remove_unix_sockets,
+)
+from .logs import configure_logging
+from .scoreboard import BOOTING, FREE, READY, STOPPING, Scoreboard
+from .worker import stop_kind
 
 log = logging.getLogger("forkloop.master")
 
@@ -67,7 +98,6 @@ HANDLED_SIGNALS = (
     signal.SIGTTOU,
     signal.SIGCHLD,
 )
-UPGRADE_FDS_ENV = "FORKLOOP_LISTEN_FDS"
 
 
 @dataclass(frozen=True)
@@ -90,6 +120,38 @@ class WorkerRecord:
     started: float
     killed_at: float = 0.0  # when SIGABRT was sent for a missed heartbeat
     stopping: bool = False
+    why: str = ""  # what the master asked of it, for the line that reports its exit
+
+
+class BootErrors:
+    """The pipe workers write the reason they could not boot to, one line each."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        self.by_pid: dict[int, tuple[str, str]] = {}  # pid -> (kind, message)
+        self._partial = b""
+
+    def report(self, kind: str, message: str) -> None:
+        """Worker side: one write below PIPE_BUF, so lines from workers never interleave."""
+        line = f"{os.getpid()}\t{kind}\t{' '.join(message.split())}"[:4000] + "\n"
+        with contextlib.suppress(OSError):
+            os.write(self.write_fd, line.encode("utf-8", "replace"))
+
+    def collect(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self.read_fd, 65536):
+                self._partial += chunk
+        *lines, self._partial = self._partial.split(b"\n")
+        for line in lines:
+            pid, _, rest = line.decode("utf-8", "replace").partition("\t")
+            kind, _, message = rest.partition("\t")
+            if pid.isdigit():
+                self.by_pid[int(pid)] = (kind, message)
+
+    def pop(self, pid: int) -> tuple[str, str] | None:
+        self.collect()
+        return self.by_pid.pop(pid, None)
 
 
 @dataclass
@@ -98,27 +160,32 @@ class Master:
     sockets: list[socket.socket]
     reload_config: Callable[[], Config]
     upgrade_argv: list[str]
-    pid_file: str | None = None
-    worker_timeout: float = 30.0
-    graceful_timeout: float = 30.0
-    max_requests: int = 0
-    max_requests_jitter: int = 0
+    metrics_socket: socket.socket | None = None
+    launch_dir: str = field(default_factory=os.getcwd)
     workers: dict[int, WorkerRecord] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.target = self.config.workers
+        self.pid_file = self.config.pid_file
         self.generation = 1  # the generation serving now; a reload starts a newer one
         self.generations_started = 1
         self.scoreboard = Scoreboard(max(64, 4 * self.target))
+        self.boot_errors = BootErrors()
         self.signals: list[int] = []
         self.stopping: str | None = None  # "fast" | "graceful"
         self.stop_deadline = 0.0
         self.reload_generation: int | None = None  # set while new workers boot on HUP
         self.boot_failures = 0
+        self.last_boot_error = ""
         self.next_spawn_at = 0.0
         self.ever_ready = False
         self.upgrade_pid: int | None = None
         self.exit_code = 0
+        self.unix_addresses = [
+            address
+            for address in map(parse_bind, self.config.binds)
+            if address.family == socket.AF_UNIX
+        ]
 
     # ------------------------------------------------------------------ main loop
 
@@ -132,11 +199,11 @@ class Master:
             signal.signal(signum, self._record_signal)
         self.wakeup_fds = (wakeup_read, wakeup_write)
         log.info(
-            "master %d started: %d workers, loop %s, %s",
+            "master %d starting %s on %s, loop %s",
             os.getpid(),
-            self.target,
-            self.config.loop,
+            _plural(self.target, "worker"),
             ", ".join(describe(sock) for sock in self.sockets) or "reuse-port listeners per worker",
+            backends.resolve(self.config.loop).name,
         )
         try:
             while True:
@@ -149,20 +216,44 @@ class Master:
                 else:
                     self.murder_workers()
                     self.manage_workers()
+                    self.open_gate_when_ready()
                     if self.exit_code:
-                        self._stop("fast")
+                        self._stop("fast", None)
                         continue
                 self._sleep(wakeup_read)
         finally:
             signal.set_wakeup_fd(-1)
-            for sock in self.sockets:
-                sock.close()
+            self._close_listeners()
+            if self.upgrade_pid is None:  # an upgraded master owns the socket files now
+                remove_unix_sockets(self.unix_addresses)
             self._remove_pid_file()
         log.info("master %d exiting", os.getpid())
         return self.exit_code
 
+    def open_gate_when_ready(self) -> None:
+        """Let the workers accept once every worker of the first generation has booted."""
+        if self.scoreboard.gate_open():
+            return
+        ready = [r for r in self.workers.values() if self.scoreboard.read(r.slot)[2] == READY]
+        if len(ready) < self.target:
+            return
+        for sock in self.sockets:
+            sock.listen(self.config.backlog)
+        self.scoreboard.open_gate()
+        metrics = ""
+        if self.metrics_socket is not None:
+            metrics = f"; metrics on {describe(self.metrics_socket)}/metrics"
+        log.info(
+            "ready: %s serving on %s%s",
+            _plural(len(ready), "worker"),
+            ", ".join(describe(sock) for sock in self.sockets) or "reuse-port listeners",
+            metrics,
+        )
+
     def _sleep(self, wakeup_read: int) -> None:
         timeout = 0.25 if (self.stopping or self.reload_generation) else 0.5
+        if not self.stopping and not self.scoreboard.gate_open():
+            timeout = 0.02  # workers report ready in shared memory, not by a signal
         with contextlib.suppress(InterruptedError):
             select.select([wakeup_read], [], [], timeout)
         with contextlib.suppress(BlockingIOError):
@@ -177,24 +268,28 @@ class Master:
             signum = self.signals.pop(0)
             if signum == signal.SIGCHLD:
                 continue  # reap_workers() runs every turn
-            log.info("master %d got %s", os.getpid(), signal.Signals(signum).name)
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                self._stop("fast")
-            elif signum == signal.SIGQUIT:
-                self._stop("graceful")
+            name = signal.Signals(signum).name
+            if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                self._stop(stop_kind(signum, self.config.term, self.stopping), name)
             elif signum == signal.SIGHUP:
+                log.info("master %d got SIGHUP: reloading", os.getpid())
                 self.reload()
             elif signum == signal.SIGUSR1:
+                log.info("master %d got SIGUSR1: reopening log files", os.getpid())
                 self.reopen_logs()
             elif signum == signal.SIGUSR2:
                 self.upgrade()
             elif signum == signal.SIGWINCH:
                 self.target = 0
-                log.info("stopping all workers gracefully; the master stays (HUP restarts them)")
+                log.info(
+                    "SIGWINCH: stopping all workers gracefully; the master stays (HUP restarts them)"
+                )
             elif signum == signal.SIGTTIN:
                 self.target += 1
+                log.info("SIGTTIN: one worker more, %d", self.target)
             elif signum == signal.SIGTTOU:
                 self.target = max(1, self.target - 1)
+                log.info("SIGTTOU: one worker fewer, %d", self.target)
 
     # ------------------------------------------------------------------ workers
 
@@ -203,14 +298,15 @@ class Master:
         if slot is None:
             log.error("no free scoreboard slot: %d workers already", len(self.workers))
             return None
-        jitter = random.randint(0, self.max_requests_jitter) if self.max_requests_jitter else 0
+        config = self.config
+        jitter = random.randint(0, config.max_requests_jitter) if config.max_requests_jitter else 0
         # Claimed before the fork: afterwards only the worker writes its slot (a write
         # from here could land after the worker's READY and hide it).
         self.scoreboard.claim(slot, 0, generation)
         pid = os.fork()
         if pid == 0:  # the worker
             self._become_worker(
-                slot, generation, self.max_requests + jitter if self.max_requests else 0
+                slot, generation, config.max_requests + jitter if config.max_requests else 0
             )
         record = WorkerRecord(pid, slot, generation, time.monotonic())
         self.workers[pid] = record
@@ -224,25 +320,33 @@ class Master:
             signal.set_wakeup_fd(-1)
             for signum in HANDLED_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
-            for fd in self.wakeup_fds:
+            for fd in (*self.wakeup_fds, self.boot_errors.read_fd):
                 os.close(fd)
             supervision = Supervision(
                 self.scoreboard,
                 slot,
                 generation,
                 os.getppid(),
-                min(1.0, self.worker_timeout / 2),
+                min(1.0, self.config.worker_timeout / 2),
                 max_requests,
             )
             self.scoreboard.claim(slot, os.getpid(), generation)
             _set_process_title(f"forkloop: worker process #{slot}")
-            worker = Worker(self.config, self.sockets, self.graceful_timeout, supervision)
+            worker = Worker(self.config, self.sockets, supervision, self.metrics_socket)
             exit_code = worker.run()
+        except AppLoadError as exc:
+            self.boot_errors.report("app", str(exc))
+            if exc.details:
+                log.debug("worker %d could not load the app:\n%s", os.getpid(), exc.details)
+            exit_code = BOOT_ERROR_EXIT
         except BaseException as exc:  # noqa: BLE001 - a worker must never return into the master
-            log.error(
-                "worker %d failed: %s", os.getpid(), exc, exc_info=not isinstance(exc, ImportError)
-            )
-            exit_code = BOOT_ERROR_EXIT if self.scoreboard.read(slot)[2] == BOOTING else 1
+            booting = self.scoreboard.read(slot)[2] == BOOTING
+            if booting:
+                self.boot_errors.report("boot", f"{type(exc).__name__}: {exc}")
+                log.debug("worker %d failed to boot", os.getpid(), exc_info=True)
+            else:
+                log.error("worker %d failed: %s", os.getpid(), exc, exc_info=True)
+            exit_code = BOOT_ERROR_EXIT if booting else 1
         finally:
             logging.shutdown()
             os._exit(exit_code)
@@ -265,18 +369,30 @@ class Master:
             self.scoreboard.retire(record.slot)
             code = os.waitstatus_to_exitcode(status)
             how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+            name = f"worker {pid} (#{record.slot})"
             if state == BOOTING and not record.stopping:
                 self._boot_failed(record, how)
+            elif record.killed_at:
+                self.scoreboard.count("worker_restarts_timeout")
+                log.warning("%s stopped: killed for a missed heartbeat (%s)", name, how)
             elif not (record.stopping or self.stopping):
-                log.warning("worker %d (#%d) died unexpectedly (%s)", pid, record.slot, how)
+                if state == STOPPING and code == 0:
+                    self.scoreboard.count("worker_restarts_retired")
+                    log.info("%s stopped: retired (--max-requests); replacing it", name)
+                else:
+                    self.scoreboard.count("worker_restarts_died")
+                    log.warning("%s died unexpectedly (%s); replacing it", name, how)
+            elif code == 0:
+                log.info("%s stopped: %s", name, record.why or "stop requested")
             else:
-                log.info("worker %d (#%d) exited (%s)", pid, record.slot, how)
+                log.warning("%s stopped (%s): %s", name, how, record.why or "stop requested")
 
     def _boot_failed(self, record: WorkerRecord, how: str) -> None:
+        self.scoreboard.count("worker_restarts_boot_failed")
+        kind, message = self.boot_errors.pop(record.pid) or ("", "")
+        reason = message or f"it exited before it was ready ({how})"
         if record.generation == self.reload_generation:
-            log.error(
-                "reload failed: a new worker could not boot (%s); keeping the old workers", how
-            )
+            log.error("reload failed: %s; keeping the old workers", reason)
             for other in self.workers.values():
                 if other.generation == self.reload_generation:
                     other.stopping = True
@@ -284,16 +400,22 @@ class Master:
             self.config, self.target = self.before_reload
             self.reload_generation = None
             return
+        if self.exit_code:
+            return  # already giving up: the reason was logged once
         self.boot_failures += 1
+        if not self.ever_ready and (
+            kind == "app" or self.boot_failures >= BOOT_FAILURES_BEFORE_HALT
+        ):
+            # an app that cannot be imported will not import on a second try
+            log.critical("cannot start: %s", reason)
+            self.exit_code = BOOT_ERROR_EXIT
+            return
         delay = min(0.1 * 2**self.boot_failures, 5.0)
         self.next_spawn_at = time.monotonic() + delay
-        log.error("worker %d failed to boot (%s); next try in %.1fs", record.pid, how, delay)
-        if not self.ever_ready and self.boot_failures >= BOOT_FAILURES_BEFORE_HALT:
-            log.critical(
-                "workers failed to boot %d times in a row; the master stops (see the errors above)",
-                self.boot_failures,
-            )
-            self.exit_code = BOOT_ERROR_EXIT
+        if reason != self.last_boot_error:
+            log.error("worker %d could not boot: %s", record.pid, reason)
+            self.last_boot_error = reason
+        log.info("next worker boot in %.1fs (failure %d in a row)", delay, self.boot_failures)
 
     def murder_workers(self) -> None:
         """Kill workers whose loop has not beaten for --worker-timeout (SIGABRT, then SIGKILL)."""
@@ -306,7 +428,7 @@ class Master:
                 if now - record.killed_at > 1.0:
                     self._signal_worker(record, signal.SIGKILL)
                 continue
-            if now - heartbeat > self.worker_timeout:
+            if now - heartbeat > self.config.worker_timeout:
                 log.error(
                     "worker %d (#%d) missed its heartbeat for %.1fs: killing it",
                     record.pid,
@@ -323,6 +445,7 @@ class Master:
             self.ever_ready = True
             if self.boot_failures and any(r.generation == self.generation for r in ready):
                 self.boot_failures = 0
+                self.last_boot_error = ""
         if self.reload_generation is not None:
             self._advance_reload()
             return
@@ -332,7 +455,7 @@ class Master:
                 self.spawn_worker(self.generation)
         elif len(current) > self.target:
             for record in sorted(current, key=lambda r: r.started)[: len(current) - self.target]:
-                self._stop_worker(record)
+                self._stop_worker(record, "fewer workers wanted (graceful)")
 
     # ------------------------------------------------------------------ reload / upgrade
 
@@ -344,13 +467,18 @@ class Master:
                 "reload failed: cannot read the configuration (%s); keeping the old workers", exc
             )
             return
-        if config.binds != self.config.binds or config.reuse_port != self.config.reuse_port:
+        bound = ("binds", "reuse_port", "metrics_bind", "backlog", "chdir", "app_dir", "pid_file")
+        changed = [name for name in bound if getattr(config, name) != getattr(self.config, name)]
+        if changed:
             log.warning(
-                "reload keeps the current listeners: changing --bind needs an upgrade (USR2)"
+                "reload keeps %s as they are: changing them needs an upgrade (USR2)",
+                ", ".join(name.replace("_", "-") for name in changed),
             )
             config = dataclasses.replace(
-                config, binds=self.config.binds, reuse_port=self.config.reuse_port
+                config, **{name: getattr(self.config, name) for name in bound}
             )
+        if config.log_level != self.config.log_level:
+            configure_logging(config.log_level)
         self.before_reload = (self.config, self.target)
         self.config = config
         self.target = config.workers
@@ -372,7 +500,7 @@ class Master:
             return
         for record in self.workers.values():
             if record.generation != self.reload_generation and not record.stopping:
-                self._stop_worker(record)
+                self._stop_worker(record, "replaced by a reload (graceful)")
         log.info(
             "reload: generation %d serving; old workers stop gracefully", self.reload_generation
         )
@@ -396,11 +524,19 @@ class Master:
         if self.pid_file:
             with contextlib.suppress(FileNotFoundError):
                 os.replace(self.pid_file, self.pid_file + ".oldbin")
-        environment = {**os.environ, UPGRADE_FDS_ENV: ",".join(map(str, fds))}
+        environment = {
+            **os.environ,
+            UPGRADE_FDS_ENV: ",".join(map(str, fds)),
+            UPGRADE_FROM_ENV: str(os.getpid()),
+        }
+        if self.metrics_socket is not None:
+            os.set_inheritable(self.metrics_socket.fileno(), True)
+            environment[UPGRADE_METRICS_FD_ENV] = str(self.metrics_socket.fileno())
         argv = [sys.executable, "-m", "forkloop", *self.upgrade_argv]
         pid = os.fork()
         if pid == 0:
             try:
+                os.chdir(self.launch_dir)  # relative paths in the argv mean what they meant
                 os.execve(sys.executable, argv, environment)
             finally:
                 os._exit(127)
@@ -418,21 +554,46 @@ class Master:
 
     # ------------------------------------------------------------------ shutdown
 
-    def _stop(self, how: str) -> None:
+    def _stop(self, how: str, signal_name: str | None) -> None:
+        """Stop every worker, ``how`` = "graceful" or "fast"; None: the master gives up."""
         if self.stopping == "fast" or self.stopping == how:
+            log.info("master %d got %s: already stopping (%s)", os.getpid(), signal_name, how)
             return
+        why = f"{how} shutdown requested ({signal_name})"
+        if self.stopping == "graceful":
+            why = f"fast shutdown requested ({signal_name} during the graceful one)"
+        if signal_name is None:
+            why = "the master could not start the server"
+        elif how == "graceful":
+            log.info(
+                "master %d got %s: graceful shutdown, in-flight requests get up to %gs "
+                "(another SIGTERM or SIGINT: fast)",
+                os.getpid(),
+                signal_name,
+                self.config.graceful_timeout,
+            )
+        else:
+            log.info("master %d got %s: fast shutdown", os.getpid(), signal_name)
         self.stopping = how
-        for sock in self.sockets:  # new connections are refused once workers close theirs
-            sock.close()
-        self.sockets = []
-        grace = (
-            FAST_SHUTDOWN_GRACE if how == "fast" else self.graceful_timeout + FAST_SHUTDOWN_GRACE
-        )
+        self._close_listeners()  # new connections are refused once workers close theirs too
+        grace = FAST_SHUTDOWN_GRACE
+        if how == "graceful":
+            grace += self.config.graceful_timeout
         self.stop_deadline = time.monotonic() + grace
-        stop_signal = signal.SIGTERM if how == "fast" else signal.SIGQUIT
+        # SIGINT means fast to a worker whatever --term says; SIGQUIT means graceful.
+        stop_signal = signal.SIGINT if how == "fast" else signal.SIGQUIT
         for record in self.workers.values():
             record.stopping = True
+            record.why = why
             self._signal_worker(record, stop_signal)
+
+    def _close_listeners(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+        if self.metrics_socket is not None:
+            self.metrics_socket.close()
+            self.metrics_socket = None
 
     def _escalate_shutdown(self) -> None:
         if time.monotonic() > self.stop_deadline:
@@ -441,8 +602,9 @@ class Master:
                 self._signal_worker(record, signal.SIGKILL)
             self.stop_deadline = time.monotonic() + 1.0
 
-    def _stop_worker(self, record: WorkerRecord) -> None:
+    def _stop_worker(self, record: WorkerRecord, why: str) -> None:
         record.stopping = True
+        record.why = why
         self._signal_worker(record, signal.SIGQUIT)
 
     def _signal_worker(self, record: WorkerRecord, signum: int) -> None:
@@ -468,6 +630,10 @@ class Master:
             with open(self.pid_file + ".oldbin") as handle:
                 if handle.read().strip() == str(os.getpid()):
                     os.unlink(self.pid_file + ".oldbin")
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _set_process_title(title: str) -> None:

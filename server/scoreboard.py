@@ -12,7 +12,11 @@ and no disk I/O (gunicorn's heartbeat is an ``fchmod`` of a temporary file).
 
 Slot 0 is the *retired* slot: when a worker is reaped, the master adds its
 last counters there, so totals over the server never go backwards when
-workers come and go. Totals are only as fresh as each worker's last publish,
+workers come and go. The master also counts the workers it had to replace
+there (`count`), and its state word is the *gate*: workers that have booted
+wait for it to open before they accept a connection, and the master opens it
+once every worker of the first generation is ready, so the server starts
+answering whole, not one worker at a time. Totals are only as fresh as each worker's last publish,
 which comes with its heartbeat (every second, or every half worker timeout when
 that is shorter); a worker adds its own live counters when it answers ``/stats``.
 
@@ -28,7 +32,10 @@ import struct
 import time
 from collections.abc import Mapping
 
-COUNTERS = (
+# Every counter a slot holds, named once: the workers publish them, the master
+# and `/stats` sum them, `/metrics` (`server.metrics`) and `forkloop loadtest`
+# (`loadtest.runner`) read them by these names.
+HTTP_COUNTERS = (
     "requests",
     "responses",
     "responses_2xx",
@@ -39,6 +46,8 @@ COUNTERS = (
     "timeouts",
     "open_connections",
     "connections_total",
+)
+CACHE_COUNTERS = (
     "cache_hits",
     "cache_misses",
     "cache_stale",
@@ -46,10 +55,40 @@ COUNTERS = (
     "cache_bypass",
     "cache_coalesced",
     "cache_computations",
-    "cancelled_disconnect",
-    "cancelled_deadline",
-    "cancelled_shutdown",
 )
+CANCEL_REASONS = ("disconnect", "deadline", "shutdown")
+CANCEL_COUNTERS = tuple(f"cancelled_{reason}" for reason in CANCEL_REASONS)
+# Written by the master into the retired slot: workers it had to replace, by why.
+RESTART_REASONS = ("died", "timeout", "retired", "boot_failed")
+RESTART_COUNTERS = tuple(f"worker_restarts_{reason}" for reason in RESTART_REASONS)
+# Responses by method and status: the methods and statuses worth a series of
+# their own; any other method is "other", any other status its class ("4xx").
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other")
+STATUSES = (
+    *("200", "201", "202", "204", "206"),
+    *("301", "302", "303", "304", "307", "308"),
+    *("400", "401", "403", "404", "405", "408", "409", "410", "413", "414", "415"),
+    *("422", "429", "431"),
+    *("500", "501", "502", "503", "504", "505"),
+    *("1xx", "2xx", "3xx", "4xx", "5xx"),
+)
+RESPONSE_COUNTERS = tuple(f"http_{method}_{status}" for method in METHODS for status in STATUSES)
+# Seconds from a request's dispatch to its response; the last bucket is +Inf.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LATENCY_COUNTERS = (
+    *(f"latency_bucket_{index}" for index in range(len(LATENCY_BUCKETS) + 1)),
+    "latency_sum_microseconds",
+)
+COUNTERS = (
+    HTTP_COUNTERS
+    + CACHE_COUNTERS
+    + CANCEL_COUNTERS
+    + RESTART_COUNTERS
+    + RESPONSE_COUNTERS
+    + LATENCY_COUNTERS
+)
+# Gauges: a reaped worker's value is dropped, not added to the retired slot.
+GAUGES = ("open_connections",)
 
 FREE, BOOTING, READY, STOPPING = 0, 1, 2, 3
 STATE_NAMES = {FREE: "free", BOOTING: "booting", READY: "ready", STOPPING: "stopping"}
@@ -92,6 +131,13 @@ class Scoreboard:
 
     # ---------------------------------------------------------------- master side
 
+    def open_gate(self) -> None:
+        """Let booted workers start accepting (the master, once all are ready)."""
+        struct.pack_into("<q", self.memory, self._offset(RETIRED) + 16, READY)
+
+    def gate_open(self) -> bool:
+        return bool(self.read(RETIRED)[2] == READY)
+
     def read(self, slot: int) -> tuple[int, int, int, float]:
         """(pid, generation, state, heartbeat) of a slot."""
         return _HEADER.unpack_from(self.memory, self._offset(slot))
@@ -110,14 +156,23 @@ class Scoreboard:
         """Fold a reaped worker's counters into the retired slot and free its slot."""
         retired = self.counters(RETIRED)
         for name, value in self.counters(slot).items():
-            if name != "open_connections":
+            if name not in GAUGES:
                 retired[name] += value
         _COUNTERS.pack_into(
             self.memory, self._offset(RETIRED) + _HEADER.size, *(retired[n] for n in COUNTERS)
         )
         _HEADER.pack_into(self.memory, self._offset(slot), 0, 0, FREE, 0.0)
 
-    def totals(self, own_slot: int | None = None, own: Mapping[str, int] | None = None) -> dict:
+    def count(self, name: str, amount: int = 1) -> None:
+        """Master side: add to one of the retired slot's counters (worker restarts)."""
+        index = COUNTERS.index(name)
+        offset = self._offset(RETIRED) + _HEADER.size + 8 * index
+        (value,) = struct.unpack_from("<q", self.memory, offset)
+        struct.pack_into("<q", self.memory, offset, value + amount)
+
+    def totals(
+        self, own_slot: int | None = None, own: Mapping[str, int] | None = None
+    ) -> dict[str, int]:
         """Counters summed over every worker, ever; ``own`` replaces ``own_slot``'s copy."""
         totals = dict.fromkeys(COUNTERS, 0)
         workers = 0

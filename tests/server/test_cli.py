@@ -121,7 +121,7 @@ def test_bind_address_in_use_is_a_clear_error():
             text=True,
             timeout=30,
         )
-    assert result.returncode == 2
+    assert result.returncode == 3  # the server could not start: a boot failure, not usage
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
 
 

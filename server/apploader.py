@@ -1,0 +1,206 @@
+"""Finding and importing the user's app, as uvicorn and gunicorn users expect.
+
+``forkloop serve mymodule:app`` run from the folder that holds ``mymodule.py``
+works: before anything is imported, `prepare_import_path` changes to
+``--chdir`` (if given) and puts ``--app-dir`` (the current directory by
+default) first on ``sys.path``, the way uvicorn's ``--app-dir .`` and
+gunicorn's ``--chdir`` do. forkloop itself installs under the one name
+``forkloop``, so a user's ``server.py`` beside the app shadows nothing.
+
+The master never imports the app: each worker does, so a reload (HUP) or a
+``--reload`` restart imports the code as it is on disk now. The master does
+call `check_importable` before it forks, which finds the module without
+running it: a misspelt module name is then one line and exit 3 at once, not a
+worker crash loop.
+
+`load_app` turns every way an import can fail into one `AppLoadError` whose
+message is one line a user can act on: which module, which file and line,
+which exception (``mymodule.py:3: SyntaxError: invalid syntax``), or what
+was expected when the name points at something else (a forkloop `App`, or a
+function returning one with ``--factory``). The full traceback stays on the
+exception (``details``) for ``--log-level debug``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from .config import Config
+
+if TYPE_CHECKING:
+    from .app import App
+
+
+class AppLoadError(ImportError):
+    """The app cannot be loaded; ``str()`` is one line, ``details`` the traceback if any."""
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
+
+
+def base_directory(config: Config, launch_dir: str) -> str:
+    """The directory the app's relative paths start from: ``--chdir``, else where we started."""
+    if config.chdir is None:
+        return launch_dir
+    return os.path.join(launch_dir, config.chdir)
+
+
+def prepare_import_path(config: Config, launch_dir: str) -> None:
+    """``--chdir``, then ``--app-dir`` first on ``sys.path``; an error names the directory."""
+    if config.chdir is not None:
+        target = os.path.join(launch_dir, config.chdir)
+        try:
+            os.chdir(target)
+        except OSError as exc:
+            raise AppLoadError(f"cannot --chdir to {target}: {exc.strerror}") from None
+    app_dir = os.path.abspath(os.path.join(base_directory(config, launch_dir), config.app_dir))
+    if not os.path.isdir(app_dir):
+        raise AppLoadError(f"--app-dir {app_dir} is not a directory")
+    if sys.path[:1] != [app_dir]:
+        sys.path.insert(0, app_dir)
+
+
+def check_importable(config: Config) -> None:
+    """The app's module can be found (not run): a cheap check before forking workers."""
+    if config.app is None:
+        return
+    module_name = config.app.partition(":")[0]
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError) as exc:  # a parent package is missing or broken
+        raise AppLoadError(_describe_failure(config.app, module_name, exc)) from None
+    if spec is None:
+        raise AppLoadError(_not_found(config.app, module_name, module_name))
+
+
+def load_app(config: Config) -> App:
+    """The app ``config`` names (the demo app when none), or an `AppLoadError`."""
+    if config.app is None:
+        from .demo import app
+
+        return app
+    return import_app(config.app, factory=config.factory)
+
+
+def import_app(spec: str, factory: bool = False) -> App:
+    """``"package.module:attribute"`` → the App it names, with errors a user can act on."""
+    from .app import App
+
+    module_name, _, attribute = spec.partition(":")
+    attribute = attribute or "app"
+    try:
+        module = importlib.import_module(module_name)
+    except BaseException as exc:  # noqa: BLE001 - a SystemExit in a module is a failure too
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise AppLoadError(
+            _describe_failure(spec, module_name, exc), traceback.format_exc()
+        ) from None
+    target: Any = module
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            names = sorted(n for n in vars(module) if not n.startswith("_"))[:8]
+            raise AppLoadError(
+                f"{spec}: module {module_name!r} has no attribute {attribute!r}"
+                + (f" (it has: {', '.join(names)})" if names else "")
+            ) from None
+    if factory:
+        if not callable(target):
+            raise AppLoadError(f"{spec} is {_a(target)}: --factory needs a function to call")
+        try:
+            target = target()
+        except Exception as exc:  # noqa: BLE001 - reported as one line, traceback on debug
+            raise AppLoadError(
+                f"{spec}: the factory failed: {_last_line(exc)}", traceback.format_exc()
+            ) from None
+    if isinstance(target, App):
+        return target
+    if _looks_like_asgi(target):
+        raise AppLoadError(
+            f"{spec} is an ASGI app: forkloop serves forkloop Apps (forkloop.server.App); "
+            "serving ASGI apps is not built yet"
+        )
+    if callable(target) and not factory and _returns_app(target):
+        raise AppLoadError(f"{spec} is a function: add --factory to call it for the app")
+    raise AppLoadError(
+        f"{spec} is {_a(target)}, not a forkloop App (forkloop.server.App) or an ASGI app"
+    )
+
+
+# ---------------------------------------------------------------------- messages
+
+
+def _describe_failure(spec: str, module_name: str, exc: BaseException) -> str:
+    if (
+        isinstance(exc, ModuleNotFoundError)
+        and exc.name
+        and (module_name == exc.name or module_name.startswith(exc.name + "."))
+    ):
+        return _not_found(spec, module_name, exc.name)
+    return f"cannot import app module {module_name!r}: {_last_line(exc)}"
+
+
+def _not_found(spec: str, module_name: str, missing: str) -> str:
+    where = sys.path[0] if sys.path else os.getcwd()
+    return (
+        f"cannot import app module {module_name!r}: no module named {missing!r} in {where} "
+        "or the installed packages (run from the app's folder, or use --app-dir / --chdir)"
+    )
+
+
+def _last_line(exc: BaseException) -> str:
+    """``file:line: Type: message`` for the innermost frame (the file's own for a SyntaxError)."""
+    if isinstance(exc, SyntaxError):
+        where = f"{_short(exc.filename)}:{exc.lineno}: " if exc.filename else ""
+        return f"{where}{type(exc).__name__}: {exc.msg}"
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if not frame.filename.startswith("<frozen")
+    ]
+    where = f"{_short(frames[-1].filename)}:{frames[-1].lineno}: " if frames else ""
+    message = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{where}{type(exc).__name__}" + (f": {message}" if message else "")
+
+
+def _short(filename: str) -> str:
+    try:
+        relative = os.path.relpath(filename)
+    except ValueError:
+        return filename
+    return relative if not relative.startswith("..") else filename
+
+
+def _a(value: object) -> str:
+    name = type(value).__name__
+    return f"an {name}" if name[:1].lower() in "aeiou" else f"a {name}"
+
+
+def _looks_like_asgi(target: object) -> bool:
+    """An ASGI 3 app: an async callable of (scope, receive, send)."""
+    call = target if inspect.isfunction(target) else getattr(target, "__call__", None)  # noqa: B004
+    if call is None or inspect.isclass(target):
+        return False
+    if not (inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(target)):
+        return False
+    try:
+        parameters = inspect.signature(call).parameters
+    except (TypeError, ValueError):
+        return False
+    return len(parameters) == 3
+
+
+def _returns_app(target: object) -> bool:
+    try:
+        return not inspect.signature(target).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False

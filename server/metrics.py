@@ -1,0 +1,226 @@
+"""``/metrics``: the server's counters in Prometheus' text format.
+
+Three parts, one per process role:
+
+* `RequestMetrics` lives in each worker. The connection layer reports every
+  response once (through `server.logs.AccessLog.write`); `observe` turns it
+  into a few list increments: responses by method and status, and the
+  latency histogram. The worker publishes them with its other counters on its
+  heartbeat, into its scoreboard slot (`server.scoreboard` names every
+  counter, once).
+* `FrontDoor` wraps the app's router in each worker: it stamps each request
+  with the moment it was dispatched (what the latency is measured from) and
+  answers the health path (``--health-path``, ``/healthz`` by default) before
+  the app sees it, so every app kind answers it alike.
+* `metrics_app` is what every worker serves on the ``--metrics-bind``
+  socket, a listener of its own that the master binds like the others (off
+  the app's port, so a scrape never queues behind app traffic and the app's
+  port never exposes metrics). Any worker can answer a scrape: it renders the
+  totals over the whole server from the scoreboard, its own live counters in
+  place of its last publish.
+
+The exposition is written by the maintained ``prometheus_client`` library
+(`generate_latest` over a custom collector), not by hand: escaping, the
+``# HELP``/``# TYPE`` lines, histogram ``_bucket``/``_sum``/``_count``
+series and the content type are the library's, and follow the format when it
+changes. Only the numbers are forkloop's.
+
+Invariants: every counter here only grows (except the ``open_connections``
+and ``workers`` gauges), across worker restarts too, because reaped workers'
+counters are folded into the scoreboard's retired slot. A scrape is as fresh
+as each worker's last heartbeat (a second by default).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from .http import Request, Response
+from .scoreboard import (
+    CACHE_COUNTERS,
+    CANCEL_REASONS,
+    LATENCY_BUCKETS,
+    LATENCY_COUNTERS,
+    METHODS,
+    RESPONSE_COUNTERS,
+    RESTART_REASONS,
+    STATUSES,
+)
+
+if TYPE_CHECKING:
+    from .app import App, Route
+
+Totals = Callable[[], dict[str, int]]
+
+_OTHER_METHOD = len(METHODS) - 1
+_METHOD_ROWS = {method: row for row, method in enumerate(METHODS[:-1])}
+# status -> column in STATUSES: its own, or its class's ("4xx")
+_STATUS_COLUMNS = [0] * 600
+for _status in range(100, 600):
+    _label = str(_status)
+    _STATUS_COLUMNS[_status] = (
+        STATUSES.index(_label) if _label in STATUSES else STATUSES.index(f"{_status // 100}xx")
+    )
+_FIRST_LATENCY = len(RESPONSE_COUNTERS)
+
+
+class RequestMetrics:
+    """One worker's responses by method and status, and their latencies."""
+
+    __slots__ = ("values", "latency_sum")
+
+    def __init__(self) -> None:
+        self.values = [0] * (len(RESPONSE_COUNTERS) + len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+
+    def observe(self, request: Request | None, status: int) -> float | None:
+        """Count one response; its latency in seconds (None for a request never dispatched)."""
+        if request is None:  # refused before it was a request (400, 413 on the head, 503)
+            row = _OTHER_METHOD
+            started = None
+        else:
+            row = _METHOD_ROWS.get(request.method, _OTHER_METHOD)
+            started = getattr(request, "dispatched_at", None)
+        column = _STATUS_COLUMNS[status] if 100 <= status < 600 else len(STATUSES) - 1
+        values = self.values
+        values[row * len(STATUSES) + column] += 1
+        if started is None:
+            return None
+        seconds = time.perf_counter() - started
+        values[_FIRST_LATENCY + bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+        return seconds
+
+    def counters(self) -> dict[str, int]:
+        """Named as the scoreboard names them."""
+        counters = dict(zip(RESPONSE_COUNTERS + LATENCY_COUNTERS[:-1], self.values, strict=True))
+        counters["latency_sum_microseconds"] = int(self.latency_sum * 1_000_000)
+        return counters
+
+
+class FrontDoor:
+    """The app's router as the connection sees it: health path first, a dispatch stamp."""
+
+    def __init__(self, app: App, health_path: str = "/healthz") -> None:
+        self.app = app
+        self.health_path = health_path.encode() if health_path else None
+
+    def resolve(self, request: Request) -> Route | Response:
+        request.dispatched_at = time.perf_counter()  # type: ignore[attr-defined]
+        if request.target == self.health_path and request.method in ("GET", "HEAD"):
+            return Response(b"ok\n")
+        return self.app.resolve(request)
+
+    def __getattr__(self, name: str) -> Any:  # cache_stats, cache, route(): the app's
+        return getattr(self.app, name)
+
+
+# ---------------------------------------------------------------------- exposition
+
+
+def metrics_app(totals: Totals) -> App:
+    """The app every worker serves on the metrics socket: ``/metrics`` and nothing else."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from .app import App
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ScoreboardCollector(totals))  # type: ignore[arg-type]
+    app = App()
+
+    @app.get("/metrics")
+    def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class ScoreboardCollector:
+    """Builds the metric families from the server-wide totals at each scrape."""
+
+    def __init__(self, totals: Totals) -> None:
+        self.totals = totals
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        totals = self.totals()
+        requests = CounterMetricFamily(
+            "forkloop_http_responses",
+            "HTTP responses sent, by request method and status (a status without a series "
+            "of its own is counted in its class, 4xx)",
+            labels=("method", "status"),
+        )
+        for method in METHODS:
+            for status in STATUSES:
+                value = totals.get(f"http_{method}_{status}", 0)
+                if value:
+                    requests.add_metric((method, status), value)
+        yield requests
+        yield CounterMetricFamily(
+            "forkloop_http_requests", "requests dispatched to the app", totals.get("requests", 0)
+        )
+        buckets = []
+        cumulative = 0
+        for index, bound in enumerate((*LATENCY_BUCKETS, float("inf"))):
+            cumulative += totals.get(f"latency_bucket_{index}", 0)
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        yield HistogramMetricFamily(
+            "forkloop_http_request_duration_seconds",
+            "seconds from a request's dispatch to its response",
+            buckets=buckets,
+            sum_value=totals.get("latency_sum_microseconds", 0) / 1_000_000,
+        )
+        yield GaugeMetricFamily(
+            "forkloop_open_connections", "client connections open now", totals.get(
+                "open_connections", 0)
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "forkloop_connections", "client connections accepted", totals.get(
+                "connections_total", 0)
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "forkloop_requests_rejected",
+            "requests refused for their framing or size (400, 413, 414, 431)",
+            totals.get("rejected", 0),
+        )
+        yield CounterMetricFamily(
+            "forkloop_timeouts", "connections closed by a timeout", totals.get("timeouts", 0)
+        )
+        cancelled = CounterMetricFamily(
+            "forkloop_cancelled_handlers", "handlers cancelled, by reason", labels=("reason",)
+        )
+        for reason in CANCEL_REASONS:
+            cancelled.add_metric((reason,), totals.get(f"cancelled_{reason}", 0))
+        yield cancelled
+        cache = CounterMetricFamily(
+            "forkloop_cache_lookups",
+            "response cache lookups, by result (coalesced: waited for another's fill)",
+            labels=("result",),
+        )
+        for name in CACHE_COUNTERS:
+            if name != "cache_computations":
+                cache.add_metric((name.removeprefix("cache_"),), totals.get(name, 0))
+        yield cache
+        yield CounterMetricFamily(
+            "forkloop_cache_computations",
+            "handler runs that filled the response cache",
+            totals.get("cache_computations", 0),
+        )
+        restarts = CounterMetricFamily(
+            "forkloop_worker_restarts",
+            "workers the master replaced, by why (retired: --max-requests)",
+            labels=("reason",),
+        )
+        for reason in RESTART_REASONS:
+            restarts.add_metric((reason,), totals.get(f"worker_restarts_{reason}", 0))
+        yield restarts
+        yield GaugeMetricFamily("forkloop_workers", "worker processes", totals.get("workers", 1))
