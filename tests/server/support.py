@@ -179,6 +179,10 @@ class RawClient:
     def read_reply(self) -> HttpReply:
         return self.read_replies(1)[0]
 
+    def unfinished_reply(self) -> HttpReply | None:
+        """The reply that began to arrive and has not ended: after a close, a cut reply."""
+        return self.collector.current
+
     def read_raw(self, max_bytes: int = 65536) -> bytes:
         return self.sock.recv(max_bytes)
 
