@@ -1,4 +1,4 @@
-"""Fixtures shared by every suite: the loop backends under test.
+"""Fixtures shared by every suite: the loop backends under test, the TLS certificate.
 
 Every test that takes the ``backend`` fixture runs once per registered loop
 backend, and a backend with variants (the proactor's engines) once per variant
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from forkloop.server import backends
+from tests.certificates import Certificate, make_certificate
 
 
 @dataclass(frozen=True)
@@ -67,3 +68,9 @@ def backend(request: pytest.FixtureRequest) -> LoopUnderTest:
             pytest.skip(f"backend {variant.backend} declared missing by FORKLOOP_EXPECT_MISSING")
         pytest.fail(f"registered backend {variant.backend!r} cannot be imported here")
     return variant
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
+    """A self-signed certificate for localhost and 127.0.0.1 (`tests/certificates.py`)."""
+    return make_certificate(tmp_path_factory.mktemp("tls"))

@@ -1,45 +1,25 @@
 """TLS over the loop's transports: ssl= on servers and connections, streams, start_tls.
 
-The certificate is self-signed for ``localhost`` and made by the openssl command
-line tool for this test run; without the tool these tests are skipped.
+The certificate is the suites' one (the ``certificate`` fixture,
+`tests/certificates.py`): self-signed for ``localhost``, made for this run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import ssl
-import subprocess
-from pathlib import Path
 
 import pytest
 
+from tests.certificates import Certificate
 from tests.conftest import LoopUnderTest
 from tests.loops.loop_support import Echo, Recorder, port_of
 
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make a test certificate")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
-        + ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"]
-        + ["-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
-
-
-def _contexts(certificate: tuple[Path, Path]) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    cert, key = certificate
+def _contexts(certificate: Certificate) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(cert, key)
-    client_context = ssl.create_default_context(cafile=str(cert))
+    server_context.load_cert_chain(certificate.certfile, certificate.keyfile)
+    client_context = ssl.create_default_context(cafile=certificate.certfile)
     return server_context, client_context
 
 

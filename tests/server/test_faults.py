@@ -1,9 +1,9 @@
 """Faults the server must survive, and TLS: on every loop backend.
 
-TLS with a self-signed certificate made here; --max-connections; an access
-log that cannot be written; a worker out of file descriptors (accept backs
-off instead of spinning); workers killed with SIGKILL under load; a handler
-that leaks a task.
+TLS with the suites' self-signed certificate (the ``certificate`` fixture);
+--max-connections; an access log that cannot be written; a worker out of file
+descriptors (accept backs off instead of spinning); workers killed with SIGKILL
+under load; a handler that leaks a task.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import ssl
 import subprocess
 import sys
 import time
-
-import pytest
 
 from forkloop.loadtest.servers import free_port, tree_cpu, wait_until_answering
 from forkloop.server.app import App
@@ -31,36 +29,6 @@ app = App()
 @app.get("/")
 def hello(request: Request) -> Response:
     return Response(b"Hello, World!")
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory) -> tuple[str, str]:
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            key,
-            "-out",
-            cert,
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
 
 
 def test_https_serves_keep_alive_requests(backend, certificate):
