@@ -98,7 +98,7 @@ def import_app(spec: str, factory: bool = False) -> App:
     try:
         module = importlib.import_module(module_name)
     except BaseException as exc:  # noqa: BLE001 - a SystemExit in a module is a failure too
-        if isinstance(exc, KeyboardInterrupt):
+        if not isinstance(exc, Exception | SystemExit):  # a stop signal, not the app's fault
             raise
         raise AppLoadError(
             _describe_failure(spec, module_name, exc), traceback.format_exc()

@@ -181,6 +181,7 @@ class Master:
         self.ever_ready = False
         self.upgrade_pid: int | None = None
         self.exit_code = 0
+        self.failure = ""  # why the master gave up, when it did
         self.unix_addresses = [
             address
             for address in map(parse_bind, self.config.binds)
@@ -227,7 +228,11 @@ class Master:
             if self.upgrade_pid is None:  # an upgraded master owns the socket files now
                 remove_unix_sockets(self.unix_addresses)
             self._remove_pid_file()
-        log.info("master %d exiting", os.getpid())
+        if self.exit_code:
+            # the last line an operator reads says why, once
+            log.critical("cannot start: %s", self.failure)
+        else:
+            log.info("master %d exiting", os.getpid())
         return self.exit_code
 
     def open_gate_when_ready(self) -> None:
@@ -320,6 +325,9 @@ class Master:
             signal.set_wakeup_fd(-1)
             for signum in HANDLED_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                # until the worker's loop installs its own: a stop while booting
+                signal.signal(signum, _stop_while_booting)
             for fd in (*self.wakeup_fds, self.boot_errors.read_fd):
                 os.close(fd)
             supervision = Supervision(
@@ -334,6 +342,8 @@ class Master:
             _set_process_title(f"forkloop: worker process #{slot}")
             worker = Worker(self.config, self.sockets, supervision, self.metrics_socket)
             exit_code = worker.run()
+        except StopWhileBooting:
+            exit_code = 0
         except AppLoadError as exc:
             self.boot_errors.report("app", str(exc))
             if exc.details:
@@ -382,6 +392,8 @@ class Master:
                 else:
                     self.scoreboard.count("worker_restarts_died")
                     log.warning("%s died unexpectedly (%s); replacing it", name, how)
+            elif self.exit_code:
+                log.debug("%s stopped (%s): %s", name, how, record.why)
             elif code == 0:
                 log.info("%s stopped: %s", name, record.why or "stop requested")
             else:
@@ -407,7 +419,7 @@ class Master:
             kind == "app" or self.boot_failures >= BOOT_FAILURES_BEFORE_HALT
         ):
             # an app that cannot be imported will not import on a second try
-            log.critical("cannot start: %s", reason)
+            self.failure = reason
             self.exit_code = BOOT_ERROR_EXIT
             return
         delay = min(0.1 * 2**self.boot_failures, 5.0)
@@ -630,6 +642,14 @@ class Master:
             with open(self.pid_file + ".oldbin") as handle:
                 if handle.read().strip() == str(os.getpid()):
                     os.unlink(self.pid_file + ".oldbin")
+
+
+class StopWhileBooting(BaseException):
+    """A stop signal reached a worker before its loop was there to take it."""
+
+
+def _stop_while_booting(signum: int, frame: object) -> None:
+    raise StopWhileBooting
 
 
 def _plural(count: int, noun: str) -> str:

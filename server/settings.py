@@ -193,7 +193,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for option in OPTIONS:
         names = [option.flag] + ([option.short] if option.short else [])
         common: dict[str, Any] = {"dest": option.name, "default": argparse.SUPPRESS}
-        if option.kind is bool:
+        if option.kind is bool and option.name.startswith("no_"):  # --no-master
+            parser.add_argument(*names, action="store_true", help=option.help, **common)
+        elif option.kind is bool:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, help=option.help,
                                 **common)  # fmt: skip
         elif option.kind is list:
