@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import LoopUnderTest
+from tests.loop_under_test import LoopUnderTest
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from tests.conftest import LoopUnderTest
+from tests.loop_under_test import LoopUnderTest
 
 # signals ----------------------------------------------------------------------
 

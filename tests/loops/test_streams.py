@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import LoopUnderTest
+from tests.loop_under_test import LoopUnderTest
 
 
 async def _line_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

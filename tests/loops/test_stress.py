@@ -7,7 +7,7 @@ import gc
 import os
 import tracemalloc
 
-from tests.conftest import LoopUnderTest
+from tests.loop_under_test import LoopUnderTest
 from tests.loops.loop_support import Echo, Recorder, port_of
 
 

@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from tests.conftest import LoopUnderTest
+from tests.loop_under_test import LoopUnderTest
 from tests.loops.loop_support import Recorder
 
 PYTHON = sys.executable

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from tests.conftest import LoopUnderTest
+from tests.loop_under_test import LoopUnderTest
 from tests.loops.loop_support import (
     BufferedEcho,
     Echo,

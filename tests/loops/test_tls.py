@@ -12,7 +12,7 @@ import ssl
 import pytest
 
 from tests.certificates import Certificate
-from tests.conftest import LoopUnderTest
+from tests.loop_under_test import LoopUnderTest
 from tests.loops.loop_support import Echo, Recorder, port_of
 
 
