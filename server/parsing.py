@@ -23,9 +23,12 @@ LINGER   ignored: its request was refused, and what    ``lingering_timeout``
                                                        ``lingering_time``
 ======== ============================================ ======================
 
-Transitions, all through `enter`: IDLE -> HEAD at a request's first byte;
+Transitions go through `enter`: IDLE -> HEAD at a request's first byte;
 HEAD -> BODY when a head announces a body; HEAD or BODY -> IDLE when the
 request is complete; any -> LINGER when the connection closes on a refusal.
+The two that every request takes (to HEAD in ``on_url``, to IDLE in
+``on_message_complete``) are written out where they happen, marked so: a call
+per request there is a measurable share of a hello-world request.
 The header deadline runs from the first byte of a head and is not extended by
 later bytes; the body deadline is extended by each piece of body.
 
@@ -227,7 +230,8 @@ class RequestReader:
         else:
             url = self.url = piece
             if self.phase is not HEAD:  # a new request: its head deadline starts now
-                self.enter(HEAD)
+                self.phase = HEAD  # enter(HEAD), written out: once per request
+                self.deadline = self.context.clock + self.header_timeout
         if len(url) > self.max_request_line:
             self.reject(414, f"request target is longer than {self.max_request_line} bytes")
 
@@ -340,7 +344,8 @@ class RequestReader:
         self.head_size = 0
         self.host_count = 0
         self.head_done = False
-        self.enter(IDLE)
+        self.phase = IDLE  # enter(IDLE), written out: once per request
+        self.deadline = 0.0
         if len(self.pending) >= self.max_pipelined:
             self.flow.read_paused = True
 

@@ -228,7 +228,8 @@ class HttpConnection(asyncio.Protocol):
                 if reader.rejection is None and not (
                     self.peer_closed or flow.read_paused or reader.continue_owed
                 ):
-                    reader.start_keepalive()  # the last request is answered
+                    if not reader.deadline and reader.phase is IDLE:
+                        reader.start_keepalive()  # the last request is answered
                     break
                 if not self._settle_pipeline():
                     break
@@ -285,7 +286,8 @@ class HttpConnection(asyncio.Protocol):
         self.stats.requests += 1
         route = self.resolve(request)
         if route.__class__ is Response:  # 404, 405: cheaper than isinstance on the hot path
-            self._respond(request, route)  # type: ignore[arg-type]
+            if not self.writer.respond(request, route):  # type: ignore[arg-type]
+                self._enter(CLOSING)
             return
         if not route.is_async:  # type: ignore[union-attr]
             try:
@@ -298,7 +300,8 @@ class HttpConnection(asyncio.Protocol):
             except Exception:
                 response = self._handler_failed(request)
             if response.stream is None:
-                self._respond(request, response)
+                if not self.writer.respond(request, response):
+                    self._enter(CLOSING)
                 return
             self._start_task(request, self._run_handler(request, None, response))
             return
@@ -442,7 +445,10 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        self.writer.flush()
+        output = self.writer.output  # ResponseWriter.flush, written out: once per read
+        if output:
+            transport.write(output[0] if len(output) == 1 else b"".join(output))
+            output.clear()
         if self.phase is CLOSING and self.active_request is None:
             self._close_when_sent(transport)
 
