@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from forkloop.loadtest.servers import descendants, free_port
@@ -47,7 +46,11 @@ def pid(request):
 @app.get("/slow")
 async def slow(request):
     import asyncio
+    import pathlib
 
+    mark = request.query_param("mark")
+    if mark:  # tells the test the handler runs
+        pathlib.Path(mark).touch()
     await asyncio.sleep(int(request.query_param("ms", "1000")) / 1000)
     return Response(f"slow {os.getpid()}")
 """
@@ -206,7 +209,3 @@ def _parent(pid: int) -> int:
             return int(stat.read().rpartition(")")[2].split()[1])
     except OSError:
         return -1
-
-
-def monotonic() -> float:
-    return time.monotonic()
