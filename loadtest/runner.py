@@ -68,6 +68,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..server import backends
+from ..server.scoreboard import CACHE_COUNTERS, CANCEL_COUNTERS
 from .report import ScenarioRun, markdown, read_locust_results, write_plot
 from .servers import ServerProcess, forkloop_server, python
 
@@ -84,20 +85,9 @@ SCENARIOS = {
 }
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 RAMP_LOCUSTFILE = Path(__file__).with_name("ramp.py")
-COUNTERS = (
-    "requests",
-    "connections_total",
-    "cache_hits",
-    "cache_misses",
-    "cache_stale",
-    "cache_updating",
-    "cache_bypass",
-    "cache_coalesced",
-    "cache_computations",
-    "cancelled_disconnect",
-    "cancelled_deadline",
-    "cancelled_shutdown",
-)
+# The server's counters a run reports, by the names the scoreboard gives them (it
+# lists every counter once): requests, connections, the cache and cancellations.
+COUNTERS = ("requests", "connections_total", *CACHE_COUNTERS, *CANCEL_COUNTERS)
 HEARTBEAT_SECONDS = 1.0  # how often a worker publishes its counters (the master's default)
 STOP_TIMEOUT = 5  # seconds locust lets a user finish its request at the end of a run
 VERSIONED = ("forkloop", "locust", "uvloop", "httptools", "matplotlib")
