@@ -57,6 +57,7 @@ class ResponseWriter:
         self.client = client
         self.output: list[bytes] = []
         self.requests_left = context.limits.max_keepalive_requests
+        self.stream_keep_alive = False  # what respond() said when begin_stream sent a 500
 
     def detach(self) -> None:
         """The connection is lost: nothing more is written."""
@@ -122,14 +123,10 @@ class ResponseWriter:
         log.error("response to %s %s dropped: %s", request.method, request.path, problem)
         return error_response(500, "the handler made a response that cannot be sent")
 
-    async def stream(self, request: Request, response: Response) -> bool:
-        """Send a streaming response: chunked, or close-delimited for HTTP/1.0 clients.
-        False if the connection must close after it.
-
-        A body cut short (error, cancellation) can only be told to the client by
-        closing the connection, so that is what happens."""
-        stream = response.stream
-        assert stream is not None
+    def begin_stream(self, request: Request, response: Response) -> BodyStream | None:
+        """Write the head of a response whose body follows in pieces; the returned
+        `BodyStream` sends them. None when the head could not be sent: a 500 went
+        out instead (see `respond`), and the body is not wanted."""
         try:
             keep_alive = self.keep_alive_after(request) and not response.wants_close()
             declared = response.declared_length()
@@ -153,48 +150,39 @@ class ResponseWriter:
             )
         except HeaderError as exc:
             self.requests_left += 1  # counted again by respond
-            keep_alive = self.respond(request, self._unsendable(request, exc))
-            await _close_stream(stream)
-            return keep_alive
+            self.stream_keep_alive = self.respond(request, self._unsendable(request, exc))
+            return None
         self.output.append(head)
         self.flush()
-        sent = 0
-        body_wanted = request.method != "HEAD"
+        return BodyStream(self, request, response.status, keep_alive, chunked, declared)
+
+    async def stream(self, request: Request, response: Response) -> bool:
+        """Send a streaming response: chunked, or close-delimited for HTTP/1.0 clients.
+        False if the connection must close after it.
+
+        A body cut short (error, cancellation) can only be told to the client by
+        closing the connection, so that is what happens."""
+        stream = response.stream
+        assert stream is not None
         try:
-            if body_wanted:
-                async for chunk in stream:
-                    if not chunk:
-                        continue
-                    sent += len(chunk)
-                    if declared is not None and sent > declared:
-                        raise RuntimeError(f"stream sent more than its Content-Length {declared}")
-                    transport = self.transport
-                    if transport is None or transport.is_closing():
-                        # the client is gone (connection_lost may be a loop turn away): a
-                        # generator that never suspends would otherwise write into the void
-                        return False
-                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                    if self.flow.write_paused:
-                        await self.flow.drain(self.context.loop)
-            if declared is not None and sent != declared and body_wanted:
-                raise RuntimeError(f"stream sent {sent} of its Content-Length {declared}")
-            if chunked and body_wanted and self.transport is not None:
-                self.transport.write(b"0\r\n\r\n")
-        except (asyncio.CancelledError, ConnectionError):
-            self._cut_short()
-            raise
-        except Exception:
-            log.exception("streaming response to %s %s failed", request.method, request.path)
-            self._cut_short()
-            keep_alive = False
+            body = self.begin_stream(request, response)
+            if body is None:
+                return self.stream_keep_alive
+            try:
+                if body.wanted:
+                    async for chunk in stream:
+                        if not await body.write(chunk):
+                            return False  # the client is gone
+                return body.finish()
+            except (asyncio.CancelledError, ConnectionError):
+                body.cut_short()
+                raise
+            except Exception:
+                log.exception("streaming response to %s %s failed", request.method, request.path)
+                body.cut_short()
+                return False
         finally:
             await _close_stream(stream)
-        self.context.count_response(request, response.status, sent)
-        return keep_alive
-
-    def _cut_short(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
 
     def refuse(self, status: int, reason: str) -> None:
         """Append the answer to a request refused for its framing or a timeout."""
@@ -217,6 +205,75 @@ class ResponseWriter:
         if output and self.transport is not None:
             self.transport.write(output[0] if len(output) == 1 else b"".join(output))
             output.clear()
+
+
+class BodyStream:
+    """The body of one streamed response, sent piece by piece after its head.
+
+    `write` waits while the transport's buffer is above its high-water mark, so
+    a producer can never run ahead of the client by more than one buffer.
+    `finish` ends the body (the last chunk, or the declared length checked) and
+    counts the response; `cut_short` closes the connection instead, the only way
+    to tell a client that a body ended early."""
+
+    __slots__ = ("writer", "request", "status", "keep_alive", "chunked", "declared", "sent")
+
+    def __init__(
+        self,
+        writer: ResponseWriter,
+        request: Request,
+        status: int,
+        keep_alive: bool,
+        chunked: bool,
+        declared: int | None,
+    ) -> None:
+        self.writer = writer
+        self.request = request
+        self.status = status
+        self.keep_alive = keep_alive
+        self.chunked = chunked
+        self.declared = declared
+        self.sent = 0
+
+    @property
+    def wanted(self) -> bool:
+        """False for the answer to HEAD: its body is never sent."""
+        return self.request.method != "HEAD"
+
+    async def write(self, chunk: bytes) -> bool:
+        """Send one piece; False when the client is gone (nothing was sent)."""
+        if not chunk or not self.wanted:
+            return True
+        sent = self.sent = self.sent + len(chunk)
+        declared = self.declared
+        if declared is not None and sent > declared:
+            raise RuntimeError(f"stream sent more than its Content-Length {declared}")
+        writer = self.writer
+        transport = writer.transport
+        if transport is None or transport.is_closing():
+            # the client is gone (connection_lost may be a loop turn away): a
+            # producer that never suspends would otherwise write into the void
+            return False
+        transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self.chunked else chunk)
+        if writer.flow.write_paused:
+            await writer.flow.drain(writer.context.loop)
+        return True
+
+    def finish(self) -> bool:
+        """End the body and count the response; False if the connection must close."""
+        declared, sent = self.declared, self.sent
+        if declared is not None and sent != declared and self.wanted:
+            raise RuntimeError(f"stream sent {sent} of its Content-Length {declared}")
+        transport = self.writer.transport
+        if self.chunked and self.wanted and transport is not None:
+            transport.write(b"0\r\n\r\n")
+        self.writer.context.count_response(self.request, self.status, sent)
+        return self.keep_alive
+
+    def cut_short(self) -> None:
+        transport = self.writer.transport
+        if transport is not None:
+            transport.close()
 
 
 def _connection_line(request: Request, keep_alive: bool) -> bytes:
