@@ -126,7 +126,10 @@ class AccessLog:
 
     def write(self, request: Request | None, status: int, size: int) -> None:
         """Count the response and log its line; called once per response."""
-        seconds = self.metrics.observe(request, status) if self.metrics is not None else None
+        started = getattr(request, "dispatched_at", None)
+        seconds = None if started is None else time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.observe(request, status, seconds)
         if not self.lines:
             return
         if request is None:

@@ -3,8 +3,8 @@
 Three parts, one per process role:
 
 * `RequestMetrics` lives in each worker. The connection layer reports every
-  response once (through `server.logs.AccessLog.write`); `observe` turns it
-  into a few list increments: responses by method and status, and the
+  response once (through `server.logs.AccessLog.write`, which measures its
+  latency); `observe` turns it into a few list increments: responses by method and status, and the
   latency histogram. The worker publishes them with its other counters on its
   heartbeat, into its scoreboard slot (`server.scoreboard` names every
   counter, once).
@@ -76,23 +76,16 @@ class RequestMetrics:
         self.values = [0] * (len(RESPONSE_COUNTERS) + len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
 
-    def observe(self, request: Request | None, status: int) -> float | None:
-        """Count one response; its latency in seconds (None for a request never dispatched)."""
-        if request is None:  # refused before it was a request (400, 413 on the head, 503)
-            row = _OTHER_METHOD
-            started = None
-        else:
-            row = _METHOD_ROWS.get(request.method, _OTHER_METHOD)
-            started = getattr(request, "dispatched_at", None)
+    def observe(self, request: Request | None, status: int, seconds: float | None) -> None:
+        """Count one response; ``seconds`` since its dispatch (None: never dispatched)."""
+        # None: refused before it was a request (400, 413 on the head, 503)
+        row = _OTHER_METHOD if request is None else _METHOD_ROWS.get(request.method, _OTHER_METHOD)
         column = _STATUS_COLUMNS[status] if 100 <= status < 600 else len(STATUSES) - 1
         values = self.values
         values[row * len(STATUSES) + column] += 1
-        if started is None:
-            return None
-        seconds = time.perf_counter() - started
-        values[_FIRST_LATENCY + bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.latency_sum += seconds
-        return seconds
+        if seconds is not None:
+            values[_FIRST_LATENCY + bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            self.latency_sum += seconds
 
     def counters(self) -> dict[str, int]:
         """Named as the scoreboard names them."""

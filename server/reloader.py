@@ -48,7 +48,6 @@ def start_reloader(config: Config, launch_dir: str) -> subprocess.Popen[bytes]:
     directory = watched_directory(config, launch_dir)
     command = [sys.executable, "-m", "forkloop.server.reloader", str(os.getpid()), directory]
     command += ["--log-level", config.log_level]
-    log.info("reload: watching the .py files under %s (development only)", directory)
     return subprocess.Popen(command)  # fds are not inherited: no socket of the master's
 
 
@@ -69,13 +68,17 @@ def watch(master_pid: int, directory: str) -> None:
         stop_event=stop,
         debounce=200,
         step=50,
-        rust_timeout=1000,
+        rust_timeout=200,
         yield_on_timeout=True,
         raise_interrupt=False,
     )
+    watching = False
     for changes in changes_seen:
         if os.getppid() != master_pid:
             return
+        if not watching:  # the first wake-up: the watch is in place
+            log.info("reload: watching the .py files under %s (development only)", directory)
+            watching = True
         if not changes:
             continue
         files = sorted({os.path.relpath(path, directory) for _, path in changes})
