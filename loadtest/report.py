@@ -47,12 +47,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..server.scoreboard import CANCEL_COUNTERS
 from .servers import CLOCK_TICKS
 
 MEASURABLE_CPU_TICKS = 5  # /proc counts CPU in clock ticks (10 ms): fewer is ±20 % or worse
 CACHE_LOOKUPS = ("cache_hits", "cache_misses", "cache_stale", "cache_updating", "cache_bypass")
 CACHE_ANSWERS = ("cache_hits", "cache_stale", "cache_updating")
-CANCELLATIONS = ("cancelled_disconnect", "cancelled_deadline", "cancelled_shutdown")
 
 
 @dataclass
@@ -128,7 +128,7 @@ class ScenarioRun:
 
     @property
     def cancellations(self) -> int:
-        return sum(self.server_counters.get(name, 0) for name in CANCELLATIONS)
+        return sum(self.server_counters.get(name, 0) for name in CANCEL_COUNTERS)
 
     def to_json(self) -> dict[str, Any]:
         """Everything measured, and what is derived from it, for ``results.json``."""
@@ -310,8 +310,40 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+def _short_number(value: float) -> str:
+    """``950``, ``12.3k``, ``1.2M``: a bar label that fits above a narrow bar."""
+    if value is None or math.isnan(value) or value <= 0:
+        return ""
+    if value >= 1e6:
+        return f"{value / 1e6:.1f}M"
+    if value >= 1e4:
+        return f"{value / 1e3:.0f}k"
+    if value >= 1e3:
+        return f"{value / 1e3:.1f}k"
+    return f"{value:.0f}"
+
+
+def _short_latency(milliseconds: float) -> str:
+    """Two significant figures: ``0.42``, ``3.1``, ``57``, ``1.2k`` (milliseconds)."""
+    if milliseconds is None or math.isnan(milliseconds) or milliseconds <= 0:
+        return ""
+    if milliseconds >= 1000:
+        return _short_number(milliseconds)
+    return f"{milliseconds:.2g}" if milliseconds < 100 else f"{milliseconds:.0f}"
+
+
 def write_plot(runs: list[ScenarioRun], path: str, title: str) -> None:
     """``report.png``: requests/s and p99 per scenario and server, and requests/s over time."""
+    import matplotlib.pyplot as plt
+
+    figure = plot(runs, title)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot(runs: list[ScenarioRun], title: str) -> Any:
+    """The report's figure: titles name only the scenarios that ran, each run's line
+    starts at its scenario's marker on the time axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -331,21 +363,31 @@ def write_plot(runs: list[ScenarioRun], path: str, title: str) -> None:
     figure.suptitle(title, fontsize=11)
 
     width = 0.8 / max(len(series), 1)
+    # Upright labels while they fit beside each other; turned when the bars are narrow.
+    upright = len(series) * len(scenarios) <= 12
+    label_style: dict[str, Any] = {
+        "fontsize": 8 if upright else 7,
+        "rotation": 0 if upright else 90,
+        "padding": 2,
+    }
     for index, name in enumerate(series):
         positions = [s + (index - (len(series) - 1) / 2) * width for s in range(len(scenarios))]
         rates = [getattr(by_key.get((s, name)), "requests_per_second", 0) for s in scenarios]
         p99s = [getattr(by_key.get((s, name)), "p99_ms", math.nan) for s in scenarios]
         bars = rate_axes.bar(positions, rates, width, label=name, color=colours[name])
-        rate_axes.bar_label(bars, fmt="{:,.0f}", fontsize=7, rotation=90, padding=2)
+        rate_axes.bar_label(bars, labels=[_short_number(r) for r in rates], **label_style)
         bars = p99_axes.bar(positions, p99s, width, label=name, color=colours[name])
-        p99_axes.bar_label(bars, fmt="{:,.0f}", fontsize=7, rotation=90, padding=2)
+        p99_axes.bar_label(bars, labels=[_short_latency(p) for p in p99s], **label_style)
     for axes, label in ((rate_axes, "requests/s"), (p99_axes, "p99 latency, ms (log)")):
         axes.set_xticks(range(len(scenarios)), scenarios)
         axes.set_ylabel(label)
         axes.grid(axis="y", alpha=0.3)
     rate_axes.set_title("requests/s per scenario")
     rate_axes.margins(y=0.25)
-    p99_axes.set_title("p99 latency per scenario (cancel: the client's timeout)")
+    p99_axes.set_title(
+        "p99 latency per scenario"
+        + (" (cancel: the client's timeout)" if "cancel" in scenarios else "")
+    )
     p99_axes.set_yscale("log")
     p99_axes.margins(y=0.25)
     if series:
@@ -362,19 +404,22 @@ def write_plot(runs: list[ScenarioRun], path: str, title: str) -> None:
             run = by_key.get((scenario, name))
             if run is not None and run.history:
                 seconds, rates = zip(*run.history, strict=True)
+                # from the scenario's marker: the run's first rate holds from its start
                 time_axes.plot(
-                    [start + second for second in seconds],
-                    rates,
+                    [start, *(start + second for second in seconds)],
+                    [rates[0], *rates],
                     color=colours[name],
                     label=name if position == 0 else None,
                     linewidth=1.2,
                 )
-    time_axes.set_title("requests/s over time, second by second (scenarios one after another)")
+    time_axes.set_title(
+        "requests/s over time, second by second"
+        + (" (scenarios one after another)" if len(scenarios) > 1 else f" ({', '.join(scenarios)})")
+    )
     time_axes.set_xlabel("seconds")
     time_axes.set_ylabel("requests/s (log)")
     time_axes.grid(alpha=0.3)
     time_axes.set_yscale("log")
     if series:
         time_axes.legend(fontsize=8, loc="upper right")
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    return figure
