@@ -128,7 +128,7 @@ def run_serve(serve_argv: list[str]) -> int:
     return serve(config, serve_argv, launch_dir)
 
 
-def _usage_error(exc: BaseException) -> int:
+def _usage_error(exc: BaseException | str) -> int:
     print(f"forkloop: {exc}", file=sys.stderr)
     return USAGE_ERROR
 

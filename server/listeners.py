@@ -23,7 +23,9 @@ from __future__ import annotations
 import os
 import socket
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def bind(
     if address.family == socket.AF_UNIX:
         _remove_stale_unix_socket(address.host)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target: object = address.host
+        target: Any = address.host
     else:
         infos = socket.getaddrinfo(
             address.host, address.port, address.family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
@@ -153,9 +155,9 @@ UPGRADE_METRICS_FD_ENV = "FORKLOOP_METRICS_FD"  # and its /metrics listener
 UPGRADE_FROM_ENV = "FORKLOOP_UPGRADE_FROM"  # the old master's pid: its ports are ours
 
 
-def inherited_metrics_socket(environ: dict[str, str] | None = None) -> socket.socket | None:
+def inherited_metrics_socket(environ: Mapping[str, str] | None = None) -> socket.socket | None:
     """The ``/metrics`` listener an upgrading master handed over, if any."""
-    environ = os.environ if environ is None else environ
+    environ = environ if environ is not None else os.environ
     text = environ.get(UPGRADE_METRICS_FD_ENV)
     os.environ.pop(UPGRADE_METRICS_FD_ENV, None)
     if not text:
@@ -166,19 +168,19 @@ def inherited_metrics_socket(environ: dict[str, str] | None = None) -> socket.so
     return sock
 
 
-def is_upgrade(environ: dict[str, str] | None = None) -> bool:
+def is_upgrade(environ: Mapping[str, str] | None = None) -> bool:
     """True in a master started by USR2 (its ports are still held by the old master)."""
-    environ = os.environ if environ is None else environ
+    environ = environ if environ is not None else os.environ
     return bool(environ.get(UPGRADE_FROM_ENV))
 
 
-def inherited_sockets(environ: dict[str, str] | None = None) -> list[socket.socket]:
+def inherited_sockets(environ: Mapping[str, str] | None = None) -> list[socket.socket]:
     """Listening sockets handed over by an upgrading master or by systemd, if any.
 
     ``FORKLOOP_LISTEN_FDS=3,4`` is what `forkloop` sets on USR2; systemd socket
     activation sets ``LISTEN_FDS=N`` (fds 3..3+N-1) and ``LISTEN_PID``.
     """
-    environ = os.environ if environ is None else environ
+    environ = environ if environ is not None else os.environ
     fds: list[int] = []
     if environ.get(UPGRADE_FDS_ENV):
         fds = [int(fd) for fd in environ[UPGRADE_FDS_ENV].split(",")]

@@ -139,8 +139,8 @@ class AccessLog:
             method = request.method
             target = request.target.decode("latin-1")
             line = f"{method} {target} HTTP/{request.version}"
-            referer = request.headers.get("referer", "-")
-            agent = request.headers.get("user-agent", "-")
+            referer = request.headers.get("referer") or "-"
+            agent = request.headers.get("user-agent") or "-"
         stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z")
         if self.template is COMBINED_FORMAT or self.template == COMBINED_FORMAT:
             text = f'{client} - - [{stamp}] "{line}" {status} {size} "{referer}" "{agent}"\n'

@@ -516,7 +516,7 @@ class Master:
         log.info(
             "reload: generation %d serving; old workers stop gracefully", self.reload_generation
         )
-        self.generation = self.reload_generation
+        self.generation = self.reload_generation or self.generation
         self.reload_generation = None
 
     def reopen_logs(self) -> None:

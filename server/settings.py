@@ -208,9 +208,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # %(default)s in the help texts: argparse fills it from the action's default,
     # which is SUPPRESS here, so the texts are expanded now.
     for action in parser._actions:
-        option = BY_NAME.get(action.dest)
-        if option is not None and action.help and "%(default)s" in action.help:
-            action.help = action.help.replace("%(default)s", str(option.default)).replace("%", "%%")
+        described = BY_NAME.get(action.dest)
+        if described is not None and action.help and "%(default)s" in action.help:
+            default = str(described.default)
+            action.help = action.help.replace("%(default)s", default).replace("%", "%%")
         elif action.help:
             action.help = action.help.replace("%", "%%").replace("%%(default)s", "%(default)s")
 
