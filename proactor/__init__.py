@@ -25,10 +25,7 @@ the variable. ``loop.engine_name`` says which one a loop runs on.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
-
+from ..reactor.policy import LoopPolicy
 from .engine import EngineUnavailable
 from .loop import EventLoop
 
@@ -42,8 +39,6 @@ __all__ = [
     "new_uring_event_loop",
     "run",
 ]
-
-T = TypeVar("T")
 
 
 def new_event_loop() -> EventLoop:
@@ -61,24 +56,9 @@ def new_emulated_event_loop() -> EventLoop:
     return EventLoop("emulated")
 
 
-class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+class EventLoopPolicy(LoopPolicy, loop_factory=new_event_loop):
     """The default asyncio policy, except that its new loops are proactor loops."""
 
-    def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        return new_event_loop()
 
-
-def install() -> None:
-    """Make proactor loops the default: ``asyncio.run()`` and friends then use them."""
-    asyncio.set_event_loop_policy(EventLoopPolicy())
-
-
-def run(
-    main: Coroutine[Any, Any, T],
-    *,
-    debug: bool | None = None,
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] = new_event_loop,
-) -> T:
-    """Run ``main`` to completion on a fresh proactor loop, like `asyncio.run`."""
-    with asyncio.Runner(debug=debug, loop_factory=loop_factory) as runner:
-        return runner.run(main)
+install = EventLoopPolicy.install
+run = EventLoopPolicy.run

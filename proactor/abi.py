@@ -182,6 +182,9 @@ CQE_F_NOTIF = 1 << 3
 CQE_F_BUF_MORE = 1 << 4
 CQE_BUFFER_SHIFT = 16
 
+# One completion as the engines report it: (cqe->user_data, cqe->res, cqe->flags).
+Completion = tuple[int, int, int]
+
 # --- mmap offsets -------------------------------------------------------------------
 
 OFF_SQ_RING = 0

@@ -75,8 +75,7 @@ from dataclasses import dataclass
 
 from ..reactor.poller import new_poller
 from . import abi
-
-Completion = tuple[int, int, int]
+from .abi import Completion
 
 _MORE = abi.CQE_F_MORE
 _BUFFER = abi.CQE_F_BUFFER

@@ -17,14 +17,19 @@ their completions back. Two exist, with one interface:
 
 What the loop relies on, from either engine
 -------------------------------------------
+`CompletionEngine` declares it, once; mypy checks both engines against it
+(`open_engine` returns either), so they cannot drift apart. In words:
 ``prepare_accept`` (multishot when ``capabilities.multishot_accept``),
 ``prepare_recv_provided`` from one buffer group per loop (multishot when
 ``capabilities.multishot_recv``) or ``prepare_recv`` into a buffer of the
 caller's, ``prepare_send``, ``prepare_sendmsg``, ``prepare_poll_add`` (one-shot),
-``prepare_cancel`` by user_data, ``prepare_close``; ``provide_buffers``;
-``submit(wait_for, timeout)`` and ``completions()``; ``close()``. Results are
-io_uring's: a byte count or ``-errno``; ``IORING_CQE_F_MORE`` on every
-completion of a multishot operation except its last.
+``prepare_cancel`` by user_data, ``prepare_close``; ``provide_buffers``
+(a `ReceiveBuffers` group); ``submit(wait_for, timeout)`` and
+``completions()``; ``close()``. Results are io_uring's: a byte count or
+``-errno``; ``IORING_CQE_F_MORE`` on every completion of a multishot operation
+except its last. Every operation is named by its ``user_data``, unique among
+the operations in flight, and the engine holds what an operation points at
+until the operation's last completion.
 
 Choosing
 --------
@@ -48,8 +53,12 @@ from __future__ import annotations
 
 import logging
 import os
+import select
+from collections.abc import Iterable
+from typing import Protocol
 
 from . import abi
+from .abi import Completion
 from .emulated import EmulatedRing
 from .ring import Ring, RingUnavailable
 
@@ -80,7 +89,140 @@ REQUIRED_OPCODES = {
 
 logger = logging.getLogger("proactor")
 
-Engine = Ring | EmulatedRing
+
+class EngineCapabilities(Protocol):
+    """What an engine can do; the loop picks multishot forms and buffer rings by it."""
+
+    @property
+    def multishot_accept(self) -> bool: ...
+    @property
+    def multishot_recv(self) -> bool: ...
+    @property
+    def buffer_rings(self) -> bool: ...
+    @property
+    def cancel_by_fd(self) -> bool: ...
+    @property
+    def multishot_poll(self) -> bool: ...
+    @property
+    def wait_deadline_argument(self) -> bool: ...
+    @property
+    def msg_ring(self) -> bool: ...
+    @property
+    def deferred_task_run(self) -> bool: ...
+
+    def describe(self) -> str:
+        """A paragraph for logs and reports."""
+
+
+class ReceiveBuffers(Protocol):
+    """A provided-buffer group: ``count`` buffers of ``size`` bytes a receive may fill."""
+
+    @property
+    def group_id(self) -> int: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def lent(self) -> int:
+        """Buffers the application took and has not recycled."""
+
+    def consume(self, cqe_flags: int, length: int) -> bytes:
+        """The bytes a completion delivered; the buffer is the engine's again at once."""
+
+    def take(self, cqe_flags: int, length: int) -> tuple[int, memoryview]:
+        """Claim the buffer a completion names: its id and a view of its bytes."""
+
+    def recycle(self, buffer_id: int) -> None:
+        """Give a taken buffer back."""
+
+    def close(self) -> None: ...
+
+
+class CompletionEngine(Protocol):
+    """Operations in, completions out: io_uring's interface, which both engines implement.
+
+    ``prepare_*`` queue an operation under ``user_data`` and nothing more;
+    `submit` hands over everything queued and waits; `completions` returns
+    ``(user_data, result, flags)`` for each completion posted, oldest first.
+    """
+
+    @property
+    def capabilities(self) -> EngineCapabilities: ...
+
+    def prepare_nop(self, user_data: int) -> None: ...
+
+    def prepare_accept(
+        self, user_data: int, fd: int, *, multishot: bool = False, flags: int = ...
+    ) -> None: ...
+
+    def prepare_recv(
+        self,
+        user_data: int,
+        fd: int,
+        buffer: object,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        flags: int = 0,
+    ) -> None: ...
+
+    def prepare_recv_provided(
+        self, user_data: int, fd: int, group_id: int, *, multishot: bool = True, flags: int = 0
+    ) -> None: ...
+
+    def prepare_send(
+        self,
+        user_data: int,
+        fd: int,
+        buffer: object,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        flags: int = ...,
+    ) -> None: ...
+
+    def prepare_sendmsg(
+        self,
+        user_data: int,
+        fd: int,
+        buffers: Iterable[object],
+        *,
+        address: bytes | None = None,
+        flags: int = ...,
+    ) -> None: ...
+
+    def prepare_poll_add(
+        self, user_data: int, fd: int, events: int = select.POLLIN, *, multishot: bool = False
+    ) -> None: ...
+
+    def prepare_close(self, user_data: int, fd: int) -> None: ...
+
+    def prepare_cancel(
+        self, user_data: int, target_user_data: int, *, every: bool = False
+    ) -> None: ...
+
+    def prepare_cancel_fd(self, user_data: int, fd: int) -> None: ...
+
+    def provide_buffers(self, count: int, size: int, group_id: int = 0) -> ReceiveBuffers: ...
+
+    def submit(self, wait_for: int = 0, timeout: float | None = None) -> int:
+        """Hand over what was queued; wait (up to ``timeout``) for ``wait_for`` completions."""
+
+    def completions(self) -> list[Completion]:
+        """Every completion posted so far, oldest first."""
+
+    @property
+    def in_flight(self) -> int:
+        """Operations queued or submitted whose last completion has not been read."""
+
+    def owns(self, user_data: int) -> bool:
+        """True while operation ``user_data`` still holds what it points at."""
+
+    def fileno(self) -> int: ...
+
+    def close(self, drain_timeout: float = 1.0) -> None:
+        """End every operation (cancel, wait up to ``drain_timeout``), then release the engine."""
 
 
 class EngineUnavailable(RuntimeError):
@@ -124,7 +266,7 @@ def open_uring() -> Ring:
     return ring
 
 
-def open_engine(choice: str | None = None) -> tuple[Engine, str]:
+def open_engine(choice: str | None = None) -> tuple[CompletionEngine, str]:
     """The engine for a new loop and its name, ``"uring"`` or ``"emulated"``."""
     wanted = requested_engine(choice)
     if wanted == "emulated":

@@ -93,7 +93,7 @@ from typing import Any
 
 from ..reactor.loop import LoopCore
 from ..reactor.networking import Networking
-from ..reactor.readiness import ReadinessOperations, _check_sendfile_params
+from ..reactor.readiness import ReadinessOperations, check_sendfile_params
 from ..reactor.servers import Server
 from ..reactor.subprocesses import Subprocesses
 from . import abi
@@ -322,7 +322,7 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
             raise asyncio.SendfileNotAvailableError(
                 "the proactor sends files by reading them; there is no zero-copy path"
             )
-        _check_sendfile_params(transport.get_extra_info("socket"), file, offset, count)
+        check_sendfile_params(transport.get_extra_info("socket"), file, offset, count)
         await transport._wait_until_drained()
         file.seek(offset)
         total = 0

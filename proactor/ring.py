@@ -122,6 +122,7 @@ import time
 import weakref
 
 from . import abi
+from .abi import Completion
 from .buffers import ProvidedBuffers, pin
 from .operations import Capabilities, Operations, Wakeup, split_seconds
 
@@ -318,7 +319,7 @@ class Ring(Operations):
         self._enabled = not self.setup_flags & abi.SETUP_R_DISABLED
         self._enter_flags = abi.ENTER_GETEVENTS if self.setup_flags & abi.SETUP_DEFER_TASKRUN else 0
         self._in_flight: dict[int, object] = {}
-        self._backlog: list[tuple[int, int, int]] = []
+        self._backlog: list[Completion] = []
         self._buffer_groups: dict[int, ProvidedBuffers] = {}
         self._internal_serial = 0
         self._internal: set[int] = set()  # in-flight user_data of the ring's own operations
@@ -571,7 +572,7 @@ class Ring(Operations):
         """Before 5.11 the wait deadline is a TIMEOUT SQE, whose CQE `completions` drops."""
         self.prepare_timeout(self._internal_user_data(), timeout, count=1)
 
-    def completions(self) -> list[tuple[int, int, int]]:
+    def completions(self) -> list[Completion]:
         """Every completion posted so far as ``(user_data, res, flags)``, oldest first.
 
         Reading them advances the CQ head once. An operation's pinned memory is
@@ -591,7 +592,7 @@ class Ring(Operations):
             ready = self._drop_internal(ready)
         return ready
 
-    def _reap(self, ready: list[tuple[int, int, int]]) -> None:
+    def _reap(self, ready: list[Completion]) -> None:
         words = self._cq_words
         head = words[self._cq_head_index]
         tail = words[self._cq_tail_index]
@@ -620,7 +621,7 @@ class Ring(Operations):
                     in_flight.pop(entry[0], None)
         words[self._cq_head_index] = tail  # the slots are the kernel's again
 
-    def _flush_overflow(self, ready: list[tuple[int, int, int]]) -> None:
+    def _flush_overflow(self, ready: list[Completion]) -> None:
         """Completions wait in the kernel's overflow list: enter to move them into the CQ."""
         for _ in range(64):
             result = _enter(self._fd, 0, 0, abi.ENTER_GETEVENTS)
@@ -630,7 +631,7 @@ class Ring(Operations):
             if not self._sq_words[self._sq_flags_index] & abi.SQ_CQ_OVERFLOW:
                 return
 
-    def _drop_internal(self, ready: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    def _drop_internal(self, ready: list[Completion]) -> list[Completion]:
         internal = self._internal
         kept = []
         for entry in ready:

@@ -13,7 +13,8 @@ loop and its invariants), `reactor.eventloop` (how the parts are assembled),
 `reactor.poller` (epoll and the `selectors` fallback), `reactor.timers`,
 `reactor.wakeup` (threads and signals), `reactor.readiness` (fd callbacks and
 ``sock_*``), `reactor.transports`, `reactor.servers`, `reactor.networking`
-(addresses, TLS) and `reactor.subprocesses` with `reactor.pipes`.
+(addresses, TLS) and `reactor.subprocesses` with `reactor.pipes`;
+`reactor.policy` makes ``install`` and ``run`` (the proactor's too).
 
 Set ``REACTOR_POLLER=selectors`` to run on the portable `selectors` poller
 instead of epoll (it is chosen automatically where epoll does not exist).
@@ -21,15 +22,10 @@ instead of epoll (it is chosen automatically where epoll does not exist).
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
-
 from .eventloop import EventLoop
+from .policy import LoopPolicy
 
 __all__ = ["EventLoop", "EventLoopPolicy", "install", "new_event_loop", "run"]
-
-T = TypeVar("T")
 
 
 def new_event_loop() -> EventLoop:
@@ -37,24 +33,9 @@ def new_event_loop() -> EventLoop:
     return EventLoop()
 
 
-class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+class EventLoopPolicy(LoopPolicy, loop_factory=new_event_loop):
     """The default asyncio policy, except that its new loops are reactor loops."""
 
-    def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        return new_event_loop()
 
-
-def install() -> None:
-    """Make reactor loops the default: ``asyncio.run()`` and friends then use them."""
-    asyncio.set_event_loop_policy(EventLoopPolicy())
-
-
-def run(
-    main: Coroutine[Any, Any, T],
-    *,
-    debug: bool | None = None,
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] = new_event_loop,
-) -> T:
-    """Run ``main`` to completion on a fresh reactor loop, like `asyncio.run`."""
-    with asyncio.Runner(debug=debug, loop_factory=loop_factory) as runner:
-        return runner.run(main)
+install = EventLoopPolicy.install
+run = EventLoopPolicy.run

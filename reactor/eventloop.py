@@ -27,24 +27,27 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
-from .loop import LoopCore
 from .networking import Networking
-from .poller import new_poller
-from .readiness import ReadinessOperations, _check_sendfile_params
+from .poller import WaitingPoller, new_poller
+from .readiness import ReadinessOperations, check_sendfile_params
 from .servers import Acceptor, Server
 from .subprocesses import Subprocesses
 from .transports import SocketTransport
 
 
-class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
+class EventLoop(ReadinessOperations, Subprocesses, Networking):
     """forkloop's readiness event loop: epoll (or `selectors`) under the asyncio API."""
+
+    _poller: WaitingPoller
 
     def __init__(self) -> None:
         self._poller = new_poller(self._report_io_error)
-        self._poll = self._poller.poll
-        self._transports: dict[int, Any] = {}
+        # The poller's own method, bound once: the core's poll reaches epoll with no
+        # frame of this class in between (the method below is what mypy sees).
+        self._poll = self._poller.poll  # type: ignore[method-assign]
+        self._transports = {}
         self._acceptors: dict[int, Acceptor] = {}
         super().__init__()
 
@@ -66,7 +69,7 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
         self._close_child_watchers()
         self._poller.close()
 
-    def _report_io_error(self, exc: BaseException, fd: int, callback: Any) -> None:
+    def _report_io_error(self, exc: BaseException, fd: int, callback: Callable[[], object]) -> None:
         self.call_exception_handler(
             {"message": f"Exception in I/O callback {callback!r} for fd {fd}", "exception": exc}
         )
@@ -74,7 +77,7 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
     async def sendfile(
         self,
         transport: asyncio.WriteTransport,
-        file: Any,
+        file: IO[bytes],
         offset: int = 0,
         count: int | None = None,
         *,
@@ -88,7 +91,7 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
                 f"the reactor sends files only over its own socket transports, not {transport!r}"
             )
         sock = transport._sock  # the socket itself, not the TransportSocket users see
-        _check_sendfile_params(sock, file, offset, count)
+        check_sendfile_params(sock, file, offset, count)
         await transport._wait_until_drained()
         try:
             return await self._sendfile_native(sock, file, offset, count)
@@ -103,7 +106,7 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
         self,
         sock: socket.socket,
         protocol: asyncio.BaseProtocol,
-        waiter: asyncio.Future | None = None,
+        waiter: asyncio.Future[None] | None = None,
         extra: dict[str, Any] | None = None,
         server: Server | None = None,
     ) -> SocketTransport:

@@ -73,10 +73,11 @@ import threading
 import traceback
 import warnings
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator
 from contextvars import Context
 from time import monotonic
-from typing import Any
+from types import TracebackType
+from typing import Any, Literal, TypeVar, TypeVarTuple
 
 from .timers import CLOCK_RESOLUTION, TimerQueue
 from .wakeup import SignalHandlers, WakeupChannel
@@ -87,14 +88,36 @@ logger = logging.getLogger("asyncio")
 MAXIMUM_POLL_TIMEOUT = 24 * 3600.0
 DEBUG_STACK_DEPTH = 10
 
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+# The context of an error report: "message", "exception" and whatever else the
+# reporter adds ("transport", "handle", "socket", ...), values of any type.
+ErrorContext = dict[str, Any]
+ExceptionHandler = Callable[[asyncio.AbstractEventLoop, ErrorContext], object]
+# A task factory is called (loop, coroutine) and, from 3.13 on, context=...; what
+# it returns is the task of a coroutine of any result type.
+TaskFactory = Callable[..., "asyncio.Future[Any]"]
+AsyncgenHook = Callable[[AsyncGenerator[Any, Any]], None] | None
+# One entry of getaddrinfo(): (family, type, proto, canonical name, address), as typeshed has it.
+AddressInfo = (
+    tuple[Literal[socket.AddressFamily.AF_INET], socket.SocketKind, int, str, tuple[str, int]]
+    | tuple[
+        Literal[socket.AddressFamily.AF_INET6],
+        socket.SocketKind,
+        int,
+        str,
+        tuple[str, int, int, int] | tuple[int, bytes],
+    ]
+)
 
-def _stop_loop_when_done(future: asyncio.Future) -> None:
+
+def _stop_loop_when_done(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and isinstance(future.exception(), (SystemExit, KeyboardInterrupt)):
         return  # the exception already left run_forever(); stopping now would stop the next run
     future.get_loop().stop()
 
 
-def _set_result_unless_cancelled(future: asyncio.Future, result: object) -> None:
+def _set_result_unless_cancelled(future: asyncio.Future[None], result: None) -> None:
     if not future.cancelled():
         future.set_result(result)
 
@@ -112,13 +135,13 @@ class LoopCore(SignalHandlers, asyncio.AbstractEventLoop):
             not sys.flags.ignore_environment and bool(os.environ.get("PYTHONASYNCIODEBUG"))
         )
         self.slow_callback_duration = 0.1
-        self._exception_handler: Callable[..., object] | None = None
-        self._task_factory: Callable[..., asyncio.Future] | None = None
+        self._exception_handler: ExceptionHandler | None = None
+        self._task_factory: TaskFactory | None = None
         self._default_executor: concurrent.futures.Executor | None = None
         self._executor_shutdown_called = False
-        self._asyncgens: weakref.WeakSet = weakref.WeakSet()
+        self._asyncgens: weakref.WeakSet[AsyncGenerator[Any, Any]] = weakref.WeakSet()
         self._asyncgens_shutdown_called = False
-        self._previous_asyncgen_hooks: Any = None
+        self._previous_asyncgen_hooks: tuple[AsyncgenHook, AsyncgenHook] = (None, None)
         self._previous_origin_tracking_depth: int | None = None
         self._signal_handlers: dict[int, asyncio.Handle] = {}
         self._wakeup = WakeupChannel()
@@ -175,23 +198,24 @@ class LoopCore(SignalHandlers, asyncio.AbstractEventLoop):
             self._set_coroutine_origin_tracking(False)
             sys.set_asyncgen_hooks(*self._previous_asyncgen_hooks)
 
-    def run_until_complete(self, future: Any) -> Any:
+    def run_until_complete(self, future: Awaitable[T] | Generator[Any, None, T]) -> T:
         self._check_closed()
         self._check_not_running()
         new_task = not asyncio.isfuture(future)
-        future = asyncio.ensure_future(future, loop=self)
-        future.add_done_callback(_stop_loop_when_done)
+        # typeshed's ensure_future leaves out generator-based coroutines; it takes them.
+        running = asyncio.ensure_future(future, loop=self)  # type: ignore[arg-type]
+        running.add_done_callback(_stop_loop_when_done)
         try:
             self.run_forever()
         except BaseException:
-            if new_task and future.done() and not future.cancelled():
-                future.exception()  # the caller sees this exception; don't log it again
+            if new_task and running.done() and not running.cancelled():
+                running.exception()  # the caller sees this exception; don't log it again
             raise
         finally:
-            future.remove_done_callback(_stop_loop_when_done)
-        if not future.done():
+            running.remove_done_callback(_stop_loop_when_done)
+        if not running.done():
             raise RuntimeError("Event loop stopped before Future completed.")
-        return future.result()
+        return running.result()
 
     def _run_once(self) -> None:
         ready = self._ready
@@ -285,7 +309,10 @@ class LoopCore(SignalHandlers, asyncio.AbstractEventLoop):
         return monotonic()
 
     def call_soon(
-        self, callback: Callable[..., object], *args: Any, context: Context | None = None
+        self,
+        callback: Callable[[*Ts], object],
+        *args: *Ts,
+        context: Context | None = None,
     ) -> asyncio.Handle:
         if self._closed:
             raise RuntimeError("Event loop is closed")
@@ -297,7 +324,10 @@ class LoopCore(SignalHandlers, asyncio.AbstractEventLoop):
         return handle
 
     def call_soon_threadsafe(
-        self, callback: Callable[..., object], *args: Any, context: Context | None = None
+        self,
+        callback: Callable[[*Ts], object],
+        *args: *Ts,
+        context: Context | None = None,
     ) -> asyncio.Handle:
         self._check_closed()
         if self._debug:
@@ -310,8 +340,8 @@ class LoopCore(SignalHandlers, asyncio.AbstractEventLoop):
     def call_later(
         self,
         delay: float,
-        callback: Callable[..., object],
-        *args: Any,
+        callback: Callable[[*Ts], object],
+        *args: *Ts,
         context: Context | None = None,
     ) -> asyncio.TimerHandle:
         if delay is None:
@@ -321,8 +351,8 @@ class LoopCore(SignalHandlers, asyncio.AbstractEventLoop):
     def call_at(
         self,
         when: float,
-        callback: Callable[..., object],
-        *args: Any,
+        callback: Callable[[*Ts], object],
+        *args: *Ts,
         context: Context | None = None,
     ) -> asyncio.TimerHandle:
         if when is None:
@@ -353,12 +383,16 @@ class LoopCore(SignalHandlers, asyncio.AbstractEventLoop):
 
     # futures and tasks ------------------------------------------------------------
 
-    def create_future(self) -> asyncio.Future:
+    def create_future(self) -> asyncio.Future[Any]:
         return asyncio.Future(loop=self)
 
     def create_task(
-        self, coro: Coroutine, *, name: str | None = None, context: Context | None = None
-    ) -> asyncio.Task:
+        self,
+        coro: Coroutine[Any, Any, T] | Generator[Any, None, T],
+        *,
+        name: str | None = None,
+        context: Context | None = None,
+    ) -> asyncio.Task[T]:
         self._check_closed()
         if self._task_factory is None:
             return asyncio.Task(coro, loop=self, name=name, context=context)
@@ -368,19 +402,20 @@ class LoopCore(SignalHandlers, asyncio.AbstractEventLoop):
             task = self._task_factory(self, coro, context=context)
         if name is not None and hasattr(task, "set_name"):
             task.set_name(name)
-        return task
+        # A factory may return any future, as with asyncio's own loops; typeshed promises a Task.
+        return task  # type: ignore[return-value]
 
-    def set_task_factory(self, factory: Callable[..., asyncio.Future] | None) -> None:
+    def set_task_factory(self, factory: TaskFactory | None) -> None:
         if factory is not None and not callable(factory):
             raise TypeError("task factory must be a callable or None")
         self._task_factory = factory
 
-    def get_task_factory(self) -> Callable[..., asyncio.Future] | None:
+    def get_task_factory(self) -> TaskFactory | None:
         return self._task_factory
 
     # asynchronous generators -----------------------------------------------------------
 
-    def _asyncgen_firstiter_hook(self, agen: Any) -> None:
+    def _asyncgen_firstiter_hook(self, agen: AsyncGenerator[Any, Any]) -> None:
         if self._asyncgens_shutdown_called:
             warnings.warn(
                 f"asynchronous generator {agen!r} was scheduled after "
@@ -391,7 +426,7 @@ class LoopCore(SignalHandlers, asyncio.AbstractEventLoop):
             )
         self._asyncgens.add(agen)
 
-    def _asyncgen_finalizer_hook(self, agen: Any) -> None:
+    def _asyncgen_finalizer_hook(self, agen: AsyncGenerator[Any, Any]) -> None:
         self._asyncgens.discard(agen)
         if not self._closed:
             self.call_soon_threadsafe(self.create_task, agen.aclose())
@@ -417,8 +452,11 @@ class LoopCore(SignalHandlers, asyncio.AbstractEventLoop):
     # the executor ------------------------------------------------------------------------
 
     def run_in_executor(
-        self, executor: concurrent.futures.Executor | None, func: Callable[..., Any], *args: Any
-    ) -> asyncio.Future:
+        self,
+        executor: concurrent.futures.Executor | None,
+        func: Callable[[*Ts], T],
+        *args: *Ts,
+    ) -> asyncio.Future[T]:
         self._check_closed()
         if self._debug:
             self._check_callback(func, "run_in_executor")
@@ -457,7 +495,9 @@ class LoopCore(SignalHandlers, asyncio.AbstractEventLoop):
         else:
             thread.join()
 
-    def _shut_down_executor(self, executor: concurrent.futures.Executor, done: asyncio.Future):
+    def _shut_down_executor(
+        self, executor: concurrent.futures.Executor, done: asyncio.Future[None]
+    ) -> None:
         try:
             executor.shutdown(wait=True)
             if not self._closed:
@@ -470,35 +510,65 @@ class LoopCore(SignalHandlers, asyncio.AbstractEventLoop):
 
     async def getaddrinfo(
         self,
-        host: Any,
-        port: Any,
+        host: bytes | str | None,
+        port: bytes | str | int | None,
         *,
         family: int = 0,
         type: int = 0,
         proto: int = 0,
         flags: int = 0,
-    ) -> list[tuple[Any, ...]]:
+    ) -> list[AddressInfo]:
         return await self.run_in_executor(
             None, socket.getaddrinfo, host, port, family, type, proto, flags
         )
 
-    async def getnameinfo(self, sockaddr: tuple[Any, ...], flags: int = 0) -> tuple[str, str]:
+    async def getnameinfo(
+        self, sockaddr: tuple[str, int] | tuple[str, int, int, int], flags: int = 0
+    ) -> tuple[str, str]:
         return await self.run_in_executor(None, socket.getnameinfo, sockaddr, flags)
+
+    async def _resolve_address(
+        self,
+        host: bytes | str | None,
+        port: bytes | str | int | None,
+        *,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[AddressInfo]:
+        """getaddrinfo, in this thread for a numeric host and port, else in the executor.
+
+        ``AI_NUMERICHOST | AI_NUMERICSERV`` never touches DNS, so ``127.0.0.1``
+        and ``::1`` cost no trip through the executor; anything else goes there,
+        so a slow resolver cannot stall the loop.
+        """
+        numeric = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+        try:
+            return socket.getaddrinfo(host, port, family, type, proto, flags | numeric)
+        except (socket.gaierror, UnicodeError):
+            pass  # not numeric: ask the resolver, off the loop's thread
+        infos = await self.getaddrinfo(
+            host, port, family=family, type=type, proto=proto, flags=flags
+        )
+        if not infos:
+            raise OSError(f"getaddrinfo({host!r}) returned empty list")
+        return infos
 
     # errors and debug mode ------------------------------------------------------------------------
 
-    def get_exception_handler(self) -> Callable[..., object] | None:
+    def get_exception_handler(self) -> ExceptionHandler | None:
         return self._exception_handler
 
-    def set_exception_handler(self, handler: Callable[..., object] | None) -> None:
+    def set_exception_handler(self, handler: ExceptionHandler | None) -> None:
         if handler is not None and not callable(handler):
             raise TypeError(f"a callable object or None is expected, got {handler!r}")
         self._exception_handler = handler
 
-    def default_exception_handler(self, context: dict[str, Any]) -> None:
+    def default_exception_handler(self, context: ErrorContext) -> None:
         message = context.get("message") or "Unhandled exception in event loop"
         exception = context.get("exception")
-        exc_info: Any = False
+        exc_info: bool | tuple[type[BaseException], BaseException, TracebackType | None] = False
         if exception is not None:
             exc_info = (type(exception), exception, exception.__traceback__)
         lines = [message]
@@ -514,7 +584,7 @@ class LoopCore(SignalHandlers, asyncio.AbstractEventLoop):
                 lines.append(f"{key}: {value!r}")
         logger.error("\n".join(lines), exc_info=exc_info)
 
-    def call_exception_handler(self, context: dict[str, Any]) -> None:
+    def call_exception_handler(self, context: ErrorContext) -> None:
         if self._exception_handler is None:
             try:
                 self.default_exception_handler(context)

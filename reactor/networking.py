@@ -2,18 +2,20 @@
 
 `Networking` holds the ``create_*`` half of the asyncio API. It resolves
 addresses, creates, binds, connects and listens on sockets, and then asks the
-I/O layer for transports through three methods that the concrete loop provides:
-``_make_socket_transport``, ``_start_listening`` (via `Server`) and
-``sock_connect``. Datagram endpoints use the reactor's readiness transport on
-every loop (``_make_datagram_transport``); the loop's listeners hand each accepted
-socket back to ``_accept_connection``. Nothing here waits for readiness itself,
-so a completion-based loop can mix this class in with its own transports.
+I/O layer for transports through what `reactor.loop_part.LoopPart` declares:
+``_make_socket_transport``, ``_start_listening`` (via `Server`), and
+``sock_connect`` of the asyncio API. Datagram endpoints use the reactor's
+readiness transport on every loop (``_make_datagram_transport``); the loop's
+listeners hand each accepted socket back to ``_accept_connection``. Nothing
+here waits for readiness itself, so a completion-based loop can mix this class
+in with its own transports.
 
 Name resolution
 ---------------
 A numeric host (``127.0.0.1``, ``::1``) is resolved in the calling thread with
 ``AI_NUMERICHOST | AI_NUMERICSERV``, which never touches DNS. Anything else goes
-to ``getaddrinfo`` in the executor, so a slow resolver cannot stall the loop.
+to ``getaddrinfo`` in the executor, so a slow resolver cannot stall the loop
+(the core's ``_resolve_address``).
 
 What is not here
 ----------------
@@ -33,18 +35,25 @@ import stat
 import sys
 import warnings
 from asyncio import sslproto
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar, cast
 
-from .loop import logger
+from .loop import AddressInfo, logger
+from .loop_part import LoopPart, SocketAddress
 from .servers import Server
 from .transports import DatagramTransport
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+# ssl= of create_connection and friends: a context, True for a default one, or no TLS.
+SSLArgument = ssl_module.SSLContext | bool | None
+UnixPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 _UNSET = object()
 
 
-def _check_ssl_arguments(ssl: Any, handshake_timeout: Any, shutdown_timeout: Any) -> None:
+def _check_ssl_arguments(
+    ssl: SSLArgument, handshake_timeout: float | None, shutdown_timeout: float | None
+) -> None:
     if handshake_timeout is not None and not ssl:
         raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
     if shutdown_timeout is not None and not ssl:
@@ -62,7 +71,7 @@ def _set_reuse_port(sock: socket.socket) -> None:
         ) from None
 
 
-def _bind_error(exc: OSError, address: Any) -> OSError:
+def _bind_error(exc: OSError, address: SocketAddress) -> OSError:
     reason = (exc.strerror or str(exc)).lower()
     return OSError(exc.errno, f"error while attempting to bind on address {address!r}: {reason}")
 
@@ -87,52 +96,30 @@ def _raise_connect_errors(exceptions: list[OSError], all_errors: bool) -> None:
     raise OSError(f"Multiple exceptions: {', '.join(str(exc) for exc in exceptions)}")
 
 
-class Networking:
+class Networking(LoopPart):
     """The ``create_*`` methods of the loop (mixed into the concrete loop class)."""
-
-    async def _resolve_address(
-        self,
-        host: Any,
-        port: Any,
-        *,
-        family: int = 0,
-        type: int = 0,
-        proto: int = 0,
-        flags: int = 0,
-    ) -> list[tuple[Any, ...]]:
-        numeric = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
-        try:
-            return socket.getaddrinfo(host, port, family, type, proto, flags | numeric)
-        except (socket.gaierror, UnicodeError):
-            pass  # not numeric: ask the resolver, off the loop's thread
-        infos = await self.getaddrinfo(
-            host, port, family=family, type=type, proto=proto, flags=flags
-        )
-        if not infos:
-            raise OSError(f"getaddrinfo({host!r}) returned empty list")
-        return infos
 
     # streams -------------------------------------------------------------------
 
     async def create_connection(
         self,
-        protocol_factory: ProtocolFactory,
-        host: Any = None,
-        port: Any = None,
+        protocol_factory: Callable[[], P],
+        host: str | None = None,
+        port: int | str | None = None,
         *,
-        ssl: Any = None,
+        ssl: SSLArgument = None,
         family: int = 0,
         proto: int = 0,
         flags: int = 0,
         sock: socket.socket | None = None,
-        local_addr: Any = None,
+        local_addr: tuple[str, int] | None = None,
         server_hostname: str | None = None,
         ssl_handshake_timeout: float | None = None,
         ssl_shutdown_timeout: float | None = None,
         happy_eyeballs_delay: float | None = None,
         interleave: int | None = None,
         all_errors: bool = False,
-    ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+    ) -> tuple[asyncio.Transport, P]:
         if server_hostname is not None and not ssl:
             raise ValueError("server_hostname is only meaningful with ssl")
         if server_hostname is None and ssl:
@@ -166,7 +153,7 @@ class Networking:
         )
 
     async def _connect_first(
-        self, infos: list[tuple[Any, ...]], local_infos: Any, all_errors: bool
+        self, infos: list[AddressInfo], local_infos: list[AddressInfo] | None, all_errors: bool
     ) -> socket.socket:
         exceptions: list[OSError] = []
         for family, type_, proto, _, address in infos:
@@ -187,7 +174,7 @@ class Networking:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _bind_local(sock: socket.socket, family: int, local_infos: Any) -> None:
+    def _bind_local(sock: socket.socket, family: int, local_infos: list[AddressInfo]) -> None:
         errors = []
         for local_family, _, _, _, local_address in local_infos:
             if local_family != family:
@@ -204,16 +191,16 @@ class Networking:
     async def _create_connection_transport(
         self,
         sock: socket.socket,
-        protocol_factory: ProtocolFactory,
-        ssl: Any,
+        protocol_factory: Callable[[], P],
+        ssl: SSLArgument,
         server_hostname: str | None,
         server_side: bool = False,
         ssl_handshake_timeout: float | None = None,
         ssl_shutdown_timeout: float | None = None,
-    ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+    ) -> tuple[asyncio.Transport, P]:
         sock.setblocking(False)
         protocol = protocol_factory()
-        waiter = self.create_future()
+        waiter: asyncio.Future[None] = self.create_future()
         if ssl:
             transport = self._make_ssl_transport(
                 sock,
@@ -238,12 +225,14 @@ class Networking:
         self,
         sock: socket.socket,
         protocol: asyncio.BaseProtocol,
-        address: Any = None,
-        waiter: asyncio.Future | None = None,
+        address: SocketAddress = None,
+        waiter: asyncio.Future[None] | None = None,
     ) -> DatagramTransport:
         return DatagramTransport(self, sock, protocol, address, waiter)
 
-    def _accept_connection(self, server: Server, conn: socket.socket, address: Any) -> None:
+    def _accept_connection(
+        self, server: Server, conn: socket.socket, address: SocketAddress
+    ) -> None:
         """A listener accepted ``conn``: give it a protocol from the server and a transport."""
         try:
             protocol = server._protocol_factory()
@@ -275,8 +264,8 @@ class Networking:
         self,
         sock: socket.socket,
         protocol: asyncio.BaseProtocol,
-        ssl_context: Any,
-        waiter: asyncio.Future | None,
+        ssl_context: ssl_module.SSLContext | None,
+        waiter: asyncio.Future[None] | None,
         *,
         server_side: bool = False,
         server_hostname: str | None = None,
@@ -286,14 +275,16 @@ class Networking:
         ssl_shutdown_timeout: float | None = None,
     ) -> asyncio.Transport:
         """TLS as a protocol layered on a plain socket transport (the stdlib's SSLProtocol)."""
+        # typeshed wants a context and a waiter; SSLProtocol takes None for either (a
+        # default context; no one waiting, on the server side), and a float timeout.
         ssl_protocol = sslproto.SSLProtocol(
             self,
             protocol,
-            ssl_context,
-            waiter,
+            ssl_context,  # type: ignore[arg-type]
+            waiter,  # type: ignore[arg-type]
             server_side,
             server_hostname,
-            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_handshake_timeout=ssl_handshake_timeout,  # type: ignore[arg-type]
             ssl_shutdown_timeout=ssl_shutdown_timeout,
         )
         self._make_socket_transport(sock, ssl_protocol, None, extra, server)
@@ -301,9 +292,9 @@ class Networking:
 
     async def start_tls(
         self,
-        transport: asyncio.BaseTransport,
+        transport: asyncio.WriteTransport,
         protocol: asyncio.BaseProtocol,
-        sslcontext: Any,
+        sslcontext: ssl_module.SSLContext,
         *,
         server_side: bool = False,
         server_hostname: str | None = None,
@@ -317,7 +308,9 @@ class Networking:
             )
         if not getattr(transport, "_start_tls_compatible", False):
             raise TypeError(f"transport {transport!r} is not supported by start_tls()")
-        waiter = self.create_future()
+        # Only forkloop's stream transports say _start_tls_compatible: they read too.
+        stream = cast(asyncio.Transport, transport)
+        waiter: asyncio.Future[None] = self.create_future()
         ssl_protocol = sslproto.SSLProtocol(
             self,
             protocol,
@@ -325,35 +318,37 @@ class Networking:
             waiter,
             server_side,
             server_hostname,
-            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_handshake_timeout=ssl_handshake_timeout,  # type: ignore[arg-type]  # a float
             ssl_shutdown_timeout=ssl_shutdown_timeout,
             call_connection_made=False,
         )
         # Nothing may be read between the switch of protocols and the handshake.
-        transport.pause_reading()
-        transport.set_protocol(ssl_protocol)
-        connection_made = self.call_soon(ssl_protocol.connection_made, transport)
-        resume_reading = self.call_soon(transport.resume_reading)
+        stream.pause_reading()
+        stream.set_protocol(ssl_protocol)
+        connection_made = self.call_soon(ssl_protocol.connection_made, stream)
+        resume_reading = self.call_soon(stream.resume_reading)
         try:
             await waiter
         except BaseException:
-            transport.close()
+            stream.close()
             connection_made.cancel()
             resume_reading.cancel()
             raise
         return ssl_protocol._app_transport
 
-    async def create_server(
+    # typeshed has create_server return asyncio's own Server class; forkloop's Server
+    # is an asyncio.AbstractServer of its own, as uvloop's is.
+    async def create_server(  # type: ignore[override]
         self,
         protocol_factory: ProtocolFactory,
-        host: Any = None,
-        port: Any = None,
+        host: str | Sequence[str] | None = None,
+        port: int | str | None = None,
         *,
         family: int = socket.AF_UNSPEC,
         flags: int = socket.AI_PASSIVE,
         sock: socket.socket | None = None,
         backlog: int = 100,
-        ssl: Any = None,
+        ssl: SSLArgument = None,
         reuse_address: bool | None = None,
         reuse_port: bool | None = None,
         keep_alive: bool | None = None,
@@ -369,14 +364,14 @@ class Networking:
                 raise ValueError("host/port and sock can not be specified at the same time")
             if reuse_address is None:
                 reuse_address = os.name == "posix" and sys.platform != "cygwin"
-            hosts: Iterable[Any]
+            hosts: Iterable[str | None]
             if host is None or host == "":
                 hosts = [None]
             elif isinstance(host, (str, bytes)) or not isinstance(host, Iterable):
                 hosts = [host]
             else:
                 hosts = host
-            infos: dict[tuple[Any, ...], None] = {}  # ordered and deduplicated
+            infos: dict[AddressInfo, None] = {}  # ordered and deduplicated
             for one_host in hosts:
                 for info in await self._resolve_address(
                     one_host, port, family=family, type=socket.SOCK_STREAM, flags=flags
@@ -406,7 +401,10 @@ class Networking:
 
     @staticmethod
     def _bind_listening_sockets(
-        infos: Iterable[tuple[Any, ...]], reuse_address: Any, reuse_port: Any, keep_alive: Any
+        infos: Iterable[AddressInfo],
+        reuse_address: bool | None,
+        reuse_port: bool | None,
+        keep_alive: bool | None,
     ) -> list[socket.socket]:
         sockets: list[socket.socket] = []
         try:
@@ -439,13 +437,13 @@ class Networking:
 
     async def connect_accepted_socket(
         self,
-        protocol_factory: ProtocolFactory,
+        protocol_factory: Callable[[], P],
         sock: socket.socket,
         *,
-        ssl: Any = None,
+        ssl: SSLArgument = None,
         ssl_handshake_timeout: float | None = None,
         ssl_shutdown_timeout: float | None = None,
-    ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+    ) -> tuple[asyncio.Transport, P]:
         if sock.type != socket.SOCK_STREAM:
             raise ValueError(f"A Stream Socket was expected, got {sock!r}")
         _check_ssl_arguments(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
@@ -463,15 +461,15 @@ class Networking:
 
     async def create_unix_connection(
         self,
-        protocol_factory: ProtocolFactory,
-        path: Any = None,
+        protocol_factory: Callable[[], P],
+        path: UnixPath | None = None,
         *,
-        ssl: Any = None,
+        ssl: SSLArgument = None,
         sock: socket.socket | None = None,
         server_hostname: str | None = None,
         ssl_handshake_timeout: float | None = None,
         ssl_shutdown_timeout: float | None = None,
-    ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+    ) -> tuple[asyncio.Transport, P]:
         if ssl:
             if server_hostname is None:
                 raise ValueError("you have to pass server_hostname when using ssl")
@@ -502,14 +500,14 @@ class Networking:
             ssl_shutdown_timeout=ssl_shutdown_timeout,
         )
 
-    async def create_unix_server(
+    async def create_unix_server(  # type: ignore[override]  # forkloop's Server, as above
         self,
         protocol_factory: ProtocolFactory,
-        path: Any = None,
+        path: UnixPath | None = None,
         *,
         sock: socket.socket | None = None,
         backlog: int = 100,
-        ssl: Any = None,
+        ssl: SSLArgument = None,
         ssl_handshake_timeout: float | None = None,
         ssl_shutdown_timeout: float | None = None,
         start_serving: bool = True,
@@ -556,18 +554,18 @@ class Networking:
 
     async def create_datagram_endpoint(
         self,
-        protocol_factory: ProtocolFactory,
-        local_addr: Any = None,
-        remote_addr: Any = None,
+        protocol_factory: Callable[[], P],
+        local_addr: tuple[str, int] | str | None = None,
+        remote_addr: tuple[str, int] | str | None = None,
         *,
         family: int = 0,
         proto: int = 0,
         flags: int = 0,
-        reuse_address: Any = _UNSET,
+        reuse_address: object = _UNSET,
         reuse_port: bool | None = None,
         allow_broadcast: bool | None = None,
         sock: socket.socket | None = None,
-    ) -> tuple[asyncio.DatagramTransport, asyncio.BaseProtocol]:
+    ) -> tuple[asyncio.DatagramTransport, P]:
         if reuse_address is not _UNSET:
             if reuse_address:
                 raise ValueError(
@@ -605,7 +603,7 @@ class Networking:
                 local_addr, remote_addr, family, proto, flags, reuse_port, allow_broadcast
             )
         protocol = protocol_factory()
-        waiter = self.create_future()
+        waiter: asyncio.Future[None] = self.create_future()
         transport = self._make_datagram_transport(sock, protocol, remote, waiter)
         try:
             await waiter
@@ -615,8 +613,13 @@ class Networking:
         return transport, protocol
 
     async def _datagram_address_pairs(
-        self, local_addr: Any, remote_addr: Any, family: int, proto: int, flags: int
-    ) -> list[tuple[tuple[int, int], list[Any]]]:
+        self,
+        local_addr: tuple[str, int] | str | None,
+        remote_addr: tuple[str, int] | str | None,
+        family: int,
+        proto: int,
+        flags: int,
+    ) -> list[tuple[tuple[int, int], list[SocketAddress]]]:
         """Candidate (family, proto) -> [local address, remote address] pairs to try."""
         if not (local_addr or remote_addr):
             if family == 0:
@@ -626,10 +629,10 @@ class Networking:
             for address in (local_addr, remote_addr):
                 if address is not None and not isinstance(address, (str, bytes)):
                     raise TypeError("string is expected")
-            if local_addr:
+            if isinstance(local_addr, (str, bytes)) and local_addr:  # a str, as just checked
                 _remove_stale_unix_socket(local_addr)
             return [((family, proto), [local_addr, remote_addr])]
-        pairs: dict[tuple[int, int], list[Any]] = {}
+        pairs: dict[tuple[int, int], list[SocketAddress]] = {}
         for index, address in enumerate((local_addr, remote_addr)):
             if address is None:
                 continue
@@ -653,14 +656,14 @@ class Networking:
 
     async def _open_datagram_socket(
         self,
-        local_addr: Any,
-        remote_addr: Any,
+        local_addr: tuple[str, int] | str | None,
+        remote_addr: tuple[str, int] | str | None,
         family: int,
         proto: int,
         flags: int,
-        reuse_port: Any,
-        allow_broadcast: Any,
-    ) -> tuple[socket.socket, Any]:
+        reuse_port: bool | None,
+        allow_broadcast: bool | None,
+    ) -> tuple[socket.socket, SocketAddress]:
         pairs = await self._datagram_address_pairs(local_addr, remote_addr, family, proto, flags)
         exceptions: list[OSError] = []
         for (pair_family, pair_proto), (local, remote) in pairs:

@@ -23,15 +23,24 @@ import asyncio
 import os
 import stat
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from .loop import logger
-from .transport_base import DEFAULT_HIGH_WATER, TransportBase
+from .loop_part import LoopPart
+from .transport_base import DEFAULT_HIGH_WATER, AttachedProtocol, TransportBase
 
 MAX_READ_SIZE = 64 * 1024
 
 
-def _pipe_fd(pipe: Any) -> int:
+class Pipe(Protocol):
+    """What a pipe transport needs of the object it is given: its fd, and closing it."""
+
+    def fileno(self) -> int: ...
+    def close(self) -> None: ...
+
+
+def _pipe_fd(pipe: Pipe) -> int:
     fd = pipe.fileno()
     mode = os.fstat(fd).st_mode
     if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)):
@@ -43,10 +52,18 @@ def _pipe_fd(pipe: Any) -> int:
 class _PipeTransport:
     """Lifecycle shared by both ends."""
 
-    def _setup(self, loop: Any, pipe: Any, protocol: Any, extra: Any) -> None:
+    _protocol: AttachedProtocol
+
+    def _setup(
+        self,
+        loop: LoopPart,
+        pipe: Pipe,
+        protocol: asyncio.BaseProtocol,
+        extra: dict[str, Any] | None,
+    ) -> None:
         self._loop = loop
         self._poller = loop._poller
-        self._pipe = pipe
+        self._pipe: Pipe | None = pipe
         self._fd = _pipe_fd(pipe)
         self._protocol = protocol
         self._extra = {"pipe": pipe, **(extra or {})}
@@ -57,7 +74,7 @@ class _PipeTransport:
         state = "closed" if self._pipe is None else ("closing" if self._closing else "open")
         return f"<{type(self).__name__} fd={self._fd} {state}>"
 
-    def __del__(self, _warn: Any = warnings.warn) -> None:
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         pipe = getattr(self, "_pipe", None)
         if pipe is not None:
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
@@ -66,16 +83,19 @@ class _PipeTransport:
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._extra.get(name, default)
 
-    def get_protocol(self) -> Any:
+    def get_protocol(self) -> AttachedProtocol:
         return self._protocol
 
-    def set_protocol(self, protocol: Any) -> None:
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
 
     def is_closing(self) -> bool:
         return self._closing
 
-    def _start(self, waiter: asyncio.Future | None) -> None:
+    def _start_watching(self) -> None:
+        raise NotImplementedError  # each end watches its fd its own way
+
+    def _start(self, waiter: asyncio.Future[None] | None) -> None:
         self._protocol.connection_made(self)
         self._start_watching()
         if waiter is not None and not waiter.done():
@@ -110,15 +130,23 @@ class _PipeTransport:
         try:
             self._protocol.connection_lost(exc)
         finally:
-            self._pipe.close()
-            self._pipe = None
+            pipe, self._pipe = self._pipe, None
+            if pipe is not None:
+                pipe.close()
             self._protocol = None
 
 
 class ReadPipeTransport(_PipeTransport, asyncio.ReadTransport):
     """The read end of a pipe."""
 
-    def __init__(self, loop: Any, pipe: Any, protocol: Any, waiter: Any = None, extra: Any = None):
+    def __init__(
+        self,
+        loop: LoopPart,
+        pipe: Pipe,
+        protocol: asyncio.BaseProtocol,
+        waiter: asyncio.Future[None] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         self._setup(loop, pipe, protocol, extra)
         self._paused = False
         loop.call_soon(self._start, waiter)
@@ -169,7 +197,14 @@ class ReadPipeTransport(_PipeTransport, asyncio.ReadTransport):
 class WritePipeTransport(_PipeTransport, TransportBase, asyncio.WriteTransport):
     """The write end of a pipe."""
 
-    def __init__(self, loop: Any, pipe: Any, protocol: Any, waiter: Any = None, extra: Any = None):
+    def __init__(
+        self,
+        loop: LoopPart,
+        pipe: Pipe,
+        protocol: asyncio.BaseProtocol,
+        waiter: asyncio.Future[None] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         self._setup(loop, pipe, protocol, extra)
         self._buffer = bytearray()
         self._high_water = DEFAULT_HIGH_WATER

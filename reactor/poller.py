@@ -42,6 +42,19 @@ not dispatched.
 Off Linux, `SelectorPoller` offers the same interface over `selectors` (kqueue
 on the BSDs and macOS). It is slower and exists so the loop runs everywhere; it
 can also be chosen on Linux with ``REACTOR_POLLER=selectors`` for testing.
+
+The interface, as types
+-----------------------
+`Poller` is what every user of readiness relies on: ``set_reader`` /
+``set_writer``, ``clear_reader`` / ``clear_writer`` and ``reader_of`` /
+``writer_of``, one reader and one writer per fd, and ``close``. The sock_*
+operations, transports, pipes and subprocesses are written against it, so the
+proactor can hand them `proactor.readiness.PollWatches` instead.
+`WaitingPoller` adds ``poll(timeout)`` and ``fileno()``: a poller that also
+waits, as the reactor's I/O layer and the proactor's emulated engine need.
+Both pollers here keep their callbacks in one `InterestTable`, which derives
+each fd's interest mask from them and leaves only ``_apply`` (tell the kernel)
+and ``poll`` to each.
 """
 
 from __future__ import annotations
@@ -50,6 +63,7 @@ import os
 import select
 import selectors
 from collections.abc import Callable
+from typing import Protocol
 
 Callback = Callable[[], object]
 ErrorReporter = Callable[[BaseException, int, Callback], None]
@@ -58,35 +72,71 @@ ErrorReporter = Callable[[BaseException, int, Callback], None]
 MAX_EVENTS_PER_POLL = 1024
 
 
-class EpollPoller:
-    """Level-triggered epoll with one reader and one writer callback per fd."""
+class Poller(Protocol):
+    """One reader and one writer callback per fd: the readiness interface every user relies on."""
+
+    def set_reader(self, fd: int, callback: Callback) -> None:
+        """Call ``callback()`` whenever ``fd`` is readable (replacing any previous reader)."""
+
+    def set_writer(self, fd: int, callback: Callback) -> None:
+        """Call ``callback()`` whenever ``fd`` is writable (replacing any previous writer)."""
+
+    def clear_reader(self, fd: int, callback: Callback | None = None) -> bool:
+        """Stop watching ``fd`` for reading; with ``callback``, only if it is still the reader."""
+
+    def clear_writer(self, fd: int, callback: Callback | None = None) -> bool:
+        """Stop watching ``fd`` for writing; with ``callback``, only if it is still the writer."""
+
+    def reader_of(self, fd: int) -> Callback | None:
+        """The callback watching ``fd`` for reading, if any."""
+
+    def writer_of(self, fd: int) -> Callback | None:
+        """The callback watching ``fd`` for writing, if any."""
+
+    def close(self) -> None:
+        """Forget every callback and release what the poller holds."""
+
+
+class WaitingPoller(Poller, Protocol):
+    """A `Poller` that also waits for readiness and runs the callbacks (epoll, `selectors`)."""
+
+    def fileno(self) -> int:
+        """The fd that becomes readable when a watched fd is ready (-1 if there is none)."""
+
+    def poll(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` seconds (None: forever) and run the callbacks of ready fds."""
+
+
+class InterestTable:
+    """The reader and writer of each fd; each fd's interest mask is derived from the two.
+
+    A subclass names its two interest bits (`READ_EVENTS`, `WRITE_EVENTS`) and
+    tells the kernel about a new mask in ``_apply``, which is called only when
+    the mask changes, before a callback is added and after one is removed.
+    """
+
+    READ_EVENTS: int
+    WRITE_EVENTS: int
 
     def __init__(self, report_error: ErrorReporter) -> None:
-        self._epoll = select.epoll()
         self._readers: dict[int, Callback] = {}
         self._writers: dict[int, Callback] = {}
         self._report_error = report_error
 
-    def fileno(self) -> int:
-        return self._epoll.fileno()
-
-    def close(self) -> None:
-        self._readers.clear()
-        self._writers.clear()
-        self._epoll.close()
-
-    # registration -----------------------------------------------------------
+    def _apply(self, fd: int, mask: int) -> None:
+        """Make the kernel watch ``fd`` for exactly ``mask`` (0: not at all)."""
+        raise NotImplementedError
 
     def set_reader(self, fd: int, callback: Callback) -> None:
         """Call ``callback()`` whenever ``fd`` is readable (replacing any previous reader)."""
         if fd not in self._readers:
-            self._apply(fd, select.EPOLLIN | (select.EPOLLOUT if fd in self._writers else 0))
+            self._apply(fd, self.READ_EVENTS | (self.WRITE_EVENTS if fd in self._writers else 0))
         self._readers[fd] = callback
 
     def set_writer(self, fd: int, callback: Callback) -> None:
         """Call ``callback()`` whenever ``fd`` is writable (replacing any previous writer)."""
         if fd not in self._writers:
-            self._apply(fd, select.EPOLLOUT | (select.EPOLLIN if fd in self._readers else 0))
+            self._apply(fd, self.WRITE_EVENTS | (self.READ_EVENTS if fd in self._readers else 0))
         self._writers[fd] = callback
 
     def clear_reader(self, fd: int, callback: Callback | None = None) -> bool:
@@ -95,7 +145,7 @@ class EpollPoller:
         if current is None or (callback is not None and current != callback):
             return False
         del self._readers[fd]
-        self._apply(fd, select.EPOLLOUT if fd in self._writers else 0)
+        self._apply(fd, self.WRITE_EVENTS if fd in self._writers else 0)
         return True
 
     def clear_writer(self, fd: int, callback: Callback | None = None) -> bool:
@@ -104,7 +154,7 @@ class EpollPoller:
         if current is None or (callback is not None and current != callback):
             return False
         del self._writers[fd]
-        self._apply(fd, select.EPOLLIN if fd in self._readers else 0)
+        self._apply(fd, self.READ_EVENTS if fd in self._readers else 0)
         return True
 
     def reader_of(self, fd: int) -> Callback | None:
@@ -112,6 +162,38 @@ class EpollPoller:
 
     def writer_of(self, fd: int) -> Callback | None:
         return self._writers.get(fd)
+
+    def _forget_all(self) -> None:
+        self._readers.clear()
+        self._writers.clear()
+
+    def _call(self, fd: int, callback: Callback | None) -> None:
+        if callback is None:
+            return  # unregistered earlier in this batch
+        try:
+            callback()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._report_error(exc, fd, callback)
+
+
+class EpollPoller(InterestTable):
+    """Level-triggered epoll with one reader and one writer callback per fd."""
+
+    READ_EVENTS = select.EPOLLIN
+    WRITE_EVENTS = select.EPOLLOUT
+
+    def __init__(self, report_error: ErrorReporter) -> None:
+        super().__init__(report_error)
+        self._epoll = select.epoll()
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def close(self) -> None:
+        self._forget_all()
+        self._epoll.close()
 
     def _apply(self, fd: int, mask: int) -> None:
         epoll = self._epoll
@@ -162,16 +244,6 @@ class EpollPoller:
         if mask & _WRITABLE:
             self._call(fd, self._writers.get(fd))
 
-    def _call(self, fd: int, callback: Callback | None) -> None:
-        if callback is None:
-            return  # unregistered earlier in this batch
-        try:
-            callback()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._report_error(exc, fd, callback)
-
 
 _READABLE = select.EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLERR
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
@@ -180,105 +252,60 @@ _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _ONLY_READABLE = select.EPOLLIN
 
 
-class SelectorPoller:
+class SelectorPoller(InterestTable):
     """The same interface over the `selectors` module, for platforms without epoll."""
+
+    READ_EVENTS = selectors.EVENT_READ
+    WRITE_EVENTS = selectors.EVENT_WRITE
 
     def __init__(
         self,
         report_error: ErrorReporter,
         selector_factory: Callable[[], selectors.BaseSelector] = selectors.DefaultSelector,
     ) -> None:
+        super().__init__(report_error)
         self._selector = selector_factory()
-        self._readers: dict[int, Callback] = {}
-        self._writers: dict[int, Callback] = {}
-        self._report_error = report_error
 
     def fileno(self) -> int:
-        return self._selector.fileno() if hasattr(self._selector, "fileno") else -1
+        fileno: Callable[[], int] | None = getattr(self._selector, "fileno", None)
+        return -1 if fileno is None else fileno()
 
     def close(self) -> None:
-        self._readers.clear()
-        self._writers.clear()
+        self._forget_all()
         self._selector.close()
 
-    def set_reader(self, fd: int, callback: Callback) -> None:
-        if fd not in self._readers:
-            writing = selectors.EVENT_WRITE if fd in self._writers else 0
-            self._apply(fd, selectors.EVENT_READ | writing)
-        self._readers[fd] = callback
-
-    def set_writer(self, fd: int, callback: Callback) -> None:
-        if fd not in self._writers:
-            reading = selectors.EVENT_READ if fd in self._readers else 0
-            self._apply(fd, selectors.EVENT_WRITE | reading)
-        self._writers[fd] = callback
-
-    def clear_reader(self, fd: int, callback: Callback | None = None) -> bool:
-        current = self._readers.get(fd)
-        if current is None or (callback is not None and current != callback):
-            return False
-        del self._readers[fd]
-        self._apply(fd, selectors.EVENT_WRITE if fd in self._writers else 0)
-        return True
-
-    def clear_writer(self, fd: int, callback: Callback | None = None) -> bool:
-        current = self._writers.get(fd)
-        if current is None or (callback is not None and current != callback):
-            return False
-        del self._writers[fd]
-        self._apply(fd, selectors.EVENT_READ if fd in self._readers else 0)
-        return True
-
-    def reader_of(self, fd: int) -> Callback | None:
-        return self._readers.get(fd)
-
-    def writer_of(self, fd: int) -> Callback | None:
-        return self._writers.get(fd)
-
-    def _apply(self, fd: int, events: int) -> None:
+    def _apply(self, fd: int, mask: int) -> None:
         selector = self._selector
         try:
             selector.get_key(fd)
             registered = True
         except KeyError:
             registered = False
-        if not events:
+        if not mask:
             if registered:
                 selector.unregister(fd)
         elif registered:
             try:
-                selector.modify(fd, events)
+                selector.modify(fd, mask)
             except OSError:
                 # The fd was closed and reused behind the selector's back.
                 selector.unregister(fd)
-                selector.register(fd, events)
+                selector.register(fd, mask)
         else:
-            selector.register(fd, events)
+            selector.register(fd, mask)
 
     def poll(self, timeout: float | None) -> None:
         if timeout is not None and timeout < 0:
             timeout = 0
         for key, events in self._selector.select(timeout):
             fd = key.fd
-            for table, flag in (
-                (self._readers, selectors.EVENT_READ),
-                (self._writers, selectors.EVENT_WRITE),
-            ):
-                if events & flag:
-                    callback = table.get(fd)
-                    if callback is not None:
-                        try:
-                            callback()
-                        except (SystemExit, KeyboardInterrupt):
-                            raise
-                        except BaseException as exc:
-                            self._report_error(exc, fd, callback)
+            if events & selectors.EVENT_READ:
+                self._call(fd, self._readers.get(fd))
+            if events & selectors.EVENT_WRITE:
+                self._call(fd, self._writers.get(fd))
 
 
-Poller = EpollPoller | SelectorPoller
-
-
-def new_poller(report_error: ErrorReporter) -> Poller:
+def new_poller(report_error: ErrorReporter) -> WaitingPoller:
     """epoll where the platform has it, unless ``REACTOR_POLLER=selectors`` asks otherwise."""
     choice = os.environ.get("REACTOR_POLLER", "")
     if hasattr(select, "epoll") and choice != "selectors":

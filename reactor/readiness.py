@@ -1,10 +1,11 @@
 """Readiness operations: callbacks on fds and the ``sock_*`` coroutines.
 
 `ReadinessOperations` is the part of the asyncio API that waits for a file
-descriptor to become readable or writable. It needs only ``self._poller`` (the
-interface of `reactor.poller.EpollPoller`), ``self._transports`` (fd ->
-transport) and the scheduling core, so a loop whose own I/O is not readiness
-based, like the io_uring proactor, can mix it in over a poller of its own.
+descriptor to become readable or writable. It needs only ``self._poller`` (a
+`reactor.poller.Poller`), ``self._transports`` (fd -> transport) and the
+scheduling core (`reactor.loop_part.LoopPart`), so a loop whose own I/O is not
+readiness based, like the io_uring proactor, can mix it in over a poller of its
+own.
 
 * ``add_reader``/``add_writer`` and their removals, for user callbacks. The
   callback is wrapped in an `asyncio.Handle` once, at registration, so its
@@ -32,13 +33,28 @@ import os
 import socket
 import ssl as ssl_module
 from collections.abc import Callable
-from typing import Any
+from typing import IO, TYPE_CHECKING, Protocol, TypeVar, TypeVarTuple
+
+from .loop_part import LoopPart, SocketAddress
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 SENDFILE_FALLBACK_CHUNK = 256 * 1024
 SENDFILE_MAX_CHUNK = 1 << 30
 
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
-def _fileno(fileobj: Any) -> int:
+
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+FileDescriptorLike = int | HasFileno
+
+
+def _fileno(fileobj: FileDescriptorLike) -> int:
     if isinstance(fileobj, int):
         fd = fileobj
     else:
@@ -51,7 +67,10 @@ def _fileno(fileobj: Any) -> int:
     return fd
 
 
-def _check_sendfile_params(sock: socket.socket, file: Any, offset: int, count: int | None):
+def check_sendfile_params(
+    sock: socket.socket, file: IO[bytes], offset: int, count: int | None
+) -> None:
+    """Refuse what ``loop.sendfile`` and ``sock_sendfile`` refuse, with asyncio's messages."""
     if "b" not in getattr(file, "mode", "b"):
         raise ValueError("file should be opened in binary mode")
     if sock.type != socket.SOCK_STREAM:
@@ -67,34 +86,35 @@ def _check_sendfile_params(sock: socket.socket, file: Any, offset: int, count: i
         raise ValueError(f"offset must be a non-negative integer (got {offset!r})")
 
 
-class ReadinessOperations:
+class ReadinessOperations(LoopPart):
     """fd callbacks and ``sock_*`` operations over ``self._poller`` (mixed into a loop)."""
-
-    _poller: Any
-    _transports: dict[int, Any]
 
     # user callbacks on file descriptors --------------------------------------------
 
-    def add_reader(self, fd: Any, callback: Callable[..., object], *args: Any) -> None:
+    def add_reader(
+        self, fd: FileDescriptorLike, callback: Callable[[*Ts], object], *args: *Ts
+    ) -> None:
         self._check_closed()
         fd = _fileno(fd)
         self._ensure_fd_no_transport(fd)
         self._poller.set_reader(fd, asyncio.Handle(callback, args, self, None)._run)
 
-    def remove_reader(self, fd: Any) -> bool:
+    def remove_reader(self, fd: FileDescriptorLike) -> bool:
         if self._closed:
             return False
         fd = _fileno(fd)
         self._ensure_fd_no_transport(fd)
         return self._poller.clear_reader(fd)
 
-    def add_writer(self, fd: Any, callback: Callable[..., object], *args: Any) -> None:
+    def add_writer(
+        self, fd: FileDescriptorLike, callback: Callable[[*Ts], object], *args: *Ts
+    ) -> None:
         self._check_closed()
         fd = _fileno(fd)
         self._ensure_fd_no_transport(fd)
         self._poller.set_writer(fd, asyncio.Handle(callback, args, self, None)._run)
 
-    def remove_writer(self, fd: Any) -> bool:
+    def remove_writer(self, fd: FileDescriptorLike) -> bool:
         if self._closed:
             return False
         fd = _fileno(fd)
@@ -109,8 +129,12 @@ class ReadinessOperations:
     # socket operations -----------------------------------------------------------------
 
     def _when_ready(
-        self, sock: socket.socket, writable: bool, operation: Callable[..., Any], *args: Any
-    ) -> asyncio.Future:
+        self,
+        sock: socket.socket,
+        writable: bool,
+        operation: Callable[[*Ts], T],
+        *args: *Ts,
+    ) -> asyncio.Future[T]:
         """A future for ``operation(*args)``, retried whenever ``sock`` is ready.
 
         The operation signals "not yet" by raising BlockingIOError, as the
@@ -118,7 +142,7 @@ class ReadinessOperations:
         """
         fd = sock.fileno()
         self._ensure_fd_no_transport(fd)
-        future = self.create_future()
+        future: asyncio.Future[T] = self.create_future()
         poller = self._poller
         clear = poller.clear_writer if writable else poller.clear_reader
 
@@ -160,7 +184,7 @@ class ReadinessOperations:
             pass
         return await self._when_ready(sock, False, sock.recv, nbytes)
 
-    async def sock_recv_into(self, sock: socket.socket, buf: Any) -> int:
+    async def sock_recv_into(self, sock: socket.socket, buf: WriteableBuffer) -> int:
         self._check_socket(sock)
         try:
             return sock.recv_into(buf)
@@ -168,7 +192,7 @@ class ReadinessOperations:
             pass
         return await self._when_ready(sock, False, sock.recv_into, buf)
 
-    async def sock_recvfrom(self, sock: socket.socket, bufsize: int) -> tuple[bytes, Any]:
+    async def sock_recvfrom(self, sock: socket.socket, bufsize: int) -> tuple[bytes, SocketAddress]:
         self._check_socket(sock)
         try:
             return sock.recvfrom(bufsize)
@@ -177,8 +201,8 @@ class ReadinessOperations:
         return await self._when_ready(sock, False, sock.recvfrom, bufsize)
 
     async def sock_recvfrom_into(
-        self, sock: socket.socket, buf: Any, nbytes: int = 0
-    ) -> tuple[int, Any]:
+        self, sock: socket.socket, buf: WriteableBuffer, nbytes: int = 0
+    ) -> tuple[int, SocketAddress]:
         self._check_socket(sock)
         try:
             return sock.recvfrom_into(buf, nbytes)
@@ -186,7 +210,9 @@ class ReadinessOperations:
             pass
         return await self._when_ready(sock, False, sock.recvfrom_into, buf, nbytes)
 
-    async def sock_sendto(self, sock: socket.socket, data: Any, address: Any) -> int:
+    async def sock_sendto(
+        self, sock: socket.socket, data: ReadableBuffer, address: SocketAddress
+    ) -> int:
         self._check_socket(sock)
         try:
             return sock.sendto(data, address)
@@ -194,7 +220,7 @@ class ReadinessOperations:
             pass
         return await self._when_ready(sock, True, sock.sendto, data, address)
 
-    async def sock_sendall(self, sock: socket.socket, data: Any) -> None:
+    async def sock_sendall(self, sock: socket.socket, data: ReadableBuffer) -> None:
         self._check_socket(sock)
         try:
             sent = sock.send(data)
@@ -213,7 +239,7 @@ class ReadinessOperations:
 
         await self._when_ready(sock, True, send_rest)
 
-    async def sock_connect(self, sock: socket.socket, address: Any) -> None:
+    async def sock_connect(self, sock: socket.socket, address: SocketAddress) -> None:
         self._check_socket(sock)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             address = await self._resolve_socket_address(sock, address)
@@ -230,7 +256,9 @@ class ReadinessOperations:
 
         await self._when_ready(sock, True, finish_connect)
 
-    async def _resolve_socket_address(self, sock: socket.socket, address: Any) -> Any:
+    async def _resolve_socket_address(
+        self, sock: socket.socket, address: SocketAddress
+    ) -> SocketAddress:
         host, port = address[:2]
         try:
             socket.inet_pton(sock.family, host)
@@ -242,7 +270,7 @@ class ReadinessOperations:
         )
         return infos[0][4]
 
-    async def sock_accept(self, sock: socket.socket) -> tuple[socket.socket, Any]:
+    async def sock_accept(self, sock: socket.socket) -> tuple[socket.socket, SocketAddress]:
         self._check_socket(sock)
         try:
             conn, address = sock.accept()
@@ -254,14 +282,14 @@ class ReadinessOperations:
     async def sock_sendfile(
         self,
         sock: socket.socket,
-        file: Any,
+        file: IO[bytes],
         offset: int = 0,
         count: int | None = None,
         *,
-        fallback: bool = True,
+        fallback: bool | None = True,
     ) -> int:
         self._check_socket(sock)
-        _check_sendfile_params(sock, file, offset, count)
+        check_sendfile_params(sock, file, offset, count)
         try:
             return await self._sendfile_native(sock, file, offset, count)
         except asyncio.SendfileNotAvailableError:
@@ -270,7 +298,7 @@ class ReadinessOperations:
         return await self._sendfile_by_reads(sock, file, offset, count)
 
     async def _sendfile_native(
-        self, sock: socket.socket, file: Any, offset: int, count: int | None
+        self, sock: socket.socket, file: IO[bytes], offset: int, count: int | None
     ) -> int:
         if not hasattr(os, "sendfile"):
             raise asyncio.SendfileNotAvailableError("os.sendfile() is not available")
@@ -303,7 +331,7 @@ class ReadinessOperations:
         return position - offset
 
     async def _sendfile_by_reads(
-        self, sock: socket.socket, file: Any, offset: int, count: int | None
+        self, sock: socket.socket, file: IO[bytes], offset: int, count: int | None
     ) -> int:
         if offset:
             file.seek(offset)
@@ -314,7 +342,9 @@ class ReadinessOperations:
             while count is None or total < count:
                 want = chunk if count is None else min(chunk, count - total)
                 view = memoryview(buffer)[:want]
-                read = await self.run_in_executor(None, file.readinto, view)
+                # IO[bytes] (typeshed's type for sendfile's file) names no readinto; the
+                # binary files sendfile is given have it, and asyncio's fallback uses it too.
+                read = await self.run_in_executor(None, file.readinto, view)  # type: ignore[attr-defined]
                 if not read:
                     break
                 await self.sock_sendall(sock, view[:read])

@@ -24,9 +24,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING
+
+from .transport_base import SocketTransportBase
+
+if TYPE_CHECKING:
+    from .loop_part import LoopPart
+    from .networking import Networking
 
 ACCEPT_RETRY_DELAY = 1.0
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -38,10 +45,10 @@ class Server(asyncio.AbstractServer):
 
     def __init__(
         self,
-        loop: Any,
+        loop: LoopPart,
         sockets: Iterable[socket.socket],
         protocol_factory: Callable[[], asyncio.BaseProtocol],
-        ssl_context: Any,
+        ssl_context: ssl.SSLContext | None,
         backlog: int,
         ssl_handshake_timeout: float | None = None,
         ssl_shutdown_timeout: float | None = None,
@@ -53,20 +60,20 @@ class Server(asyncio.AbstractServer):
         self._backlog = backlog
         self._ssl_handshake_timeout = ssl_handshake_timeout
         self._ssl_shutdown_timeout = ssl_shutdown_timeout
-        self._connections: set[Any] = set()
-        self._waiters: list[asyncio.Future] | None = []
+        self._connections: set[SocketTransportBase] = set()
+        self._waiters: list[asyncio.Future[None]] | None = []
         self._serving = False
-        self._serving_forever: asyncio.Future | None = None
+        self._serving_forever: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} sockets={self.sockets!r}>"
 
     # connection accounting (called by transports) -------------------------------
 
-    def _attach(self, transport: Any) -> None:
+    def _attach(self, transport: SocketTransportBase) -> None:
         self._connections.add(transport)
 
-    def _detach(self, transport: Any) -> None:
+    def _detach(self, transport: SocketTransportBase) -> None:
         self._connections.discard(transport)
         if not self._connections and self._sockets is None:
             self._wake_waiters()
@@ -152,7 +159,7 @@ class Server(asyncio.AbstractServer):
 class Acceptor:
     """Accepts connections on one listening socket whenever the poller says it is readable."""
 
-    def __init__(self, loop: Any, server: Server, sock: socket.socket, backlog: int) -> None:
+    def __init__(self, loop: Networking, server: Server, sock: socket.socket, backlog: int) -> None:
         self._loop = loop
         self._server = server
         self._sock = sock

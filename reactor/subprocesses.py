@@ -27,14 +27,25 @@ Return codes follow `subprocess`: the exit status, or ``-N`` for signal N.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import subprocess
 import threading
 import warnings
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import IO, Any, TypeVar
 
 from .loop import logger
-from .pipes import ReadPipeTransport, WritePipeTransport
+from .loop_part import LoopPart
+from .pipes import Pipe, ReadPipeTransport, WritePipeTransport
+from .transport_base import AttachedProtocol
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+# A program or one of its arguments, as subprocess.Popen takes them.
+Argument = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+Command = Argument | Sequence[Argument]
+# stdin=, stdout=, stderr=: subprocess.PIPE, DEVNULL or STDOUT, an fd, a file, or None.
+StandardStream = int | IO[Any] | None
 
 
 class _PipeProtocol(asyncio.Protocol):
@@ -43,10 +54,10 @@ class _PipeProtocol(asyncio.Protocol):
     def __init__(self, owner: SubprocessTransport, fd: int) -> None:
         self.owner = owner
         self.fd = fd
-        self.pipe: Any = None
+        self.pipe: asyncio.BaseTransport | None = None
         self.disconnected = False
 
-    def connection_made(self, transport: Any) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.pipe = transport
 
     def data_received(self, data: bytes) -> None:
@@ -69,17 +80,20 @@ class _PipeProtocol(asyncio.Protocol):
 class SubprocessTransport(asyncio.SubprocessTransport):
     """One child process and its standard streams."""
 
+    _extra: dict[str, Any]  # asyncio.BaseTransport's, which typeshed does not show
+    _protocol: AttachedProtocol  # a SubprocessProtocol; None once connection_lost was called
+
     def __init__(
         self,
-        loop: Any,
-        protocol: asyncio.SubprocessProtocol,
-        args: Any,
+        loop: Subprocesses,
+        protocol: asyncio.BaseProtocol,
+        args: Command,
         shell: bool,
-        stdin: Any,
-        stdout: Any,
-        stderr: Any,
+        stdin: StandardStream,
+        stdout: StandardStream,
+        stderr: StandardStream,
         bufsize: int,
-        waiter: asyncio.Future,
+        waiter: asyncio.Future[None],
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -87,8 +101,9 @@ class SubprocessTransport(asyncio.SubprocessTransport):
         self._protocol = protocol
         self._closed = False
         self._returncode: int | None = None
-        self._exit_waiters: list[asyncio.Future] = []
-        self._pending: list[tuple[Any, tuple[Any, ...]]] | None = []
+        self._exit_waiters: list[asyncio.Future[int]] = []
+        # Protocol events that happened before connection_made: (callback, arguments).
+        self._pending: list[tuple[Callable[..., object], tuple[Any, ...]]] | None = []
         self._pipes: dict[int, _PipeProtocol | None] = {}
         self._finished = False
         self._pidfd: int | None = None
@@ -98,7 +113,7 @@ class SubprocessTransport(asyncio.SubprocessTransport):
             self._pipes[1] = None
         if stderr == subprocess.PIPE:
             self._pipes[2] = None
-        self._proc: subprocess.Popen | None = subprocess.Popen(
+        proc = subprocess.Popen(
             args,
             shell=shell,
             stdin=stdin,
@@ -108,16 +123,17 @@ class SubprocessTransport(asyncio.SubprocessTransport):
             bufsize=bufsize,
             **kwargs,
         )
-        self._pid = self._proc.pid
-        self._extra["subprocess"] = self._proc
+        self._proc: subprocess.Popen[bytes] | None = proc  # None once connection_lost was called
+        self._pid = proc.pid
+        self._extra["subprocess"] = proc
         self._watch_exit()
-        loop.create_task(self._connect_pipes(waiter))
+        loop.create_task(self._connect_pipes(proc, waiter))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"pid={self._pid}"
         return f"<{type(self).__name__} {state} returncode={self._returncode}>"
 
-    def __del__(self, _warn: Any = warnings.warn) -> None:
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         if not getattr(self, "_closed", True):
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
             self.close()
@@ -130,7 +146,7 @@ class SubprocessTransport(asyncio.SubprocessTransport):
     def get_returncode(self) -> int | None:
         return self._returncode
 
-    def get_pipe_transport(self, fd: int) -> Any:
+    def get_pipe_transport(self, fd: int) -> asyncio.BaseTransport | None:
         pipe = self._pipes.get(fd)
         return None if pipe is None else pipe.pipe
 
@@ -172,24 +188,28 @@ class SubprocessTransport(asyncio.SubprocessTransport):
         """The exit status: at once if known, else once the child exited and its pipes closed."""
         if self._returncode is not None:
             return self._returncode
-        waiter = self._loop.create_future()
+        waiter: asyncio.Future[int] = self._loop.create_future()
         self._exit_waiters.append(waiter)
         return await waiter
 
     # wiring -------------------------------------------------------------------------------
 
-    async def _connect_pipes(self, waiter: asyncio.Future) -> None:
+    async def _connect_pipes(
+        self, proc: subprocess.Popen[bytes], waiter: asyncio.Future[None]
+    ) -> None:
         loop = self._loop
-        proc = self._proc
         try:
             for fd, pipe in ((0, proc.stdin), (1, proc.stdout), (2, proc.stderr)):
                 if pipe is None:
                     continue
-                connect = loop.connect_write_pipe if fd == 0 else loop.connect_read_pipe
-                _, protocol = await connect(lambda fd=fd: _PipeProtocol(self, fd), pipe)
+                tagged = functools.partial(_PipeProtocol, self, fd)
+                if fd == 0:
+                    _, protocol = await loop.connect_write_pipe(tagged, pipe)
+                else:
+                    _, protocol = await loop.connect_read_pipe(tagged, pipe)
                 self._pipes[fd] = protocol
             loop.call_soon(self._protocol.connection_made, self)
-            for callback, args in self._pending:
+            for callback, args in self._pending or ():
                 loop.call_soon(callback, *args)
             self._pending = None
         except (SystemExit, KeyboardInterrupt):
@@ -201,7 +221,7 @@ class SubprocessTransport(asyncio.SubprocessTransport):
             if not waiter.cancelled():
                 waiter.set_result(None)
 
-    def _defer(self, callback: Any, *args: Any) -> None:
+    def _defer(self, callback: Callable[..., object], *args: Any) -> None:
         """Deliver a protocol event now, or after connection_made if that is still to come."""
         if self._pending is not None:
             self._pending.append((callback, args))
@@ -214,21 +234,24 @@ class SubprocessTransport(asyncio.SubprocessTransport):
 
     def _watch_exit(self) -> None:
         try:
-            self._pidfd = os.pidfd_open(self._pid)
+            pidfd = os.pidfd_open(self._pid)
         except (AttributeError, OSError):
             thread = threading.Thread(
                 target=self._wait_in_thread, name=f"reactor-waitpid-{self._pid}", daemon=True
             )
             thread.start()
             return
-        self._loop._poller.set_reader(self._pidfd, self._on_pidfd_readable)
-        self._loop._running_children().add(self._pidfd)
+        self._pidfd = pidfd
+        self._loop._poller.set_reader(pidfd, self._on_pidfd_readable)
+        self._loop._running_children().add(pidfd)
 
     def _on_pidfd_readable(self) -> None:
-        self._loop._poller.clear_reader(self._pidfd)
-        self._loop._running_children().discard(self._pidfd)
-        os.close(self._pidfd)
-        self._pidfd = None
+        pidfd, self._pidfd = self._pidfd, None
+        if pidfd is None:
+            return  # read once already
+        self._loop._poller.clear_reader(pidfd)
+        self._loop._running_children().discard(pidfd)
+        os.close(pidfd)
         self._process_exited(self._reap())
 
     def _reap(self) -> int:
@@ -268,28 +291,30 @@ class SubprocessTransport(asyncio.SubprocessTransport):
         self._try_finish()
 
     def _try_finish(self) -> None:
-        if self._finished or self._returncode is None:
+        returncode = self._returncode
+        if self._finished or returncode is None:
             return
         if all(pipe is not None and pipe.disconnected for pipe in self._pipes.values()):
             self._finished = True
-            self._defer(self._call_connection_lost, None)
+            self._defer(self._finish, returncode)
 
-    def _call_connection_lost(self, exc: BaseException | None) -> None:
+    def _finish(self, returncode: int) -> None:
+        """The child exited and every pipe closed: connection_lost(None), then the waiters."""
         try:
-            self._protocol.connection_lost(exc)
+            self._protocol.connection_lost(None)
         finally:
-            waiters, self._exit_waiters = self._exit_waiters, None
+            waiters, self._exit_waiters = self._exit_waiters, []
             for waiter in waiters:
                 if not waiter.cancelled():
-                    waiter.set_result(self._returncode)
+                    waiter.set_result(returncode)
             self._proc = None
             self._protocol = None
 
 
-class Subprocesses:
+class Subprocesses(LoopPart):
     """The subprocess and pipe half of the loop's API (mixed into the concrete loop).
 
-    Needs ``self._poller`` (the reactor poller's interface) and the core. The
+    Needs ``self._poller`` and the core (`reactor.loop_part.LoopPart`). The
     loop's ``_close_io`` should call `_close_child_watchers`.
     """
 
@@ -310,20 +335,20 @@ class Subprocesses:
 
     async def subprocess_exec(
         self,
-        protocol_factory: Any,
-        program: Any,
-        *args: Any,
-        stdin: Any = subprocess.PIPE,
-        stdout: Any = subprocess.PIPE,
-        stderr: Any = subprocess.PIPE,
+        protocol_factory: Callable[[], P],
+        program: Argument,
+        *args: Argument,
+        stdin: StandardStream = subprocess.PIPE,
+        stdout: StandardStream = subprocess.PIPE,
+        stderr: StandardStream = subprocess.PIPE,
         universal_newlines: bool = False,
         shell: bool = False,
         bufsize: int = 0,
-        encoding: Any = None,
-        errors: Any = None,
-        text: Any = None,
+        encoding: str | None = None,
+        errors: str | None = None,
+        text: bool | None = None,
         **kwargs: Any,
-    ) -> tuple[asyncio.SubprocessTransport, asyncio.SubprocessProtocol]:
+    ) -> tuple[asyncio.SubprocessTransport, P]:
         if shell:
             raise ValueError("shell must be False")
         _check_binary_mode(universal_newlines, bufsize, encoding, errors, text)
@@ -333,20 +358,20 @@ class Subprocesses:
 
     async def subprocess_shell(
         self,
-        protocol_factory: Any,
+        protocol_factory: Callable[[], P],
         cmd: str | bytes,
         *,
-        stdin: Any = subprocess.PIPE,
-        stdout: Any = subprocess.PIPE,
-        stderr: Any = subprocess.PIPE,
+        stdin: StandardStream = subprocess.PIPE,
+        stdout: StandardStream = subprocess.PIPE,
+        stderr: StandardStream = subprocess.PIPE,
         universal_newlines: bool = False,
         shell: bool = True,
         bufsize: int = 0,
-        encoding: Any = None,
-        errors: Any = None,
-        text: Any = None,
+        encoding: str | None = None,
+        errors: str | None = None,
+        text: bool | None = None,
         **kwargs: Any,
-    ) -> tuple[asyncio.SubprocessTransport, asyncio.SubprocessProtocol]:
+    ) -> tuple[asyncio.SubprocessTransport, P]:
         if not isinstance(cmd, (bytes, str)):
             raise ValueError("cmd must be a string")
         if not shell:
@@ -358,17 +383,17 @@ class Subprocesses:
 
     async def _start_subprocess(
         self,
-        protocol_factory: Any,
-        args: Any,
+        protocol_factory: Callable[[], P],
+        args: Command,
         shell: bool,
-        stdin: Any,
-        stdout: Any,
-        stderr: Any,
+        stdin: StandardStream,
+        stdout: StandardStream,
+        stderr: StandardStream,
         bufsize: int,
         kwargs: dict[str, Any],
-    ) -> tuple[SubprocessTransport, asyncio.SubprocessProtocol]:
+    ) -> tuple[SubprocessTransport, P]:
         protocol = protocol_factory()
-        waiter = self.create_future()
+        waiter: asyncio.Future[None] = self.create_future()
         transport = SubprocessTransport(
             self, protocol, args, shell, stdin, stdout, stderr, bufsize, waiter, **kwargs
         )
@@ -383,10 +408,10 @@ class Subprocesses:
         return transport, protocol
 
     async def connect_read_pipe(
-        self, protocol_factory: Any, pipe: Any
-    ) -> tuple[asyncio.ReadTransport, asyncio.BaseProtocol]:
+        self, protocol_factory: Callable[[], P], pipe: Pipe
+    ) -> tuple[asyncio.ReadTransport, P]:
         protocol = protocol_factory()
-        waiter = self.create_future()
+        waiter: asyncio.Future[None] = self.create_future()
         transport = ReadPipeTransport(self, pipe, protocol, waiter)
         try:
             await waiter
@@ -396,10 +421,10 @@ class Subprocesses:
         return transport, protocol
 
     async def connect_write_pipe(
-        self, protocol_factory: Any, pipe: Any
-    ) -> tuple[asyncio.WriteTransport, asyncio.BaseProtocol]:
+        self, protocol_factory: Callable[[], P], pipe: Pipe
+    ) -> tuple[asyncio.WriteTransport, P]:
         protocol = protocol_factory()
-        waiter = self.create_future()
+        waiter: asyncio.Future[None] = self.create_future()
         transport = WritePipeTransport(self, pipe, protocol, waiter)
         try:
             await waiter
@@ -410,7 +435,11 @@ class Subprocesses:
 
 
 def _check_binary_mode(
-    universal_newlines: bool, bufsize: int, encoding: Any, errors: Any, text: Any
+    universal_newlines: bool,
+    bufsize: int,
+    encoding: str | None,
+    errors: str | None,
+    text: bool | None,
 ) -> None:
     if universal_newlines:
         raise ValueError("universal_newlines must be False")

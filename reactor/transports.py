@@ -35,12 +35,19 @@ Life of a stream transport
 
 A stream transport reads and writes with ``os.read``/``os.write`` on the fd
 number, not ``socket.recv``/``send``: those parse their arguments the old way,
-into a tuple per call, which cost ~500 instructions per call more (a tenth of a
-hello-world request). An fd number is only safe while its socket is open, so:
-the socket is closed only after the transport unregistered its reader and
-writer and refuses further writes (``_call_connection_lost``), and
+into a tuple per call, which costs a noticeable share of a small request (the
+README's "where the reactor's time goes" has the count). An fd number is only
+safe while its socket is open, so: the socket is closed only after the
+transport unregistered its reader and writer and refuses further writes
+(``_call_connection_lost``, which also sets ``_fd`` to -1: a closed transport
+holds no fd number that could be reused under it), and
 ``get_extra_info("socket")`` is an `asyncio.trsock.TransportSocket`, as on
 stock asyncio, which has no ``close()``.
+
+Reading paused and resumed, closing, aborting and ``write_eof`` follow
+`reactor.transport_base.SocketTransportBase` and `StreamTransportBase`, which
+the proactor's stream transport shares; this module says what they mean on the
+poller (`_ReadinessSocketTransport`).
 
 Errors: an `OSError` on the socket ends the connection quietly (the protocol
 learns it from ``connection_lost``); any other exception, typically raised by
@@ -54,23 +61,32 @@ import collections
 import socket
 import warnings
 from asyncio.trsock import TransportSocket
+from collections.abc import Callable
 from os import read as read_fd
 from os import write as write_fd
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .loop import logger
-from .transport_base import DEFAULT_HIGH_WATER, LOST_WRITE_LOG_THRESHOLD, TransportBase
+from .loop_part import LoopPart, SocketAddress
+from .transport_base import (
+    DEFAULT_HIGH_WATER,
+    LOST_WRITE_LOG_THRESHOLD,
+    SocketTransportBase,
+    StreamTransportBase,
+)
+
+if TYPE_CHECKING:
+    from .servers import Server
 
 # Bytes asked of the kernel per stream read. A read of n bytes allocates n bytes
 # and shrinks them to what arrived. Up to SMALL_READ_SIZE the bytes object comes
 # from Python's small-object allocator; anything larger comes from malloc, which
-# for a 64-byte request cost as much as the parser (~750 of 11,600 instructions
-# per request on the raw hello-world server). So a stream transport reads small
-# until a read comes back full, then reads MAX_READ_SIZE at a time until
-# SHRINK_AFTER reads in a row would have fit in a small one (the way Netty's
-# adaptive receive buffers size themselves). MAX_READ_SIZE stays below glibc's
-# mmap threshold, so a large read costs no mmap/munmap pair (256 KiB reads cost
-# ~10 µs more each).
+# for a small request costs about as much as parsing it (the README has the
+# instruction counts). So a stream transport reads small until a read comes back
+# full, then reads MAX_READ_SIZE at a time until SHRINK_AFTER reads in a row
+# would have fit in a small one (the way Netty's adaptive receive buffers size
+# themselves). MAX_READ_SIZE stays below glibc's mmap threshold, so a large read
+# costs no mmap/munmap pair.
 SMALL_READ_SIZE = 512 - 33  # 512 bytes with the bytes object's own header
 MAX_READ_SIZE = 64 * 1024
 SHRINK_AFTER = 4
@@ -80,7 +96,7 @@ MAX_DATAGRAM_SIZE = 256 * 1024
 _STREAM_NODELAY_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
-def _as_byte_view(data: Any) -> bytes | memoryview:
+def _as_byte_view(data: object) -> bytes | memoryview:
     """Check that ``data`` is bytes-like and view it as bytes, so len() counts bytes."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         view = memoryview(data)
@@ -88,14 +104,25 @@ def _as_byte_view(data: Any) -> bytes | memoryview:
     raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__!r}")
 
 
-class _SocketTransportBase(TransportBase):
-    """What stream and datagram transports share: lifecycle, flow control, extra info."""
+class _ReadinessSocketTransport(SocketTransportBase):
+    """What stream and datagram transports share on the poller: the fd, its reader, its end."""
 
-    def _setup(self, loop: Any, sock: socket.socket, protocol: Any, extra: Any, server: Any):
+    _loop: LoopPart
+    # The reader the poller calls: a bound method chosen for the protocol's kind.
+    _read_ready: Callable[[], None]
+
+    def _setup(
+        self,
+        loop: LoopPart,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        extra: dict[str, Any] | None,
+        server: Server | None,
+    ) -> None:
         self._loop = loop
         self._poller = loop._poller
-        self._sock: socket.socket | None = sock
-        self._fd = sock.fileno()
+        self._sock = sock
+        self._fd = sock.fileno()  # -1 once the socket is closed (_call_connection_lost)
         # As in asyncio: the socket, minus close() and the other calls that would
         # pull it from under the transport (which reads and writes its fd number).
         shown = TransportSocket(sock)
@@ -114,7 +141,7 @@ class _SocketTransportBase(TransportBase):
         loop._transports[self._fd] = self
 
     def __repr__(self) -> str:
-        if self._sock is None:
+        if self._fd < 0:
             state = "closed"
         elif self._closing:
             state = "closing"
@@ -122,27 +149,10 @@ class _SocketTransportBase(TransportBase):
             state = f"fd={self._fd}"
         return f"<{type(self).__name__} {state} buffered={self.get_write_buffer_size()}>"
 
-    def __del__(self, _warn: Any = warnings.warn) -> None:
-        sock = getattr(self, "_sock", None)
-        if sock is not None:
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        if getattr(self, "_fd", -1) >= 0:
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
-            sock.close()
-
-    def is_reading(self) -> bool:
-        return not self._reading_paused and not self._closing
-
-    def pause_reading(self) -> None:
-        if self._closing or self._reading_paused:
-            return
-        self._reading_paused = True
-        self._poller.clear_reader(self._fd)
-
-    def resume_reading(self) -> None:
-        if self._closing or not self._reading_paused:
-            return
-        self._reading_paused = False
-        if self._protocol_connected and self._wants_reading():
-            self._poller.set_reader(self._fd, self._read_ready)
+            self._sock.close()
 
     def _wants_reading(self) -> bool:
         return True
@@ -151,67 +161,60 @@ class _SocketTransportBase(TransportBase):
         if not self._closing and not self._reading_paused:
             self._poller.set_reader(self._fd, self._read_ready)
 
-    # flow control ------------------------------------------------------------
+    # what reading and writing mean on the poller (see SocketTransportBase) ---------
 
-    def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
+    def _stop_receiving(self) -> None:
         self._poller.clear_reader(self._fd)
-        if not self.get_write_buffer_size():
-            self._conn_lost += 1
-            self._loop.call_soon(self._call_connection_lost, None)
 
-    def abort(self) -> None:
-        self._force_close(None)
+    def _restart_receiving(self) -> None:
+        if self._wants_reading():
+            self._poller.set_reader(self._fd, self._read_ready)
 
-    def _force_close(self, exc: BaseException | None) -> None:
-        if self._conn_lost:
-            return
+    def _writes_in_progress(self) -> bool:
+        return self.get_write_buffer_size() > 0
+
+    def _abandon_writes(self) -> None:
         if self.get_write_buffer_size():
             self._clear_write_buffer()
             self._poller.clear_writer(self._fd)
-        if not self._closing:
-            self._closing = True
-            self._poller.clear_reader(self._fd)
-        self._conn_lost += 1
-        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _clear_write_buffer(self) -> None:
+        raise NotImplementedError  # stream and datagram buffers differ
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
-        sock = self._sock
-        if sock is None:
+        fd = self._fd
+        if fd < 0:
             return
         self._conn_lost = self._conn_lost or 1  # later writes are dropped, not attempted
         try:
             if self._protocol_connected:
                 self._protocol.connection_lost(exc)
         finally:
-            fd = self._fd
             self._poller.clear_reader(fd)
             self._poller.clear_writer(fd)
             if self._loop._transports.get(fd) is self:
                 del self._loop._transports[fd]
-            sock.close()
-            self._sock = None
+            self._fd = -1
+            self._sock.close()
             self._protocol = None
             server, self._server = self._server, None
             if server is not None:
                 server._detach(self)
 
 
-class SocketTransport(_SocketTransportBase, asyncio.Transport):
+class SocketTransport(_ReadinessSocketTransport, StreamTransportBase, asyncio.Transport):
     """A connected stream socket (TCP or Unix) driving a Protocol or BufferedProtocol."""
 
     _start_tls_compatible = True  # loop.start_tls() may layer TLS over it
 
     def __init__(
         self,
-        loop: Any,
+        loop: LoopPart,
         sock: socket.socket,
         protocol: asyncio.BaseProtocol,
-        waiter: asyncio.Future | None = None,
+        waiter: asyncio.Future[None] | None = None,
         extra: dict[str, Any] | None = None,
-        server: Any = None,
+        server: Server | None = None,
     ) -> None:
         self._setup(loop, sock, protocol, extra, server)
         self._buffer = bytearray()
@@ -222,7 +225,7 @@ class SocketTransport(_SocketTransportBase, asyncio.Transport):
         self._read_size = SMALL_READ_SIZE
         self._resize_from = SMALL_READ_SIZE
         self._small_reads = 0
-        self._drain_waiters: list[asyncio.Future] = []
+        self._drain_waiters = []
         self._choose_reader(protocol)
         if sock.family in _STREAM_NODELAY_FAMILIES:
             try:
@@ -358,9 +361,6 @@ class SocketTransport(_SocketTransportBase, asyncio.Transport):
         if len(buffer) > self._high_water:
             self._maybe_pause_protocol()
 
-    def writelines(self, list_of_data: Any) -> None:
-        self.write(b"".join(list_of_data))
-
     def _write_ready(self) -> None:
         buffer = self._buffer
         if buffer:
@@ -386,22 +386,6 @@ class SocketTransport(_SocketTransportBase, asyncio.Transport):
         elif self._eof_written:
             self._shutdown_write()
 
-    def write_eof(self) -> None:
-        if self._closing or self._eof_written:
-            return
-        self._eof_written = True
-        if not self._buffer:
-            self._shutdown_write()
-
-    def _shutdown_write(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the peer is gone already; reading will tell the protocol
-
-    def can_write_eof(self) -> bool:
-        return True
-
     def get_write_buffer_size(self) -> int:
         return len(self._buffer)
 
@@ -409,34 +393,26 @@ class SocketTransport(_SocketTransportBase, asyncio.Transport):
         self._buffer.clear()
         self._wake_drain_waiters()
 
-    async def _wait_until_drained(self) -> None:
-        """Resolve once everything written so far was handed to the kernel (for sendfile)."""
-        if not self._buffer:
-            return
-        waiter = self._loop.create_future()
-        self._drain_waiters.append(waiter)
-        await waiter
-
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         self._wake_drain_waiters()
         super()._call_connection_lost(exc)
 
 
-class DatagramTransport(_SocketTransportBase, asyncio.DatagramTransport):
+class DatagramTransport(_ReadinessSocketTransport, asyncio.DatagramTransport):
     """A datagram socket, connected (``remote_addr``) or not, driving a DatagramProtocol."""
 
     def __init__(
         self,
-        loop: Any,
+        loop: LoopPart,
         sock: socket.socket,
         protocol: asyncio.BaseProtocol,
-        address: Any = None,
-        waiter: asyncio.Future | None = None,
+        address: SocketAddress = None,
+        waiter: asyncio.Future[None] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
         self._setup(loop, sock, protocol, extra, None)
         self._address = address
-        self._buffer: collections.deque[tuple[bytes, Any]] = collections.deque()
+        self._buffer: collections.deque[tuple[bytes, SocketAddress]] = collections.deque()
         self._buffer_size = 0
         self._receive_buffer = memoryview(bytearray(MAX_DATAGRAM_SIZE))
         loop.call_soon(self._start, waiter)
@@ -467,7 +443,7 @@ class DatagramTransport(_SocketTransportBase, asyncio.DatagramTransport):
             return
         self._protocol.datagram_received(self._receive_buffer[:size].tobytes(), address)
 
-    def sendto(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
+    def sendto(self, data: bytes | bytearray | memoryview, addr: SocketAddress = None) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(
                 f"data argument must be a bytes-like object, not {type(data).__name__!r}"

@@ -36,6 +36,7 @@ records; the loop acts. Signals are a main-thread affair in Python, so
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import signal
 import socket
@@ -43,7 +44,9 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVarTuple
+
+Ts = TypeVarTuple("Ts")
 
 logger = logging.getLogger("asyncio")
 
@@ -99,18 +102,22 @@ def _signal_recorded(signum: int, frame: object) -> None:
     """Python-level signal handler: the wakeup fd already carries the signal to the loop."""
 
 
-class SignalHandlers:
+class SignalHandlers(asyncio.AbstractEventLoop):
     """``add_signal_handler`` and friends, for `reactor.loop.LoopCore`.
 
     Expects ``self._wakeup`` (a `WakeupChannel`), ``self._signal_handlers``
-    (a dict) and ``self._ready`` (the ready queue) from the core.
+    (a dict), ``self._ready`` (the ready queue) and ``_check_closed`` from the
+    core.
     """
 
     _wakeup: WakeupChannel
     _signal_handlers: dict[int, asyncio.Handle]
-    _ready: Any
+    _ready: collections.deque[asyncio.Handle]
 
-    def add_signal_handler(self, sig: int, callback: Callable[..., object], *args: Any) -> None:
+    def _check_closed(self) -> None:
+        raise NotImplementedError  # the core's: RuntimeError once the loop is closed
+
+    def add_signal_handler(self, sig: int, callback: Callable[[*Ts], object], *args: *Ts) -> None:
         if asyncio.iscoroutine(callback) or asyncio.iscoroutinefunction(callback):
             raise TypeError("coroutines cannot be used with add_signal_handler()")
         self._check_signal(sig)
