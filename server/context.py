@@ -34,6 +34,7 @@ from .logs import AccessLog
 
 if TYPE_CHECKING:
     from .app import Route
+    from .frontdoor import DirectRoute
 
 TOO_MANY_CONNECTIONS = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -119,7 +120,7 @@ class ConnectionContext:
         self,
         loop: asyncio.AbstractEventLoop,
         limits: Limits,
-        resolve: Callable[[Request], Route | Response],
+        resolve: Callable[[Request], Route | Response | DirectRoute],
         access_log: AccessLog | None = None,
         snapshot: Callable[[], dict[str, Any]] | None = None,
     ) -> None:

@@ -91,9 +91,10 @@ from typing import Any, Final, cast
 
 from .context import DEADLINE, DISCONNECT, SHUTDOWN, ConnectionContext
 from .flow import FlowControl
+from .frontdoor import DirectHandler, DirectRoute
 from .http import Request, Response, as_response, error_response
 from .parsing import HEAD, IDLE, LINGER, RequestReader
-from .responses import CONTINUE, ResponseWriter, peer_name
+from .responses import CONTINUE, BodyStream, ResponseWriter, peer_name
 
 log = logging.getLogger("forkloop.http")
 
@@ -144,6 +145,8 @@ class HttpConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None  # its task, once it has suspended
         self.request_timer: asyncio.TimerHandle | None = None
         self.peer_closed = False
+        # set by a direct handler: called instead of cancelling it when the client leaves
+        self.disconnect_watcher: Callable[[], None] | None = None
 
     def _enter(self, phase: str) -> None:
         """The one transition of the connection's phase (see `TRANSITIONS`)."""
@@ -285,9 +288,13 @@ class HttpConnection(asyncio.Protocol):
     def _dispatch(self, request: Request) -> None:
         self.stats.requests += 1
         route = self.resolve(request)
-        if route.__class__ is Response:  # 404, 405: cheaper than isinstance on the hot path
+        route_class = route.__class__
+        if route_class is Response:  # 404, 405: cheaper than isinstance on the hot path
             if not self.writer.respond(request, route):  # type: ignore[arg-type]
                 self._enter(CLOSING)
+            return
+        if route_class is DirectRoute:
+            self._start_task(request, self._run_direct(request, route.handler))  # type: ignore[union-attr]
             return
         if not route.is_async:  # type: ignore[union-attr]
             try:
@@ -352,6 +359,65 @@ class HttpConnection(asyncio.Protocol):
         finally:
             self._handler_done()
 
+    async def _run_direct(self, request: Request, handler: DirectHandler) -> None:
+        """Run a `DirectRoute`'s handler; answer for it only if it was cancelled
+        before it began an answer of its own."""
+        answered = self.writer.requests_left
+        try:
+            await handler(request, self)
+        except asyncio.CancelledError:
+            response = self._answer_for_cancelled(request)
+            if response is not None and self.writer.requests_left == answered:
+                self._respond(request, response)
+        except Exception:
+            self._abandon(f"answering {request.method} {request.path}")
+        finally:
+            self.disconnect_watcher = None
+            self._handler_done()
+
+    # ------------------------------------------------------------------ the responder
+    #
+    # What a direct handler answers through. Each request gets exactly one
+    # answer: a whole response, or a stream begun and then finished or cut.
+
+    def send_response(self, request: Request, response: Response) -> None:
+        """Answer with a complete response, written at once."""
+        self._respond(request, response)
+        self._flush()
+
+    def begin_stream(self, request: Request, response: Response) -> BodyStream | None:
+        """Write the head of a streamed answer; None if a 500 went out instead."""
+        if self.phase is RUNNING:
+            self._enter(STREAMING)
+        body = self.writer.begin_stream(request, response)
+        if body is None and not self.writer.stream_keep_alive:
+            self._enter(CLOSING)
+        return body
+
+    def finish_stream(self, body: BodyStream) -> None:
+        if not body.finish():
+            self._enter(CLOSING)
+
+    def cut_stream(self, body: BodyStream) -> None:
+        """End a streamed answer early: the connection closes (the only way to say so)."""
+        body.cut_short()
+        self._enter(CLOSING)
+
+    @property
+    def client_gone(self) -> bool:
+        transport = self.transport
+        return transport is None or transport.is_closing()
+
+    def watch_disconnect(self, watcher: Callable[[], None]) -> None:
+        """Call ``watcher`` when the client leaves (it may be called more than once),
+        instead of cancelling the handler; the handler's owner cancels it later with
+        ``cancel_active(DISCONNECT, now=True)``, or lets it run to its end."""
+        self.disconnect_watcher = watcher
+
+    def extra_info(self, name: str) -> Any:
+        transport = self.transport
+        return None if transport is None else transport.get_extra_info(name)
+
     async def _stream(self, request: Request, response: Response) -> None:
         if self.phase is RUNNING:
             self._enter(STREAMING)
@@ -376,8 +442,14 @@ class HttpConnection(asyncio.Protocol):
         if not finished_inline and self.transport is not None:
             self._run_pending()
 
-    def cancel_active(self, reason: str) -> None:
-        """Cancel the running handler (or stream) for ``reason``: disconnect, deadline, shutdown."""
+    def cancel_active(self, reason: str, now: bool = False) -> None:
+        """Cancel the running handler (or stream) for ``reason``: disconnect, deadline,
+        shutdown. A handler that watches for its client leaving is told instead,
+        unless ``now``."""
+        watcher = self.disconnect_watcher
+        if watcher is not None and reason is DISCONNECT and not now:
+            watcher()  # told on EOF, and again when the connection is lost
+            return
         task, request = self.task, self.active_request
         if task is None or task.done():
             return

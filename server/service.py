@@ -22,9 +22,9 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from .app import App
 from .config import Config
 from .context import SHUTDOWN, ConnectionContext, Stats
+from .frontdoor import FrontDoor, start_front_door, stop_front_door
 from .logs import AccessLog
 from .protocol import HttpConnection
 
@@ -44,9 +44,9 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 
 
 class HttpService:
-    """Serves one `App` on a running event loop."""
+    """Serves one front door (an `App`, an ASGI application) on a running event loop."""
 
-    def __init__(self, app: App, config: Config, access_log: AccessLog | None = None) -> None:
+    def __init__(self, app: FrontDoor, config: Config, access_log: AccessLog | None = None) -> None:
         self.app = app
         self.config = config
         self.access_log = access_log
@@ -92,6 +92,7 @@ class HttpService:
         self._context = ConnectionContext(
             loop, self.config.limits, self.app.resolve, self.access_log, self.snapshot
         )
+        await start_front_door(self.app)  # an ASGI lifespan: before the first connection
         self._tick_handle = loop.call_later(self.tick_interval, self._tick)
         tls = tls_context(self.config)
         for sock in sockets:
@@ -132,6 +133,7 @@ class HttpService:
             self._tick_handle.cancel()
         for server in self.servers:
             await server.wait_closed()
+        await stop_front_door(self.app)
 
     async def _wait_for_connections(self, timeout: float) -> None:
         context = self.context

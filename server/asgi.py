@@ -1,0 +1,406 @@
+"""ASGI applications behind forkloop's connection layer: `AsgiApp`.
+
+`AsgiApp` is a front door, as `App` is: the connection asks it to resolve
+each request, and it answers every HTTP request with the same `DirectRoute`,
+whose handler runs the application in the request's own task (no second task
+per request) and answers through the connection's responder. Everything the
+connection guarantees (limits, timeouts, pipelining order, the hostile-input
+answers, lingering close, the access log and the counters) holds for an ASGI
+application because it is the same connection.
+
+One request, one cycle
+----------------------
+`HttpCycle` is the ``receive``/``send`` pair of one request:
+
+* ``receive()`` gives the body as ``http.request`` events, then, once the
+  client has gone (or the answer is complete), ``http.disconnect``; until then
+  it waits.
+* ``http.response.start`` is held until the first ``http.response.body``. A
+  body that arrives whole (``more_body`` false) goes out with its head in one
+  write and a Content-Length; otherwise the head goes out and each piece is
+  written as it comes, chunked unless the application declared a length, and
+  ``send()`` waits while the client is not reading (backpressure).
+* A response the application gets wrong (a second start, a body before the
+  start, anything after the end, a message of an unknown type) raises
+  `RuntimeError` in the application, naming it; nothing malformed reaches the
+  client. An application that raises before it starts its answer gets a 500;
+  after, the connection closes (the only way to say a body ended early). One
+  that returns without answering gets a 500 and a log line saying so.
+
+Cancellation
+------------
+A client that leaves is told at once (``http.disconnect``); the application's
+task is cancelled ``disconnect_grace`` seconds later (0: at once; None:
+never, which is uvicorn's behaviour). ``--request-timeout`` cancels it with a
+504 and shutdown with a 503 when no answer has begun, as for native handlers.
+
+Lifespan
+--------
+`startup` runs the application's lifespan protocol once per worker, before
+it accepts connections; `shutdown` on the way out. ``state`` is filled by the
+application during startup and copied into every request's scope. A startup
+failure raises `LifespanFailed` (the worker's boot fails, and the master's
+back-off applies); with ``lifespan="auto"`` an application that does not speak
+the protocol (it raises at once) is served without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any, cast
+
+from .context import DISCONNECT
+from .frontdoor import DirectRoute
+from .http import Request, Response, error_response
+
+if TYPE_CHECKING:
+    from .protocol import HttpConnection
+    from .responses import BodyStream
+
+log = logging.getLogger("forkloop.asgi")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Asgi3App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+DEFAULT_DISCONNECT_GRACE = 1.0
+
+
+class LifespanFailed(RuntimeError):
+    """The application's lifespan startup (or shutdown) failed; the message says why."""
+
+
+def looks_like_asgi(candidate: object) -> bool:
+    """True for an ASGI application: an ``async`` callable of (scope, receive,
+    send), an object whose ``__call__`` is one, or an ASGI 2 class."""
+    if inspect.isclass(candidate):
+        return "scope" in inspect.signature(candidate).parameters
+    call = candidate if inspect.isroutine(candidate) else getattr(candidate, "__call__", None)  # noqa: B004
+    if call is None:
+        return False
+    if inspect.iscoroutinefunction(call):
+        return len(_positional(call)) == 3
+    return len(_positional(call)) == 1  # an ASGI 2 double callable: app(scope)(receive, send)
+
+
+def as_asgi3(app: Any) -> Asgi3App:
+    """``app`` as an ASGI 3 callable; ASGI 2 double callables are wrapped."""
+    call = app if inspect.isroutine(app) else getattr(app, "__call__", None)  # noqa: B004
+    if not inspect.isclass(app) and call is not None and inspect.iscoroutinefunction(call):
+        return cast(Asgi3App, app)
+
+    async def asgi2(scope: Scope, receive: Receive, send: Send) -> None:
+        instance = app(scope)
+        await instance(receive, send)
+
+    return asgi2
+
+
+def _positional(call: Callable[..., Any]) -> list[str]:
+    try:
+        parameters = inspect.signature(call).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in parameters if p.kind in kinds]
+
+
+class AsgiApp:
+    """The front door for an ASGI application; see the module's docstring."""
+
+    cache_stats: dict[str, int] | None = None
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        name: str = "",
+        root_path: str = "",
+        lifespan: str = "auto",
+        disconnect_grace: float | None = DEFAULT_DISCONNECT_GRACE,
+    ) -> None:
+        if lifespan not in ("auto", "on", "off"):
+            raise ValueError(f"lifespan must be auto, on or off, not {lifespan!r}")
+        self.app = as_asgi3(app)
+        self.name = name or getattr(app, "__qualname__", type(app).__qualname__)
+        self.root_path = root_path
+        self.lifespan = lifespan
+        self.disconnect_grace = disconnect_grace
+        self.state: dict[str, Any] = {}
+        self.route = DirectRoute(self._serve)
+        self._lifespan_task: asyncio.Task[None] | None = None
+        self._lifespan_inbox: asyncio.Queue[Message] | None = None
+        self._lifespan_reply: asyncio.Queue[Message] | None = None
+
+    def resolve(self, request: Request) -> DirectRoute:
+        return self.route
+
+    async def _serve(self, request: Request, connection: HttpConnection) -> None:
+        cycle = HttpCycle(self, request, connection)
+        await cycle.run()
+
+    # ------------------------------------------------------------------ lifespan
+
+    async def startup(self) -> None:
+        """Run the lifespan startup; `LifespanFailed` if the application refuses."""
+        if self.lifespan == "off":
+            return
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+        reply: asyncio.Queue[Message] = asyncio.Queue()
+        self._lifespan_inbox, self._lifespan_reply = inbox, reply
+        scope = {"type": "lifespan", "asgi": ASGI_VERSION, "state": self.state}
+
+        async def run() -> None:
+            try:
+                await self.app(scope, inbox.get, reply.put)
+            except Exception as exc:
+                await reply.put({"type": "_raised", "error": exc})
+            else:
+                await reply.put({"type": "_returned"})
+
+        self._lifespan_task = asyncio.get_running_loop().create_task(run())
+        await inbox.put({"type": "lifespan.startup"})
+        message = await reply.get()
+        kind = message["type"]
+        if kind == "lifespan.startup.complete":
+            return
+        self._lifespan_task = None
+        if kind == "lifespan.startup.failed":
+            reason = message.get("message") or "no message"
+            raise LifespanFailed(f"ASGI app {self.name}: lifespan startup failed: {reason}")
+        if kind == "_raised" and self.lifespan == "auto":
+            log.info(
+                "ASGI app %s does not support lifespan (%s); serving without it",
+                self.name,
+                _one_line(message["error"]),
+            )
+            return
+        if kind == "_raised":
+            raise LifespanFailed(
+                f"ASGI app {self.name}: lifespan startup raised {_one_line(message['error'])}"
+            )
+        if self.lifespan == "on":
+            raise LifespanFailed(f"ASGI app {self.name} returned during lifespan startup")
+
+    async def shutdown(self) -> None:
+        """Run the lifespan shutdown, if the startup ran; errors are logged."""
+        task, inbox, reply = self._lifespan_task, self._lifespan_inbox, self._lifespan_reply
+        if task is None or inbox is None or reply is None:
+            return
+        self._lifespan_task = None
+        await inbox.put({"type": "lifespan.shutdown"})
+        message = await reply.get()
+        kind = message["type"]
+        if kind == "lifespan.shutdown.failed":
+            reason = message.get("message") or "no message"
+            log.error("ASGI app %s: lifespan shutdown failed: %s", self.name, reason)
+        elif kind == "_raised":
+            log.error(
+                "ASGI app %s: lifespan shutdown raised %s", self.name, _one_line(message["error"])
+            )
+        await task
+
+
+class HttpCycle:
+    """``receive`` and ``send`` of one HTTP request; see the module's docstring."""
+
+    __slots__ = (
+        "front",
+        "request",
+        "connection",
+        "body_sent",
+        "start",
+        "stream",
+        "done",
+        "disconnected",
+        "client_left",
+        "cancel_timer",
+    )
+
+    def __init__(self, front: AsgiApp, request: Request, connection: HttpConnection) -> None:
+        self.front = front
+        self.request = request
+        self.connection = connection
+        self.body_sent = False  # the request body was handed to the application
+        self.start: Message | None = None  # http.response.start, held until the first body
+        self.stream: BodyStream | None = None
+        self.done = False  # the answer is complete
+        self.disconnected: asyncio.Future[None] | None = None
+        self.client_left = False
+        self.cancel_timer: asyncio.TimerHandle | None = None
+
+    def scope(self) -> Scope:
+        request, front, connection = self.request, self.front, self.connection
+        root = front.root_path
+        raw_path = request.raw_path
+        if request.target[:1] != b"/":
+            raw_path = request.path.encode()  # absolute-form target: its path only
+        server = connection.extra_info("sockname")
+        return {
+            "type": "http",
+            "asgi": ASGI_VERSION,
+            "http_version": request.version,
+            "method": request.method,
+            "scheme": "https" if connection.extra_info("sslcontext") is not None else "http",
+            "path": root + request.path,
+            "raw_path": root.encode() + raw_path,
+            "query_string": request.query_string.encode("latin-1"),
+            "root_path": root,
+            "headers": [(name.lower(), value) for name, value in request.raw_headers],
+            "client": request.client,
+            "server": tuple(server[:2]) if isinstance(server, tuple) else None,
+            "state": dict(front.state),
+        }
+
+    async def run(self) -> None:
+        connection, request, front = self.connection, self.request, self.front
+        connection.watch_disconnect(self._client_left)
+        try:
+            await front.app(self.scope(), self.receive, self.send)
+        except asyncio.CancelledError:
+            if self.stream is not None and not self.done:
+                connection.cut_stream(self.stream)
+            raise
+        except Exception as exc:
+            log.exception(
+                "ASGI app %s raised on %s %s: %s",
+                front.name,
+                request.method,
+                request.path,
+                _one_line(exc),
+            )
+            self._fail("the application raised an exception")
+            return
+        finally:
+            if self.cancel_timer is not None:
+                self.cancel_timer.cancel()
+        if not self.done:
+            if self.start is None and self.stream is None:
+                log.error(
+                    "ASGI app %s returned without answering %s %s",
+                    front.name,
+                    request.method,
+                    request.path,
+                )
+            else:
+                log.error(
+                    "ASGI app %s returned before finishing its answer to %s %s",
+                    front.name,
+                    request.method,
+                    request.path,
+                )
+            self._fail("the application returned without a complete response")
+
+    def _fail(self, reason: str) -> None:
+        """An answer that cannot be completed: a 500 if none began, else close."""
+        if self.done:
+            return
+        self.done = True
+        if self.stream is not None:
+            self.connection.cut_stream(self.stream)
+        elif not self.connection.client_gone:
+            self.connection.send_response(self.request, error_response(500, reason))
+
+    # ------------------------------------------------------------------ receive
+
+    async def receive(self) -> Message:
+        if not self.body_sent:
+            self.body_sent = True
+            return {"type": "http.request", "body": await self.request.body(), "more_body": False}
+        if not self.done and not self.connection.client_gone:
+            waiter = self.disconnected
+            if waiter is None:
+                waiter = self.disconnected = asyncio.get_running_loop().create_future()
+            await waiter
+        return {"type": "http.disconnect"}
+
+    def _client_left(self) -> None:
+        """The connection lost its client: tell the application, cancel it after the grace."""
+        if self.client_left:
+            return
+        self.client_left = True
+        waiter = self.disconnected
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        grace = self.front.disconnect_grace
+        if grace is None:
+            return
+        connection = self.connection
+        if grace <= 0:
+            connection.cancel_active(DISCONNECT, now=True)
+        else:
+            loop = asyncio.get_running_loop()
+            self.cancel_timer = loop.call_later(grace, connection.cancel_active, DISCONNECT, True)
+
+    # ------------------------------------------------------------------ send
+
+    async def send(self, message: Message) -> None:
+        kind = message.get("type")
+        if kind == "http.response.body":
+            await self._send_body(message)
+        elif kind == "http.response.start":
+            if self.start is not None or self.stream is not None or self.done:
+                raise RuntimeError(self._misuse("sent http.response.start twice"))
+            self.start = message
+        else:
+            raise RuntimeError(self._misuse(f"sent an unexpected message {kind!r}"))
+
+    async def _send_body(self, message: Message) -> None:
+        if self.done:
+            raise RuntimeError(self._misuse("sent a body after its response was complete"))
+        body = message.get("body", b"")
+        more = message.get("more_body", False)
+        if not isinstance(body, bytes | bytearray | memoryview):
+            raise RuntimeError(self._misuse(f"sent a body of type {type(body).__name__}"))
+        connection = self.connection
+        stream = self.stream
+        if stream is None:
+            start = self.start
+            if start is None:
+                raise RuntimeError(self._misuse("sent a body before http.response.start"))
+            self.start = None
+            response = self._response(start, bytes(body) if not more else b"")
+            if not more:
+                self.done = True
+                if not connection.client_gone:
+                    connection.send_response(self.request, response)
+                return
+            if connection.client_gone:
+                return
+            stream = self.stream = connection.begin_stream(self.request, response)
+            if stream is None:  # its head could not be sent: a 500 went out
+                self.done = True
+                return
+        if body and not await stream.write(bytes(body)):
+            return  # the client is gone; http.disconnect tells the application
+        if not more:
+            self.done = True
+            connection.finish_stream(stream)
+
+    def _response(self, start: Message, body: bytes) -> Response:
+        status = start.get("status")
+        if status.__class__ is not int:
+            raise RuntimeError(self._misuse(f"sent a status that is not an int: {status!r}"))
+        try:
+            headers = [
+                (name.decode("latin-1"), value.decode("latin-1"))
+                for name, value in start.get("headers", ())
+            ]
+        except (AttributeError, TypeError, ValueError):
+            raise RuntimeError(self._misuse("sent headers that are not byte pairs")) from None
+        return Response(body, status, headers, content_type=None)
+
+    def _misuse(self, what: str) -> str:
+        request = self.request
+        return f"ASGI app {self.front.name} {what} ({request.method} {request.path})"
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
