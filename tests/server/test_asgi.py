@@ -25,8 +25,8 @@ from starlette.routing import Route
 
 from forkloop.server.app import App
 from forkloop.server.asgi import AsgiApp, LifespanFailed, as_asgi3, looks_like_asgi
-from tests.server.support import RawClient, running_server, send_raw
 from tests.server.master_support import wait_for
+from tests.server.support import RawClient, running_server, send_raw
 
 
 async def read_body(receive) -> bytes:
