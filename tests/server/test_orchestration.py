@@ -10,6 +10,7 @@ worker has booted, and the health path answers for any app.
 from __future__ import annotations
 
 import http.client
+import os
 import signal
 import threading
 import time
@@ -252,3 +253,18 @@ def test_master_log_names_the_loop_and_counts_workers_in_words(serve):
     log = served.log()
     assert "starting 1 worker on" in log and "loop asyncio" in log, log
     assert "ready: 1 worker serving on" in log
+
+
+def test_upgrade_with_reuse_port_takes_over_its_own_port(serve, tmp_path):
+    pid_file = tmp_path / "forkloop.pid"
+    served = serve("--workers", "1", "--reuse-port", "--pid-file", str(pid_file))
+    served.signal(signal.SIGUSR2)
+    assert wait_for(lambda: served.log().count("ready: 1 worker serving") == 2, 20), served.log()
+    assert "another process already serves" not in served.log()
+    new_master = int(pid_file.read_text())
+    assert new_master != served.pid
+    served.signal(signal.SIGQUIT)  # the old master leaves; the new one serves on
+    assert served.wait(20) == 0
+    assert served.get("/") == (200, b"hello from the user's app")
+    os.kill(new_master, signal.SIGTERM)
+    assert wait_for(lambda: refused(served.port), 20)
