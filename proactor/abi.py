@@ -39,6 +39,7 @@ from __future__ import annotations
 import platform
 import socket
 import struct
+from typing import Any
 
 # --- syscalls ---------------------------------------------------------------------
 
@@ -288,7 +289,8 @@ for _layout, _size in (
         raise AssertionError(f"struct {_layout.format!r} is {_layout.size} bytes, not {_size}")
 
 
-def sockaddr(family: int, address: object) -> bytes:
+# ``address`` is Any: its shape depends on ``family``, as with the socket module's addresses.
+def sockaddr(family: int, address: Any) -> bytes:
     """The ``struct sockaddr`` bytes for ``address`` as the socket module spells it.
 
     Only numeric addresses: resolving names is the caller's business (it may
@@ -297,7 +299,7 @@ def sockaddr(family: int, address: object) -> bytes:
     abstract namespace).
     """
     if family == socket.AF_INET:
-        host, port = address  # type: ignore[misc]
+        host, port = address
         return (
             struct.pack("=H", family)
             + struct.pack("!H", port)
@@ -305,7 +307,7 @@ def sockaddr(family: int, address: object) -> bytes:
             + bytes(8)
         )
     if family == socket.AF_INET6:
-        host, port, flowinfo, scope_id = (*address, 0, 0)[:4]  # type: ignore[misc]
+        host, port, flowinfo, scope_id = (*address, 0, 0)[:4]
         return (
             struct.pack("=H", family)
             + struct.pack("!HI", port, flowinfo)
@@ -313,7 +315,7 @@ def sockaddr(family: int, address: object) -> bytes:
             + struct.pack("=I", scope_id)
         )
     if family == socket.AF_UNIX:
-        path = address.encode() if isinstance(address, str) else bytes(address)  # type: ignore[arg-type]
+        path = address.encode() if isinstance(address, str) else bytes(address)
         if path[:1] != b"\0":
             path += b"\0"
         return struct.pack("=H", family) + path

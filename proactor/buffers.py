@@ -58,8 +58,12 @@ from __future__ import annotations
 import ctypes
 import mmap
 from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeAlias, final
 
 from . import abi
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 _from_buffer = ctypes.c_char.from_buffer
 _addressof = ctypes.addressof
@@ -72,7 +76,9 @@ def _bytes_data_offset() -> int | None:
     """Offset of a ``bytes`` object's data from ``id()``, if this interpreter lays it out so."""
     offset = getattr(bytes, "__basicsize__", 0) - 1
     sample = b"forkloop checks the bytes layout"
-    if offset > 0 and id(sample) + offset == ctypes.cast(sample, ctypes.c_void_p).value:
+    # ctypes.cast takes bytes (as a char pointer), which typeshed does not list.
+    address = ctypes.cast(sample, ctypes.c_void_p).value  # type: ignore[arg-type]
+    if offset > 0 and id(sample) + offset == address:
         return offset
     return None
 
@@ -80,7 +86,7 @@ def _bytes_data_offset() -> int | None:
 _BYTES_DATA_OFFSET = _bytes_data_offset()
 
 
-def pin(buffer: object) -> tuple[int, object]:
+def pin(buffer: ReadableBuffer) -> tuple[int, object]:
     """The address of ``buffer``'s first byte and the object to hold while the kernel uses it."""
     if type(buffer) is bytes and _BYTES_DATA_OFFSET is not None:
         return id(buffer) + _BYTES_DATA_OFFSET, buffer
@@ -88,7 +94,7 @@ def pin(buffer: object) -> tuple[int, object]:
         export = _from_buffer(buffer)
     except TypeError:
         # Read-only and not bytes: a memoryview of bytes, for instance.
-        copy = bytes(buffer)  # type: ignore[call-overload]
+        copy = bytes(buffer)
         return pin(copy) if copy else (0, copy)
     except ValueError:
         # from_buffer refuses an empty buffer; there is nothing for the kernel to touch.
@@ -96,6 +102,7 @@ def pin(buffer: object) -> tuple[int, object]:
     return _addressof(export), export
 
 
+@final  # so that ``type(buffer) is Pinned`` tells mypy what buffer is not, too
 class Pinned:
     """A buffer pinned once for many operations: no allocation and no ctypes call per operation.
 
@@ -124,8 +131,14 @@ class Pinned:
         return self.size
 
 
+# What an operation may point the kernel at: a buffer (bytes, bytearray, memoryview,
+# mmap, array), or a Pinned one; the kernel writes into the second kind.
+OutgoingBuffer: TypeAlias = "ReadableBuffer | Pinned"
+IncomingBuffer: TypeAlias = "WriteableBuffer | Pinned"
+
+
 def pin_span(
-    buffer: object, offset: int, length: int | None, writable: bool = False
+    buffer: OutgoingBuffer, offset: int, length: int | None, writable: bool = False
 ) -> tuple[int, int, object]:
     """`pin` for ``buffer[offset:offset + length]``: its address, its length and the keepalive.
 
@@ -133,16 +146,17 @@ def pin_span(
     past its end, and a read-only buffer when the kernel is to write
     (``writable``). ``length=None`` means up to the end.
     """
+    # Every buffer the engine is given has a length; typeshed's Buffer does not say so.
     size = len(buffer)  # type: ignore[arg-type]
     if length is None:
         length = size - offset
     if offset < 0 or length < 0 or offset + length > size:
         raise ValueError(f"span [{offset}:{offset}+{length}] is outside a buffer of {size} bytes")
-    kind = type(buffer)
-    if kind is Pinned:
-        if writable and not buffer.writable:  # type: ignore[attr-defined]
+    if type(buffer) is Pinned:
+        if writable and not buffer.writable:
             raise TypeError("the kernel would write into a pinned bytes object")
-        return buffer.address + offset, length, buffer  # type: ignore[attr-defined]
+        return buffer.address + offset, length, buffer
+    kind = type(buffer)
     if kind is bytes and not writable and _BYTES_DATA_OFFSET is not None:
         return id(buffer) + _BYTES_DATA_OFFSET + offset, length, buffer
     try:

@@ -72,10 +72,17 @@ import select
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..reactor.poller import new_poller
 from . import abi
 from .abi import Completion
+from .buffers import Pinned
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+    from .buffers import IncomingBuffer, OutgoingBuffer
 
 _MORE = abi.CQE_F_MORE
 _BUFFER = abi.CQE_F_BUFFER
@@ -152,9 +159,9 @@ class EmulatedBuffers:
         self._slots = [None] * self.count
 
 
-def _data_of(buffer: object) -> object:
+def _data_of(buffer: OutgoingBuffer) -> ReadableBuffer:
     """The object behind a `proactor.buffers.Pinned` wrapper, or the buffer itself."""
-    return getattr(buffer, "buffer", buffer)
+    return buffer.buffer if type(buffer) is Pinned else buffer
 
 
 def _wrap(fd: int) -> socket.socket:
@@ -289,7 +296,9 @@ class _Send(_Operation):
     __slots__ = ("buffers",)
     writes = True
 
-    def __init__(self, engine: EmulatedRing, user_data: int, fd: int, buffers: list) -> None:
+    def __init__(
+        self, engine: EmulatedRing, user_data: int, fd: int, buffers: list[ReadableBuffer]
+    ) -> None:
         self.engine = engine  # written out: this runs once per send
         self.user_data = user_data
         self.fd = fd
@@ -403,13 +412,13 @@ class EmulatedRing:
         self,
         user_data: int,
         fd: int,
-        buffer: object,
+        buffer: IncomingBuffer,
         *,
         offset: int = 0,
         length: int | None = None,
         flags: int = 0,
     ) -> None:
-        view = memoryview(_data_of(buffer)).cast("B")  # type: ignore[arg-type]
+        view = memoryview(_data_of(buffer)).cast("B")
         end = len(view) if length is None else offset + length
         self._queue(_ReceiveInto(self, user_data, fd, view[offset:end]))
 
@@ -425,7 +434,7 @@ class EmulatedRing:
         self,
         user_data: int,
         fd: int,
-        buffer: object,
+        buffer: OutgoingBuffer,
         *,
         offset: int = 0,
         length: int | None = None,
@@ -436,7 +445,7 @@ class EmulatedRing:
             return
         data = _data_of(buffer)
         if offset or length is not None:
-            view = memoryview(data).cast("B")  # type: ignore[arg-type]
+            view = memoryview(data).cast("B")
             data = view[offset : len(view) if length is None else offset + length]
         self._queue(_Send(self, user_data, fd, [data]))
 
@@ -444,7 +453,7 @@ class EmulatedRing:
         self,
         user_data: int,
         fd: int,
-        buffers: Iterable[object],
+        buffers: Iterable[ReadableBuffer],
         *,
         address: bytes | None = None,
         flags: int = 0,
@@ -487,7 +496,7 @@ class EmulatedRing:
             self._queued = []
             start = self._start
             for item in queued:
-                if type(item) is tuple:
+                if isinstance(item, tuple):
                     self._run_immediate(*item)
                 else:
                     start(item)

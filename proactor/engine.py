@@ -55,12 +55,17 @@ import logging
 import os
 import select
 from collections.abc import Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import abi
 from .abi import Completion
 from .emulated import EmulatedRing
 from .ring import Ring, RingUnavailable
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+    from .buffers import IncomingBuffer, OutgoingBuffer
 
 ENVIRONMENT_VARIABLE = "FORKLOOP_PROACTOR_ENGINE"
 ENGINE_CHOICES = ("auto", "uring", "emulated")
@@ -160,7 +165,7 @@ class CompletionEngine(Protocol):
         self,
         user_data: int,
         fd: int,
-        buffer: object,
+        buffer: IncomingBuffer,
         *,
         offset: int = 0,
         length: int | None = None,
@@ -175,7 +180,7 @@ class CompletionEngine(Protocol):
         self,
         user_data: int,
         fd: int,
-        buffer: object,
+        buffer: OutgoingBuffer,
         *,
         offset: int = 0,
         length: int | None = None,
@@ -186,7 +191,7 @@ class CompletionEngine(Protocol):
         self,
         user_data: int,
         fd: int,
-        buffers: Iterable[object],
+        buffers: Iterable[ReadableBuffer],
         *,
         address: bytes | None = None,
         flags: int = ...,

@@ -89,18 +89,20 @@ import itertools
 import logging
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
-from ..reactor.loop import LoopCore
 from ..reactor.networking import Networking
 from ..reactor.readiness import ReadinessOperations, check_sendfile_params
 from ..reactor.servers import Server
 from ..reactor.subprocesses import Subprocesses
 from . import abi
+from .abi import Completion
 from .engine import (
     RECEIVE_BUFFER_COUNT,
     RECEIVE_BUFFER_GROUP,
     RECEIVE_BUFFER_SIZE,
+    CompletionEngine,
+    ReceiveBuffers,
     open_engine,
 )
 from .readiness import PollWatches
@@ -108,6 +110,9 @@ from .servers import Acceptor
 from .transports import StreamTransport
 
 logger = logging.getLogger("proactor")
+
+# What the dispatch calls for a completion: handler(result, flags).
+CompletionHandler = Callable[[int, int], object]
 
 _MORE = abi.CQE_F_MORE
 _ENGINE_SENTENCES = {"uring": "io_uring", "emulated": "emulated (epoll readiness)"}
@@ -120,23 +125,25 @@ SEND_THROUGH_RING_FROM = 2
 CANCEL_RETRY_DELAY = 0.01
 
 
-class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
+class EventLoop(ReadinessOperations, Subprocesses, Networking):
     """forkloop's completion event loop: io_uring (or its emulation) under the asyncio API."""
+
+    _poller: PollWatches
 
     def __init__(self, engine: str | None = None) -> None:
         ring, name = open_engine(engine)
-        self._ring = ring
+        self._ring: CompletionEngine = ring
         # Which engine carries this loop's I/O, "uring" or "emulated" (shown in /stats).
         self.engine_name: str = name
-        self._handlers: dict[int, Callable[[int, int], object]] = {}
-        self._new_user_data = itertools.count(1).__next__
+        self._handlers: dict[int, CompletionHandler] = {}
+        self._new_user_data: Callable[[], int] = itertools.count(1).__next__
         # Completions read but not yet dispatched: left by an interrupted dispatch or read
         # early by _submit_early. Dispatched, oldest first, before the engine is read again.
-        self._undelivered: list[tuple[int, int, int]] | None = None
+        self._undelivered: list[Completion] | None = None
         self._send_directly = False  # see SEND_THROUGH_RING_FROM
-        self._transports: dict[int, Any] = {}
+        self._transports = {}
         self._acceptors: dict[int, Acceptor] = {}
-        self._receive_buffers: Any = None
+        self._receive_buffers: ReceiveBuffers | None = None
         self._multishot_recv = False
         self._poller = PollWatches(self)
         try:
@@ -186,7 +193,7 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
         self._send_directly = len(completions) < SEND_THROUGH_RING_FROM
         self._dispatch(completions)
 
-    def _dispatch(self, completions: list[tuple[int, int, int]]) -> None:
+    def _dispatch(self, completions: list[Completion]) -> None:
         """Call each completion's handler; drop it with the operation's last completion."""
         handlers = self._handlers
         entries = iter(completions)
@@ -281,7 +288,7 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
         self,
         sock: socket.socket,
         protocol: asyncio.BaseProtocol,
-        waiter: asyncio.Future | None = None,
+        waiter: asyncio.Future[None] | None = None,
         extra: dict[str, Any] | None = None,
         server: Server | None = None,
     ) -> StreamTransport:
@@ -305,7 +312,7 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, LoopCore):
     async def sendfile(
         self,
         transport: asyncio.WriteTransport,
-        file: Any,
+        file: IO[bytes],
         offset: int = 0,
         count: int | None = None,
         *,

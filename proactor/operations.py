@@ -82,10 +82,16 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from . import abi
 from .buffers import _BYTES_DATA_OFFSET as _BYTES_AT
 from .buffers import Pinned, pin, pin_span
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+    from .buffers import IncomingBuffer, OutgoingBuffer
 
 _MASK32 = 0xFFFFFFFF
 _BIG_ENDIAN = sys.byteorder == "big"
@@ -209,7 +215,7 @@ class Operations:
             ioprio = abi.ACCEPT_MULTISHOT
         self._queue(user_data, abi.OP_ACCEPT, fd, 0, 0, flags, None, ioprio=ioprio)
 
-    def prepare_connect(self, user_data: int, fd: int, family: int, address: object) -> None:
+    def prepare_connect(self, user_data: int, fd: int, family: int, address: Any) -> None:
         """Connect ``fd`` to a numeric ``address``; ``res`` is 0 or minus the errno."""
         raw = abi.sockaddr(family, address)
         raw_address, keep = pin(raw)
@@ -219,7 +225,7 @@ class Operations:
         self,
         user_data: int,
         fd: int,
-        buffer: object,
+        buffer: IncomingBuffer,
         *,
         offset: int = 0,
         length: int | None = None,
@@ -264,7 +270,7 @@ class Operations:
         self,
         user_data: int,
         fd: int,
-        buffer: object,
+        buffer: IncomingBuffer,
         *,
         offset: int = 0,
         length: int | None = None,
@@ -278,7 +284,7 @@ class Operations:
         self,
         user_data: int,
         fd: int,
-        buffer: object,
+        buffer: OutgoingBuffer,
         *,
         offset: int = 0,
         length: int | None = None,
@@ -304,7 +310,7 @@ class Operations:
         self,
         user_data: int,
         fd: int,
-        buffers: Iterable[object],
+        buffers: Iterable[ReadableBuffer],
         *,
         address: bytes | None = None,
         flags: int = socket.MSG_NOSIGNAL,
@@ -313,6 +319,7 @@ class Operations:
 
         ``res`` counts bytes over all buffers and may be short, as with `prepare_send`.
         """
+        # Every buffer has a length; typeshed's Buffer does not say so.
         pins = [pin(buffer) + (len(buffer),) for buffer in buffers]  # type: ignore[arg-type]
         name = address or b""
         header_size = abi.MSGHDR.size + abi.IOVEC.size * len(pins)

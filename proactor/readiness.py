@@ -5,9 +5,10 @@ and ``add_writer`` call back *when* an fd is ready and leave the system call to
 the user, and the ``sock_*`` coroutines, pipes, subprocess exit watching
 (pidfds) and datagram sockets are written that way in the reactor. The
 proactor runs all of those unchanged by giving them, as ``loop._poller``, an
-object with the reactor poller's interface (`reactor.poller.EpollPoller`):
-``set_reader``/``set_writer``, ``clear_reader``/``clear_writer``,
-``reader_of``/``writer_of``. Each watch is a one-shot ``POLL_ADD`` on the engine.
+object with the reactor poller's interface (`reactor.poller.Poller`, which
+mypy holds this class to): ``set_reader``/``set_writer``,
+``clear_reader``/``clear_writer``, ``reader_of``/``writer_of``. Each watch is
+a one-shot ``POLL_ADD`` on the engine.
 
 Level-triggered, as ``add_reader`` promises
 -------------------------------------------
@@ -36,10 +37,12 @@ from __future__ import annotations
 
 import errno
 import select
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
-Callback = Callable[[], object]
+from ..reactor.poller import Callback
+
+if TYPE_CHECKING:
+    from .loop import EventLoop
 
 _CANCELLED = -errno.ECANCELED
 
@@ -50,13 +53,18 @@ class _Watch:
     __slots__ = ("watches", "table", "fd", "events", "callback", "user_data")
 
     def __init__(
-        self, watches: PollWatches, table: dict[int, _Watch], fd: int, events: int
+        self,
+        watches: PollWatches,
+        table: dict[int, _Watch],
+        fd: int,
+        events: int,
+        callback: Callback,
     ) -> None:
         self.watches = watches
         self.table = table
         self.fd = fd
         self.events = events
-        self.callback: Callback | None = None
+        self.callback = callback
         self.user_data = 0
 
     def arm(self) -> None:
@@ -77,7 +85,7 @@ class _Watch:
             return
         try:
             if result >= 0:
-                self.callback()  # type: ignore[misc]
+                self.callback()
         finally:
             if table.get(fd) is self and not self.user_data:
                 self.arm()
@@ -86,7 +94,7 @@ class _Watch:
 class PollWatches:
     """``set_reader``/``set_writer`` and their removals, as one-shot polls on the loop's engine."""
 
-    def __init__(self, loop: Any) -> None:
+    def __init__(self, loop: EventLoop) -> None:
         self._loop = loop
         self._readers: dict[int, _Watch] = {}
         self._writers: dict[int, _Watch] = {}
@@ -121,8 +129,7 @@ class PollWatches:
     def _watch(self, table: dict[int, _Watch], fd: int, callback: Callback, events: int) -> None:
         watch = table.get(fd)
         if watch is None:
-            watch = table[fd] = _Watch(self, table, fd, events)
-            watch.callback = callback
+            watch = table[fd] = _Watch(self, table, fd, events, callback)
             watch.arm()
         else:
             watch.callback = callback

@@ -171,15 +171,20 @@ _get_errno = ctypes.get_errno
 
 def _syscall(number: int, a: int, b: int, c: int, d: int, e: int, f: int) -> int:
     """One system call with the GIL released; the result, or minus the errno on failure."""
-    result = _libc_syscall(number, a, b, c, d, e, f)
+    result: int = _libc_syscall(number, a, b, c, d, e, f)
     if result == -1:
         return -_get_errno()
     return result
 
 
+# Where abi knows no syscall numbers for this machine, _create refuses to make a ring
+# (RingUnavailable), so no ring ever makes a call with the -1 that stands in here.
+_NR_SETUP = -1 if abi.NR_IO_URING_SETUP is None else abi.NR_IO_URING_SETUP
+_NR_REGISTER = -1 if abi.NR_IO_URING_REGISTER is None else abi.NR_IO_URING_REGISTER
+
 # io_uring_enter runs every loop iteration, so it skips argtypes: converting seven
-# arguments through c_long.from_param costs more than the foreign call itself (1.04
-# against 0.44 µs per call, measured here). Without argtypes a Python int goes as a
+# arguments through c_long.from_param costs more than the foreign call itself (the
+# README's "Backends" section has the figures). Without argtypes a Python int goes as a
 # 32-bit C int, and the upper half of the 64-bit register the kernel reads is NOT
 # defined (an argsz passed so came out wrong, EINVAL). The kernel truncates fd,
 # to_submit, min_complete and flags to u32, so ints are safe there; the syscall number,
@@ -188,7 +193,7 @@ def _syscall(number: int, a: int, b: int, c: int, d: int, e: int, f: int) -> int
 # (A second CDLL object, so that this function pointer has no argtypes.)
 _libc_enter = ctypes.CDLL(None, use_errno=True).syscall
 _libc_enter.restype = ctypes.c_long
-_NR_ENTER = ctypes.c_long(abi.NR_IO_URING_ENTER)
+_NR_ENTER = ctypes.c_long(-1 if abi.NR_IO_URING_ENTER is None else abi.NR_IO_URING_ENTER)
 _NO_ARGUMENT_SIZE = ctypes.c_size_t(0)
 _GETEVENTS_ARG_SIZE = ctypes.c_size_t(abi.GETEVENTS_ARG.size)
 
@@ -202,7 +207,7 @@ def _enter(
     size: ctypes.c_size_t = _NO_ARGUMENT_SIZE,
 ) -> int:
     """io_uring_enter with the GIL released; the result, or minus the errno on failure."""
-    result = _libc_enter(_NR_ENTER, fd, to_submit, min_complete, flags, argument, size)
+    result: int = _libc_enter(_NR_ENTER, fd, to_submit, min_complete, flags, argument, size)
     if result == -1:
         return -_get_errno()
     return result
@@ -269,7 +274,7 @@ def _create(entries: int, cq_entries: int, single_issuer: bool) -> tuple[int, tu
         if not single_issuer and flags & abi.SETUP_SINGLE_ISSUER:
             continue
         abi.PARAMS.pack_into(params, 0, entries, cq_entries, flags, *([0] * 25))
-        fd = _syscall(abi.NR_IO_URING_SETUP, entries, address, 0, 0, 0, 0)
+        fd = _syscall(_NR_SETUP, entries, address, 0, 0, 0, 0)
         if fd != -errno.EINVAL:
             break
     if fd < 0:
@@ -392,7 +397,7 @@ class Ring(Operations):
 
     def register(self, opcode: int, argument_address: int, count: int) -> int:
         """``io_uring_register(fd, opcode, arg, nr_args)``; raises OSError on failure."""
-        result = _syscall(abi.NR_IO_URING_REGISTER, self._fd, opcode, argument_address, count, 0, 0)
+        result = _syscall(_NR_REGISTER, self._fd, opcode, argument_address, count, 0, 0)
         if result < 0:
             raise OSError(-result, f"io_uring_register({opcode}) failed: {os.strerror(-result)}")
         return result

@@ -39,15 +39,18 @@ Invariants
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
-import socket
+from collections.abc import Callable
 from os import write as write_fd
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..reactor.loop import logger
-from ..reactor.transport_base import LOST_WRITE_LOG_THRESHOLD, TransportBase
+from ..reactor.transport_base import LOST_WRITE_LOG_THRESHOLD, StreamTransportBase
+from .engine import CompletionEngine
+
+if TYPE_CHECKING:
+    from .loop import CompletionHandler, EventLoop
 
 # Writes smaller than this, queued behind a send in flight, are joined into one buffer;
 # larger ones go out as one sendmsg without a copy.
@@ -55,7 +58,7 @@ JOIN_LIMIT = 64 * 1024
 IOV_LIMIT = 1024  # IOV_MAX on Linux
 
 
-def _as_bytes(data: Any) -> bytes:
+def _as_bytes(data: object) -> bytes:
     """``data`` as bytes (a copy unless it is bytes already); TypeError if it is not bytes-like."""
     if isinstance(data, (bytearray, memoryview)):
         return bytes(data)
@@ -67,31 +70,26 @@ def result_error(result: int) -> OSError:
     return OSError(code, os.strerror(code))  # OSError picks the subclass (ConnectionResetError...)
 
 
-class Sending(TransportBase):
+class Sending(StreamTransportBase):
     """write(), flow control and write_eof() on completions (mixed into StreamTransport)."""
 
-    __slots__ = ()  # StreamTransport lists the attributes
-    _loop: Any
-    _ring: Any
-    _handlers: dict
-    _new_user_data: Any
+    if not TYPE_CHECKING:  # StreamTransport lists the attributes (see TransportBase)
+        __slots__ = ()
+    _loop: EventLoop
+    _ring: CompletionEngine
+    _handlers: dict[int, CompletionHandler]
+    _new_user_data: Callable[[], int]
     _fd: int
-    _sock: Any
-    _protocol: Any
-    _sent_handler: Any
+    _sent_handler: CompletionHandler
     _send_user_data: int
-    _sending: Any
+    _sending: bytes | list[bytes]  # what the send in flight points at (b"" when none is)
     _send_remaining: int
     _pending: list[bytes]
     _pending_size: int
     _write_abandoned: bool
-    _eof_written: bool
-    _drain_waiters: list[asyncio.Future]
-    _high_water: int
-    _low_water: int
-    _protocol_paused: bool
-    _closing: bool
-    _conn_lost: int
+
+    def _release(self) -> None:
+        raise NotImplementedError  # StreamTransport's: close the fd once nothing is in flight
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if type(data) is not bytes:
@@ -149,9 +147,6 @@ class Sending(TransportBase):
         if self._send_remaining + self._pending_size > self._high_water:
             self._maybe_pause_protocol()
 
-    def writelines(self, list_of_data: Any) -> None:
-        self.write(b"".join(list_of_data))
-
     def _send(self, data: bytes) -> None:
         user_data = self._new_user_data()
         self._ring.prepare_send(user_data, self._fd, data)
@@ -185,7 +180,7 @@ class Sending(TransportBase):
             self._send(b"".join(sending)[-self._send_remaining :])
             return
         user_data = self._new_user_data()
-        offset = len(sending) - self._send_remaining  # type: ignore[arg-type]
+        offset = len(sending) - self._send_remaining
         self._ring.prepare_send(user_data, self._fd, sending, offset=offset)
         self._handlers[user_data] = self._sent_handler
         self._send_user_data = user_data
@@ -194,7 +189,7 @@ class Sending(TransportBase):
         self._send_user_data = 0
         if result == self._send_remaining and not (self._pending or self._write_abandoned):
             # The common case: everything handed over went out and nothing waits.
-            self._sending = None
+            self._sending = b""
             self._send_remaining = 0
             if self._protocol_paused or self._drain_waiters or self._closing or self._eof_written:
                 self._all_sent()
@@ -204,14 +199,14 @@ class Sending(TransportBase):
     def _send_progressed(self, result: int) -> None:
         """A send completed short, failed, was abandoned, or more writes wait behind it."""
         if self._write_abandoned:
-            self._sending = None
+            self._sending = b""
             self._release()
             return
         if result < 0:
             if result in (-errno.EAGAIN, -errno.EINTR):
                 self._send_rest()
                 return
-            self._sending = None
+            self._sending = b""
             self._send_remaining = 0
             self._fatal_error(result_error(result), "Fatal write error on socket transport")
             return
@@ -219,7 +214,7 @@ class Sending(TransportBase):
         if self._send_remaining > 0:
             self._send_rest()
         else:
-            self._sending = None
+            self._sending = b""
             self._send_remaining = 0
             if self._pending:
                 self._send_pending()
@@ -238,29 +233,18 @@ class Sending(TransportBase):
         elif self._eof_written:
             self._shutdown_write()
 
-    def write_eof(self) -> None:
-        if self._closing or self._eof_written:
-            return
-        self._eof_written = True
-        if not self._send_user_data:
-            self._shutdown_write()
+    # what writing means on completions (see SocketTransportBase) -------------------
 
-    def _shutdown_write(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
-        except OSError:
-            pass  # the peer is gone already; reading will tell the protocol
+    def _writes_in_progress(self) -> bool:
+        return self._send_user_data != 0
 
-    def can_write_eof(self) -> bool:
-        return True
+    def _abandon_writes(self) -> None:
+        if self._send_user_data:
+            self._write_abandoned = True
+            self._loop._cancel_operation(self._send_user_data)
+        self._pending.clear()
+        self._pending_size = self._send_remaining = 0
+        self._wake_drain_waiters()
 
     def get_write_buffer_size(self) -> int:
         return self._send_remaining + self._pending_size
-
-    async def _wait_until_drained(self) -> None:
-        """Resolve once everything written so far was sent (for loop.sendfile)."""
-        if not self._send_user_data:
-            return
-        waiter = self._loop.create_future()
-        self._drain_waiters.append(waiter)
-        await waiter

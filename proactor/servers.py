@@ -52,13 +52,18 @@ never shut down, only closed here, so the others keep accepting.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING
 
 from . import abi
 from .transports import ignore_completion
+
+if TYPE_CHECKING:
+    from ..reactor.servers import Server
+    from .loop import EventLoop
 
 ACCEPT_RETRY_DELAY = 1.0
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -76,7 +81,7 @@ def _private_to_this_process(sock: socket.socket) -> bool:
 class Acceptor:
     """The standing accept on one listening socket."""
 
-    def __init__(self, loop: Any, server: Any, sock: socket.socket) -> None:
+    def __init__(self, loop: EventLoop, server: Server, sock: socket.socket) -> None:
         self._loop = loop
         self._server = server
         self._sock = sock
@@ -89,7 +94,7 @@ class Acceptor:
         self._cancelled = False
         self._stopping = False
         self._closed = False
-        self._retry: Any = None
+        self._retry: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         state = "stopping" if self._stopping else "accepting"

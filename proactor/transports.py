@@ -55,12 +55,17 @@ import errno
 import socket
 import warnings
 from asyncio.trsock import TransportSocket
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..reactor.transport_base import DEFAULT_HIGH_WATER
 from . import abi
 from .buffers import Pinned
 from .sending import Sending, result_error
+
+if TYPE_CHECKING:
+    from ..reactor.servers import Server
+    from .loop import EventLoop
 
 # Single-shot receive buffer of a transport, when the kernel has no provided buffers.
 OWN_RECEIVE_BUFFER = 16 * 1024
@@ -70,6 +75,13 @@ _BUFFER = abi.CQE_F_BUFFER
 _ENDED_RECEIVE = frozenset({-errno.ENOBUFS, -errno.ECANCELED, -errno.EINTR, -errno.EAGAIN})
 _STREAM_NODELAY_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _EOF = b""
+
+
+def _no_provided_buffers(cqe_flags: int, length: int) -> bytes:
+    """``consume`` of a loop without provided buffers: no completion ever names one."""
+    raise RuntimeError(
+        f"a completion names a provided buffer (flags {cqe_flags:#x}), but none exist"
+    )
 
 
 class StreamTransport(Sending, asyncio.Transport):
@@ -91,12 +103,12 @@ class StreamTransport(Sending, asyncio.Transport):
 
     def __init__(
         self,
-        loop: Any,
+        loop: EventLoop,
         sock: socket.socket,
         protocol: asyncio.BaseProtocol,
-        waiter: asyncio.Future | None = None,
+        waiter: asyncio.Future[None] | None = None,
         extra: dict[str, Any] | None = None,
-        server: Any = None,
+        server: Server | None = None,
     ) -> None:
         super().__init__(extra)
         self._loop = loop
@@ -104,13 +116,15 @@ class StreamTransport(Sending, asyncio.Transport):
         self._handlers = loop._handlers
         self._new_user_data = loop._new_user_data
         self._buffers = loop._receive_buffers
-        self._consume = None if self._buffers is None else self._buffers.consume
+        self._consume: Callable[[int, int], bytes] = (
+            _no_provided_buffers if self._buffers is None else self._buffers.consume
+        )
         self._multishot = loop._multishot_recv
-        self._sock: socket.socket | None = sock
+        self._sock = sock
         self._fd = sock.fileno()
         shown = TransportSocket(sock)  # as in asyncio: no close() under the ring's feet
         self._extra = {"socket": shown} if extra is None else {"socket": shown, **extra}
-        self._protocol: Any = protocol
+        self._protocol = protocol
         self._protocol_connected = False
         self._buffered_protocol = isinstance(protocol, asyncio.BufferedProtocol)
         self._server = server
@@ -125,13 +139,13 @@ class StreamTransport(Sending, asyncio.Transport):
         # writing
         self._send_user_data = 0
         self._sent_handler = self._on_sent  # bound once: one handler per send
-        self._sending: bytes | list[bytes] | None = None
+        self._sending = b""
         self._send_remaining = 0  # bytes of _sending not yet sent
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._write_abandoned = False
         self._eof_written = False
-        self._drain_waiters: list[asyncio.Future] = []
+        self._drain_waiters = []
         self._high_water = DEFAULT_HIGH_WATER
         self._low_water = DEFAULT_HIGH_WATER // 4
         self._protocol_paused = False
@@ -159,7 +173,7 @@ class StreamTransport(Sending, asyncio.Transport):
             state = f"fd={self._fd}"
         return f"<{type(self).__name__} {state} buffered={self.get_write_buffer_size()}>"
 
-    def __del__(self, _warn: Any = warnings.warn) -> None:
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         sock = getattr(self, "_sock", None)
         if sock is not None and not getattr(self, "_released", True) and sock.fileno() >= 0:
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
@@ -178,21 +192,14 @@ class StreamTransport(Sending, asyncio.Transport):
 
     # reading --------------------------------------------------------------------
 
-    def is_reading(self) -> bool:
-        return not self._reading_paused and not self._closing
-
-    def pause_reading(self) -> None:
-        if self._closing or self._reading_paused:
-            return
-        self._reading_paused = True
+    def _stop_receiving(self) -> None:
+        """Paused: cancel the recv; what completes meanwhile is held. Closing: drop it too."""
+        if self._closing:
+            self._held.clear()  # nobody reads any more
         self._cancel_receive()
 
-    def resume_reading(self) -> None:
-        if self._closing or not self._reading_paused:
-            return
-        self._reading_paused = False
-        if not self._protocol_connected:
-            return
+    def _restart_receiving(self) -> None:
+        """Resumed: deliver what was held (from call_soon), else arm a recv."""
         if self._held:
             if not self._flush_scheduled:
                 self._flush_scheduled = True
@@ -232,7 +239,7 @@ class StreamTransport(Sending, asyncio.Transport):
     def _on_received(self, result: int, flags: int) -> None:
         if flags & _MORE:
             # The common case: a chunk from a multishot recv that stays armed.
-            data = self._consume(flags, result)  # type: ignore[misc]
+            data = self._consume(flags, result)
             if self._closing:
                 return
             if self._reading_paused or self._held:
@@ -253,9 +260,11 @@ class StreamTransport(Sending, asyncio.Transport):
         """The last completion of a recv: data or not, the recv is over."""
         self._recv_user_data = 0
         self._recv_cancelled = False
+        data: bytes | bytearray | memoryview
         if flags & _BUFFER:
-            data = self._consume(flags, result)  # type: ignore[misc]
+            data = self._consume(flags, result)
         elif result > 0:
+            # A single-shot recv completed into the buffer _arm_receive pinned for it.
             data = self._own_buffer.buffer[:result]  # type: ignore[union-attr]
         elif result == 0:
             data = _EOF
@@ -288,7 +297,7 @@ class StreamTransport(Sending, asyncio.Transport):
         if self._wants_receive():
             self._arm_receive()
 
-    def _deliver(self, data: Any) -> None:
+    def _deliver(self, data: bytes | bytearray | memoryview) -> None:
         if self._buffered_protocol:
             self._deliver_into_buffer(data)
             return
@@ -299,7 +308,7 @@ class StreamTransport(Sending, asyncio.Transport):
         except BaseException as exc:
             self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
 
-    def _deliver_into_buffer(self, data: Any) -> None:
+    def _deliver_into_buffer(self, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into the BufferedProtocol's buffers, as many as it takes."""
         view = memoryview(data)
         offset, size = 0, len(view)
@@ -348,36 +357,7 @@ class StreamTransport(Sending, asyncio.Transport):
         if not keep_open:
             self.close()
 
-    # closing --------------------------------------------------------------------
-
-    def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        self._held.clear()
-        self._cancel_receive()
-        if not self._send_user_data:
-            self._conn_lost += 1
-            self._loop.call_soon(self._call_connection_lost, None)
-
-    def abort(self) -> None:
-        self._force_close(None)
-
-    def _force_close(self, exc: BaseException | None) -> None:
-        if self._conn_lost:
-            return
-        if self._send_user_data:
-            self._write_abandoned = True
-            self._loop._cancel_operation(self._send_user_data)
-        self._pending.clear()
-        self._pending_size = self._send_remaining = 0
-        self._wake_drain_waiters()
-        if not self._closing:
-            self._closing = True
-            self._held.clear()
-            self._cancel_receive()
-        self._conn_lost += 1
-        self._loop.call_soon(self._call_connection_lost, exc)
+    # closing (close() and abort() are SocketTransportBase's) ------------------------
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         if self._lost_called:
@@ -405,7 +385,7 @@ class StreamTransport(Sending, asyncio.Transport):
             return  # abandoned and cancelled; its completion calls back here
         self._released = True
         self._own_buffer = None
-        fd = self._sock.detach()  # type: ignore[union-attr]
+        fd = self._sock.detach()
         loop = self._loop
         if loop._transports.get(fd) is self:
             del loop._transports[fd]
@@ -417,7 +397,7 @@ class StreamTransport(Sending, asyncio.Transport):
         """The loop is closing and its engine has ended every operation: close what is owed."""
         if not self._released and self._conn_lost:
             self._released = True
-            self._sock.close()  # type: ignore[union-attr]
+            self._sock.close()
 
 
 def ignore_completion(result: int, flags: int) -> None:
