@@ -30,6 +30,7 @@ What the command promises a user, and where each promise is kept:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import platform
@@ -103,7 +104,19 @@ def parse_serve_args(serve_argv: Sequence[str]) -> argparse.Namespace:
 
 def load_config(serve_argv: Sequence[str], base_dir: str | None = None) -> Config:
     """The `Config` for these arguments: command line, environment, config file, defaults."""
-    return settings.resolve(parse_serve_args(serve_argv), os.environ, base_dir or os.getcwd())
+    return resolve_config(parse_serve_args(serve_argv), base_dir or os.getcwd())
+
+
+def resolve_config(args: argparse.Namespace, base_dir: str) -> Config:
+    """`settings.resolve`, with ``--proactor-engine`` turned into the ``--loop`` it names.
+
+    ``--proactor-engine`` is an alias of the proactor's engine backends
+    (``proactor-uring``, ``proactor-emulated``): the loop is chosen through the
+    backend registry like any other, not through an environment variable.
+    """
+    config = settings.resolve(args, os.environ, base_dir)
+    loop = backends.with_proactor_engine(config.loop, config.proactor_engine)
+    return config if loop == config.loop else dataclasses.replace(config, loop=loop)
 
 
 def version() -> str:
@@ -120,7 +133,7 @@ def run_serve(serve_argv: list[str]) -> int:
         if getattr(args, "version", False):
             print(version())
             return 0
-        config = settings.resolve(args, os.environ, launch_dir)
+        config = resolve_config(args, launch_dir)
     except SettingError as exc:
         return _usage_error(exc)
     if getattr(args, "check_config", False):
@@ -206,8 +219,6 @@ def check_config(config: Config, launch_dir: str) -> int:
 
 def serve(config: Config, serve_argv: list[str], launch_dir: str) -> int:
     configure_logging(config.log_level)
-    if config.proactor_engine is not None:
-        os.environ["FORKLOOP_PROACTOR_ENGINE"] = config.proactor_engine  # read by proactor/
     status = preflight(config, launch_dir)
     if status:
         return status
