@@ -12,9 +12,13 @@ One request, one cycle
 ----------------------
 `HttpCycle` is the ``receive``/``send`` pair of one request:
 
-* ``receive()`` gives the body as ``http.request`` events, then, once the
-  client has gone (or the answer is complete), ``http.disconnect``; until then
-  it waits.
+* ``receive()`` gives the body as ``http.request`` events as it arrives
+  (`server.request_body`: a slow reader holds the client back, the worker
+  buffers at most a high-water mark), sending ``100 Continue`` first if the
+  client waits for it; then, once the client has gone (or the answer is
+  complete), ``http.disconnect``; until then it waits. A body the client cuts
+  short, or whose framing is refused, ends in ``http.disconnect`` too, and the
+  connection answers the refusal itself.
 * ``http.response.start`` is held until the first ``http.response.body``. A
   body that arrives whole (``more_body`` false) goes out with its head in one
   write and a Content-Length; otherwise the head goes out and each piece is
@@ -55,6 +59,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .context import DISCONNECT
 from .frontdoor import DirectRoute
 from .http import Request, Response, error_response
+from .request_body import BodyFailed
 
 if TYPE_CHECKING:
     from .protocol import HttpConnection
@@ -115,6 +120,7 @@ class AsgiApp:
     """The front door for an ASGI application; see the module's docstring."""
 
     cache_stats: dict[str, int] | None = None
+    streams_bodies = True  # receive() gives the body as it arrives
 
     def __init__(
         self,
@@ -298,10 +304,15 @@ class HttpCycle:
             self._fail("the application returned without a complete response")
 
     def _fail(self, reason: str) -> None:
-        """An answer that cannot be completed: a 500 if none began, else close."""
+        """An answer that cannot be completed: a 500 if none began, else close.
+        A request whose body failed is answered by the connection (its refusal), or
+        by nobody (the client left)."""
         if self.done:
             return
         self.done = True
+        streamed = self.request.streamed_body
+        if streamed is not None and streamed.failure is not None and self.stream is None:
+            return
         if self.stream is not None:
             self.connection.cut_stream(self.stream)
         elif not self.connection.client_gone:
@@ -311,8 +322,19 @@ class HttpCycle:
 
     async def receive(self) -> Message:
         if not self.body_sent:
-            self.body_sent = True
-            return {"type": "http.request", "body": await self.request.body(), "more_body": False}
+            streamed = self.request.streamed_body
+            if streamed is None:  # no body, or it came whole
+                self.body_sent = True
+                return {"type": "http.request", "body": await self.request.body()}
+            if streamed.take_continue():
+                self.connection.send_continue()
+            try:
+                body, more = await streamed.read()
+            except BodyFailed:
+                self.body_sent = True
+                return {"type": "http.disconnect"}
+            self.body_sent = not more
+            return {"type": "http.request", "body": body, "more_body": more}
         if not self.done and not self.connection.client_gone:
             waiter = self.disconnected
             if waiter is None:

@@ -123,8 +123,11 @@ class ConnectionContext:
         resolve: Callable[[Request], Route | Response | DirectRoute],
         access_log: AccessLog | None = None,
         snapshot: Callable[[], dict[str, Any]] | None = None,
+        stream_bodies: bool = False,
     ) -> None:
         self.loop = loop
+        # the front door reads request bodies as they arrive (server.request_body)
+        self.stream_bodies = stream_bodies
         self.limits = limits
         self.resolve = resolve
         self.access_log = access_log

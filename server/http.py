@@ -32,6 +32,7 @@ from urllib.parse import parse_qs, unquote_to_bytes
 
 if TYPE_CHECKING:
     from .context import ConnectionContext
+    from .request_body import StreamedBody
 
 HeaderItems = Mapping[str, str] | Iterable[tuple[str, str]]
 T = TypeVar("T")
@@ -133,6 +134,8 @@ class Request:
     params: Mapping[str, str] = MappingProxyType({})
     # why the handler was cancelled: "disconnect", "deadline", "shutdown" (None: it wasn't)
     cancel_reason: str | None = None
+    # for front doors that read bodies as they arrive (ASGI): the body, still arriving
+    streamed_body: StreamedBody | None = None
     _headers: Headers | None = None
     _path: str | None = None
     _query: bytes = b""

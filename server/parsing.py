@@ -68,6 +68,7 @@ from .config import Limits
 from .context import ConnectionContext
 from .flow import FlowControl
 from .http import Request
+from .request_body import StreamedBody
 
 # the reader's phases (compared by identity)
 IDLE: Final = "idle"
@@ -95,12 +96,17 @@ class RequestReader:
         flow: FlowControl,
         client: tuple[str, int] | None,
         on_expect_continue: Callable[[], None],
+        on_body_drained: Callable[[], None] | None = None,
     ) -> None:
         self.context = context
         self.limits: Limits = context.limits
         self.flow = flow
         self.client = client
         self.on_expect_continue = on_expect_continue  # a head asked for 100 Continue
+        # set when bodies are streamed to their handlers (see server.request_body):
+        # the handler read what waited, parsing may go on
+        self.on_body_drained = on_body_drained
+        self.streamed: StreamedBody | None = None  # the body being streamed, if any
         self.parser = httptools.HttpRequestParser(self)
         self.max_header_bytes = self.limits.max_header_bytes
         self.max_header_count = self.limits.max_header_count
@@ -171,10 +177,19 @@ class RequestReader:
         except httptools.HttpParserError as exc:
             self._record_parser_error(exc)
         else:
+            if self.rejection is not None:  # set by a check outside a callback (a 408)
+                self.fail_body(self.rejection[1])
             # Still in a head, and the same one: no request was completed on the way
             # (the chunk may finish the head it began in and start another).
             if in_head and self.url and not self.head_done and len(self.pending) == queued:
                 self._count_head_chunk(len(data))
+
+    def fail_body(self, reason: str) -> None:
+        """A streamed body will never be complete: its handler learns at its next read."""
+        streamed = self.streamed
+        if streamed is not None:
+            self.streamed = None
+            streamed.fail(reason)
 
     def _count_head_chunk(self, size: int) -> None:
         """A whole chunk went into a head still incomplete: it is buffered in the parser."""
@@ -184,6 +199,7 @@ class RequestReader:
             self.rejection = (431, _head_too_large(self.max_header_bytes))
 
     def _record_parser_error(self, exc: Exception) -> None:
+        self.fail_body("the client sent a malformed body")
         message = str(exc)
         if isinstance(exc, httptools.HttpParserInvalidMethodError):
             self.rejection = (400, "client sent an invalid request method or request line")
@@ -194,6 +210,7 @@ class RequestReader:
 
     def reject(self, status: int, reason: str) -> None:
         self.rejection = (status, reason)
+        self.fail_body(reason)
         raise Rejected(reason)
 
     def _decline_upgrade(self, data: bytes, offset: int) -> None:
@@ -314,17 +331,47 @@ class RequestReader:
             self.upgrade_with_body = True  # httptools will skip the body: see _decline_upgrade
             self.expect_continue = False  # the 100 goes out when the head is parsed again
         self.enter(BODY)
-        if self.expect_continue:
+        if self.on_body_drained is not None and not self.upgrade_with_body:
+            self._stream_body()  # its 100 Continue is sent by the handler's first read
+        elif self.expect_continue:
             self.on_expect_continue()
+
+    def _stream_body(self) -> None:
+        """Queue the request now: its handler reads the body as it arrives."""
+        parser = self.parser
+        method = _METHODS.get(parser.get_method()) or _method_name(parser.get_method())
+        request = Request(
+            method,
+            self.url,
+            self.version,
+            self.headers,
+            self.client,
+            parser.should_keep_alive(),
+            b"",
+            self.context,
+        )
+        assert self.on_body_drained is not None
+        streamed = self.streamed = StreamedBody(self.on_body_drained, self.expect_continue)
+        request.streamed_body = streamed
+        self.pending.append(request)
 
     def on_body(self, chunk: bytes) -> None:
         self.body_size += len(chunk)
         if self.body_size > self.limits.max_body_size:
             self.reject(413, _body_too_large(self.limits.max_body_size))
-        self.body.append(chunk)
+        streamed = self.streamed
+        if streamed is None:
+            self.body.append(chunk)
+        elif not streamed.feed(chunk):
+            self.flow.read_paused = True  # until the handler reads (on_body_drained)
+            self.deadline = 0.0  # the client is not the one holding things up
+            return
         self.deadline = self.context.clock + self.limits.body_timeout
 
     def on_message_complete(self) -> None:
+        if self.streamed is not None:
+            self._finish_streamed_body()
+            return
         parser = self.parser
         method = _METHODS.get(parser.get_method()) or _method_name(parser.get_method())
         self.pending.append(
@@ -346,6 +393,21 @@ class RequestReader:
         self.head_done = False
         self.phase = IDLE  # enter(IDLE), written out: once per request
         self.deadline = 0.0
+        if len(self.pending) >= self.max_pipelined:
+            self.flow.read_paused = True
+
+    def _finish_streamed_body(self) -> None:
+        streamed = self.streamed
+        assert streamed is not None
+        self.streamed = None
+        streamed.finish()
+        self._take_body()  # resets the framing fields
+        self.url = b""
+        self.headers = []
+        self.head_size = 0
+        self.host_count = 0
+        self.head_done = False
+        self.enter(IDLE)
         if len(self.pending) >= self.max_pipelined:
             self.flow.read_paused = True
 

@@ -93,7 +93,7 @@ from .context import DEADLINE, DISCONNECT, SHUTDOWN, ConnectionContext
 from .flow import FlowControl
 from .frontdoor import DirectHandler, DirectRoute
 from .http import Request, Response, as_response, error_response
-from .parsing import HEAD, IDLE, LINGER, RequestReader
+from .parsing import BODY, HEAD, IDLE, LINGER, RequestReader
 from .responses import CONTINUE, BodyStream, ResponseWriter, peer_name
 
 log = logging.getLogger("forkloop.http")
@@ -165,7 +165,8 @@ class HttpConnection(asyncio.Protocol):
             self.client = (peer[0], peer[1])
         self.flow = flow = FlowControl(transport)
         self.writer = ResponseWriter(transport, self.context, flow, self.client)
-        self.reader = RequestReader(self.context, flow, self.client, self._expect_continue)
+        drained = self._body_drained if self.context.stream_bodies else None
+        self.reader = RequestReader(self.context, flow, self.client, self._expect_continue, drained)
         self.context.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -182,6 +183,7 @@ class HttpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.peer_closed = True
+        self.reader.fail_body("the client closed before sending the whole body")
         if self.reader.phase is LINGER:
             return False  # the client is done: close
         if self.reader.pending or self.flow.stash:
@@ -191,6 +193,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._enter(CLOSED)
+        self.reader.fail_body("the client went away")
         self.reader.pending.clear()
         self.context.connection_closed(self)
         self.cancel_active(DISCONNECT)
@@ -277,6 +280,17 @@ class HttpConnection(asyncio.Protocol):
             self.writer.output.append(CONTINUE)
         else:
             self.reader.continue_owed = True
+
+    def _body_drained(self) -> None:
+        """A handler read its streamed body down: parse again (the body deadline
+        runs again from now)."""
+        flow, reader = self.flow, self.reader
+        if self.phase is CLOSED or not flow.read_paused or flow.write_paused:
+            return
+        self._resume_reading()
+        if reader.phase is BODY and not reader.deadline:
+            reader.enter(BODY)
+        self._run_pending()
 
     def _resume_reading(self) -> None:
         if len(self.reader.pending) >= self.limits.max_pipelined:
@@ -393,6 +407,11 @@ class HttpConnection(asyncio.Protocol):
         if body is None and not self.writer.stream_keep_alive:
             self._enter(CLOSING)
         return body
+
+    def send_continue(self) -> None:
+        """100 Continue: the client waits for it before it sends the body."""
+        self.writer.output.append(CONTINUE)
+        self._flush()
 
     def finish_stream(self, body: BodyStream) -> None:
         if not body.finish():
@@ -571,6 +590,7 @@ class HttpConnection(asyncio.Protocol):
         else:
             reason = f"client sent no body data for {self.limits.body_timeout}s"
         reader.rejection = (408, reason)
+        reader.fail_body(reason)
         self._run_pending()
 
     def close_if_idle(self) -> bool:

@@ -90,7 +90,12 @@ class HttpService:
         """Serve on already-bound listening sockets."""
         loop = asyncio.get_running_loop()
         self._context = ConnectionContext(
-            loop, self.config.limits, self.app.resolve, self.access_log, self.snapshot
+            loop,
+            self.config.limits,
+            self.app.resolve,
+            self.access_log,
+            self.snapshot,
+            stream_bodies=getattr(self.app, "streams_bodies", False),
         )
         await start_front_door(self.app)  # an ASGI lifespan: before the first connection
         self._tick_handle = loop.call_later(self.tick_interval, self._tick)

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import socket
+import threading
 import time
 from typing import Any
 
@@ -410,3 +411,124 @@ def test_fastapi_json_endpoints_and_validation_errors(backend):
             assert json.loads(client.read_reply().body) == {"name": "lamp", "price_with_tax": 12.0}
             client.request("GET", "/items/not-a-number")
             assert client.read_reply().status == 422
+
+
+# ---------------------------------------------------------------------- request bodies
+
+
+def body_recorder(events: list, ready: threading.Event | None = None):
+    async def app(scope, receive, send):
+        if ready is not None:
+            await asyncio.get_running_loop().run_in_executor(None, ready.wait, 5)
+        total = 0
+        while True:
+            message = await receive()
+            events.append(
+                (message["type"], len(message.get("body", b"")), message.get("more_body"))
+            )
+            if message["type"] != "http.request":
+                return
+            total += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        await answer(send, 200, str(total).encode())
+
+    return AsgiApp(app, lifespan="off")
+
+
+def test_request_body_reaches_the_app_as_it_arrives(backend):
+    events: list = []
+    with running_server(backend, body_recorder(events)) as server:
+        with RawClient(server.port) as client:
+            client.send(
+                b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 30000\r\n\r\n" + b"a" * 10000
+            )
+            assert wait_for(lambda: len(events) >= 1, 5)  # before the rest was even sent
+            client.send(b"b" * 10000)
+            assert wait_for(lambda: len(events) >= 2, 5)
+            client.send(b"c" * 10000)
+            assert client.read_reply().body == b"30000"
+    assert all(more for _, _, more in events[:-1]) and events[-1][2] is False
+    assert sum(size for _, size, _ in events) == 30000
+
+
+def test_an_app_that_does_not_read_holds_back_the_client_with_bounded_memory(backend):
+    reading = threading.Event()
+    events: list = []
+    size = 16 * 1024 * 1024
+    with running_server(
+        backend, body_recorder(events, ready=reading), max_body_size=size
+    ) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size)
+        sock.setblocking(False)
+        pushed = 0
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                pushed += sock.send(b"x" * 65536)
+            except BlockingIOError:
+                time.sleep(0.01)
+        held = server.call(
+            lambda: max(
+                (
+                    c.active_request.streamed_body.waiting
+                    for c in server.service.connections
+                    if c.active_request is not None and c.active_request.streamed_body is not None
+                ),
+                default=0,
+            )
+        )
+        assert pushed < size // 2, (
+            f"the client pushed {pushed} bytes into an app that reads nothing"
+        )
+        assert held <= 512 * 1024, f"the worker holds {held} bytes of unread body"
+        reading.set()
+        sock.setblocking(True)
+        sock.sendall(b"x" * (size - pushed))
+        sock.settimeout(10)
+        reply = b""
+        while not reply.endswith(str(size).encode()):
+            reply += sock.recv(65536)
+        sock.close()
+
+
+def test_100_continue_is_sent_when_the_app_first_reads(backend):
+    reading = threading.Event()
+    events: list = []
+    with running_server(backend, body_recorder(events, ready=reading)) as server:
+        with RawClient(server.port, timeout=0.5) as client:
+            client.send(
+                b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+            )
+            with pytest.raises(TimeoutError):
+                client.read_raw()  # nothing yet: the app has not asked for the body
+            reading.set()
+            client.sock.settimeout(5)
+            assert client.read_raw().startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+            client.send(b"ping")
+            assert client.read_reply().body == b"4"
+
+
+def test_bad_chunk_framing_mid_body_is_refused_with_400_and_the_app_sees_a_disconnect(backend):
+    events: list = []
+    with running_server(backend, body_recorder(events)) as server:
+        raw = send_raw(
+            server.port,
+            b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\nZZ\r\nnot a chunk\r\n",
+        )
+    assert raw.startswith(b"HTTP/1.1 400 Bad Request\r\n"), raw[:200]
+    assert events[0] == ("http.request", 5, True)
+    assert events[-1][0] == "http.disconnect"
+
+
+def test_client_leaving_mid_body_gives_the_app_a_disconnect(backend):
+    events: list = []
+    with running_server(backend, body_recorder(events)) as server:
+        client = RawClient(server.port)
+        client.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n" + b"a" * 10)
+        assert wait_for(lambda: len(events) >= 1, 5)
+        client.close()
+        assert wait_for(lambda: events[-1][0] == "http.disconnect", 5), events
