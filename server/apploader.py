@@ -13,12 +13,17 @@ call `check_importable` before it forks, which finds the module without
 running it: a misspelt module name is then one line and exit 3 at once, not a
 worker crash loop.
 
+What is served is a front door (`server.frontdoor`): a forkloop `App` as it
+is, or an ASGI application (Starlette, FastAPI, a bare ``async def app(scope,
+receive, send)``, an ASGI 2 class) wrapped in `server.asgi.AsgiApp` with the
+``--lifespan`` and ``--root-path`` settings.
+
 `load_app` turns every way an import can fail into one `AppLoadError` whose
 message is one line a user can act on: which module, which file and line,
 which exception (``mymodule.py:3: SyntaxError: invalid syntax``), or what
-was expected when the name points at something else (a forkloop `App`, or a
-function returning one with ``--factory``). The full traceback stays on the
-exception (``details``) for ``--log-level debug``.
+was expected when the name points at something else (a forkloop `App` or an
+ASGI app, or a function returning one with ``--factory``). The full traceback
+stays on the exception (``details``) for ``--log-level debug``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from .config import Config
 
 if TYPE_CHECKING:
     from .app import App
+    from .asgi import AsgiApp
 
 
 class AppLoadError(ImportError):
@@ -80,18 +86,26 @@ def check_importable(config: Config) -> None:
         raise AppLoadError(_not_found(config.app, module_name, module_name))
 
 
-def load_app(config: Config) -> App:
+def load_app(config: Config) -> App | AsgiApp:
     """The app ``config`` names (the demo app when none), or an `AppLoadError`."""
     if config.app is None:
         from .demo import app
 
         return app
-    return import_app(config.app, factory=config.factory)
+    target = import_app(config.app, factory=config.factory, asgi=True)
+    if not _is_app(target):
+        from .asgi import AsgiApp
+
+        return AsgiApp(
+            target, name=config.app, root_path=config.root_path, lifespan=config.lifespan
+        )
+    return target  # type: ignore[no-any-return]
 
 
-def import_app(spec: str, factory: bool = False) -> App:
-    """``"package.module:attribute"`` → the App it names, with errors a user can act on."""
-    from .app import App
+def import_app(spec: str, factory: bool = False, asgi: bool = False) -> Any:
+    """``"package.module:attribute"`` → the App it names (or, with ``asgi``, an ASGI
+    application), with errors a user can act on."""
+    from .asgi import looks_like_asgi
 
     module_name, _, attribute = spec.partition(":")
     attribute = attribute or "app"
@@ -122,13 +136,10 @@ def import_app(spec: str, factory: bool = False) -> App:
             raise AppLoadError(
                 f"{spec}: the factory failed: {_last_line(exc)}", traceback.format_exc()
             ) from None
-    if isinstance(target, App):
+    if _is_app(target):
         return target
-    if _looks_like_asgi(target):
-        raise AppLoadError(
-            f"{spec} is an ASGI app: forkloop serves forkloop Apps (forkloop.server.App); "
-            "serving ASGI apps is not built yet"
-        )
+    if asgi and looks_like_asgi(target):
+        return target
     if callable(target) and not factory and _returns_app(target):
         raise AppLoadError(f"{spec} is a function: add --factory to call it for the app")
     raise AppLoadError(
@@ -185,18 +196,10 @@ def _a(value: object) -> str:
     return f"an {name}" if name[:1].lower() in "aeiou" else f"a {name}"
 
 
-def _looks_like_asgi(target: object) -> bool:
-    """An ASGI 3 app: an async callable of (scope, receive, send)."""
-    call = target if inspect.isfunction(target) else getattr(target, "__call__", None)  # noqa: B004
-    if call is None or inspect.isclass(target):
-        return False
-    if not (inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(target)):
-        return False
-    try:
-        parameters = inspect.signature(call).parameters
-    except (TypeError, ValueError):
-        return False
-    return len(parameters) == 3
+def _is_app(target: object) -> bool:
+    from .app import App
+
+    return isinstance(target, App)
 
 
 def _returns_app(target: object) -> bool:

@@ -86,6 +86,8 @@ class Config:
     app_dir: str = "."  # put on sys.path before importing the app (uvicorn's --app-dir)
     chdir: str | None = None  # change to this directory first (gunicorn's --chdir)
     health_path: str = "/healthz"  # answered "ok" by every worker, whatever the app
+    lifespan: str = "auto"  # an ASGI app's lifespan protocol: auto, on, off (uvicorn's)
+    root_path: str = ""  # an ASGI app's root_path (mounted below a proxy's prefix)
     # ---- where
     binds: tuple[str, ...] = (DEFAULT_BIND,)
     backlog: int = 2048

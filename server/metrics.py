@@ -8,10 +8,12 @@ Three parts, one per process role:
   latency histogram. The worker publishes them with its other counters on its
   heartbeat, into its scoreboard slot (`server.scoreboard` names every
   counter, once).
-* `FrontDoor` wraps the app's router in each worker: it stamps each request
-  with the moment it was dispatched (what the latency is measured from) and
+* `MeteredFrontDoor` wraps the app's front door (`server.frontdoor`: a
+  forkloop `App` or an ASGI app) in each worker: it stamps each request with
+  the moment it was dispatched (what the latency is measured from) and
   answers the health path (``--health-path``, ``/healthz`` by default) before
-  the app sees it, so every app kind answers it alike.
+  the app sees it, so every app kind answers it alike. Its `startup` (an ASGI
+  lifespan) runs once, when the worker boots, before it says it is ready.
 * `metrics_app` is what every worker serves on the ``--metrics-bind``
   socket, a listener of its own that the master binds like the others (off
   the app's port, so a scrape never queues behind app traffic and the app's
@@ -52,6 +54,7 @@ from .scoreboard import (
 
 if TYPE_CHECKING:
     from .app import App, Route
+    from .frontdoor import DirectRoute, FrontDoor
 
 Totals = Callable[[], dict[str, int]]
 
@@ -94,20 +97,38 @@ class RequestMetrics:
         return counters
 
 
-class FrontDoor:
-    """The app's router as the connection sees it: health path first, a dispatch stamp."""
+class MeteredFrontDoor:
+    """The app's front door as the connection sees it: health path first, a dispatch stamp."""
 
-    def __init__(self, app: App, health_path: str = "/healthz") -> None:
+    def __init__(self, app: FrontDoor, health_path: str = "/healthz") -> None:
         self.app = app
         self.health_path = health_path.encode() if health_path else None
+        self.started = False
 
-    def resolve(self, request: Request) -> Route | Response:
+    @property
+    def cache_stats(self) -> dict[str, int] | None:
+        return self.app.cache_stats
+
+    def resolve(self, request: Request) -> Route | Response | DirectRoute:
         request.dispatched_at = time.perf_counter()  # type: ignore[attr-defined]
         if request.target == self.health_path and request.method in ("GET", "HEAD"):
             return Response(b"ok\n")
         return self.app.resolve(request)
 
-    def __getattr__(self, name: str) -> Any:  # cache_stats, cache, route(): the app's
+    async def startup(self) -> None:
+        """The app's start-up (an ASGI lifespan), once: the worker runs it as it boots."""
+        if not self.started:
+            self.started = True
+            from .frontdoor import start_front_door
+
+            await start_front_door(self.app)
+
+    async def shutdown(self) -> None:
+        from .frontdoor import stop_front_door
+
+        await stop_front_door(self.app)
+
+    def __getattr__(self, name: str) -> Any:  # cache, route(): the app's
         return getattr(self.app, name)
 
 

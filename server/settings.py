@@ -119,6 +119,11 @@ OPTIONS: tuple[Option, ...] = (
            metavar="DIR"),
     Option("factory", bool, False, "APP names a function that returns the app: call it "
            "(default off)"),
+    Option("lifespan", str, _D.lifespan, "an ASGI app's lifespan startup and shutdown: auto "
+           "(run it if the app speaks it), on, off (default auto)",
+           choices=("auto", "on", "off")),
+    Option("root_path", str, _D.root_path, "an ASGI app's root_path, when a proxy serves it "
+           "below a path prefix (default none)", metavar="PATH"),
     Option("loop", str, _D.loop, "event loop backend; auto is uvloop if installed, else asyncio "
            "(default auto)", choices=("auto", *backends.names())),
     Option("proactor_engine", str, None, "engine of the proactor loop: io_uring, or completions "
@@ -188,7 +193,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "app",
         nargs="?",
         default=argparse.SUPPRESS,
-        help="the app to serve, as module:attribute (a forkloop App; default: the demo app)",
+        help="the app to serve, as module:attribute: a forkloop App or an ASGI app "
+        "(default: the demo app)",
     )
     for option in OPTIONS:
         names = [option.flag] + ([option.short] if option.short else [])
@@ -347,6 +353,8 @@ def resolve(
         app_dir=value("app_dir"),
         chdir=value("chdir"),
         health_path=health_path,
+        lifespan=value("lifespan"),
+        root_path=value("root_path"),
         binds=_binds(merged),
         backlog=value("backlog"),
         reuse_port=value("reuse_port"),

@@ -41,12 +41,12 @@ from .apploader import load_app
 from .config import Config
 from .listeners import bind, describe, parse_bind
 from .logs import AccessLog
-from .metrics import FrontDoor, RequestMetrics, metrics_app
+from .metrics import MeteredFrontDoor, RequestMetrics, metrics_app
 from .scoreboard import READY, STOPPING
 from .service import HttpService, tls_context
 
 if TYPE_CHECKING:
-    from .app import App
+    from .frontdoor import FrontDoor
     from .master import Supervision
 
 log = logging.getLogger("forkloop")
@@ -92,6 +92,7 @@ class Worker:
         self.service: HttpService | None = None
         self.metrics_service: HttpService | None = None
         self.metrics: RequestMetrics | None = None
+        self.front: MeteredFrontDoor | None = None
         self.serving = False
         self._listener_copies: list[socket.socket] = []
 
@@ -104,7 +105,7 @@ class Worker:
             runner.run(self.serve(app, backend.name))
         return 0
 
-    async def serve(self, app: App, backend_name: str) -> None:
+    async def serve(self, app: FrontDoor, backend_name: str) -> None:
         loop = self.loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
         for signum in STOP_SIGNALS:
@@ -117,8 +118,9 @@ class Worker:
             access_log = AccessLog(
                 config.access_log_path, config.access_log_format, config.access_log, self.metrics
             )
-        front = FrontDoor(app, config.health_path)
-        service = self.service = HttpService(front, config, access_log)  # type: ignore[arg-type]
+        front = self.front = MeteredFrontDoor(app, config.health_path)
+        service = self.service = HttpService(front, config, access_log)
+        await front.startup()  # an ASGI lifespan: part of booting, before the worker is ready
         supervision = self.supervision
         if supervision is not None:
             supervision.scoreboard.set_state(supervision.slot, READY)
@@ -166,6 +168,8 @@ class Worker:
         if supervision is not None:
             supervision.scoreboard.set_state(supervision.slot, STOPPING)
         if not self.serving:
+            assert self.front is not None
+            await self.front.shutdown()  # the lifespan ran as the worker booted
             return
         graceful = self.stopping == "graceful"
         if graceful:

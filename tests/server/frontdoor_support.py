@@ -55,6 +55,28 @@ async def slow(request):
     return Response(f"slow {os.getpid()}")
 """
 
+ASGI_APP = """
+import json
+
+started = []
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                started.append(True)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = json.dumps({"path": scope["path"], "lifespan": bool(started)}).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+"""
+
 
 def clean_environment(**extra: str) -> dict[str, str]:
     """The test's environment without FORKLOOP_* or WEB_CONCURRENCY from outside."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.server.frontdoor_support import (
+    ASGI_APP,
     HELLO_APP,
     Served,
     UserFolder,
@@ -121,9 +122,9 @@ def test_missing_module_says_where_it_looked(folder):
         ("app = {'not': 'an app'}\n", "wrong:app", "wrong:app is a dict, not a forkloop App"),
         ("app = 1\n", "wrong:application", "has no attribute 'application' (it has: app)"),
         (
-            "async def app(scope, receive, send):\n    pass\n",
+            "async def app(scope):\n    pass\n",
             "wrong:app",
-            "wrong:app is an ASGI app",
+            "wrong:app is a function, not a forkloop App (forkloop.server.App) or an ASGI app",
         ),
     ],
 )
@@ -142,3 +143,29 @@ def test_no_master_reports_the_import_error_once(folder):
     assert result.returncode == 3
     assert "broken.py:1: SyntaxError" in last_error_line(result)
     assert "Traceback" not in result.stderr
+
+
+def test_asgi_app_is_served_with_its_lifespan_and_the_health_path(folder):
+    folder.write("asgiapp.py", ASGI_APP)
+    served = Served(folder.root, "asgiapp:app", "--workers", "2").start()
+    try:
+        assert served.get("/hello") == (200, b'{"path": "/hello", "lifespan": true}')
+        assert served.get("/healthz") == (200, b"ok\n")  # answered before the ASGI app
+    finally:
+        served.stop()
+
+
+def test_starlette_app_is_served(folder):
+    folder.write(
+        "webapp.py",
+        "from starlette.applications import Starlette\n"
+        "from starlette.responses import PlainTextResponse\n"
+        "from starlette.routing import Route\n"
+        "async def home(request):\n    return PlainTextResponse('starlette here')\n"
+        "app = Starlette(routes=[Route('/', home)])\n",
+    )
+    served = Served(folder.root, "webapp:app", "--workers", "1").start()
+    try:
+        assert served.get("/") == (200, b"starlette here")
+    finally:
+        served.stop()

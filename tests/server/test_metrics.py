@@ -17,7 +17,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from forkloop.loadtest.servers import free_port
 from forkloop.server.config import DEFAULT_METRICS_BIND
-from tests.server.frontdoor_support import Served, UserFolder, last_error_line, run_forkloop
+from tests.server.frontdoor_support import (
+    ASGI_APP,
+    Served,
+    UserFolder,
+    last_error_line,
+    run_forkloop,
+)
 from tests.server.master_support import wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -195,3 +201,21 @@ def test_taken_explicit_metrics_address_is_a_boot_failure(folder):
     assert result.returncode == 3
     assert f"cannot listen on 127.0.0.1:{port}" in last_error_line(result)
     assert "Traceback" not in result.stderr
+
+
+def test_an_asgi_apps_responses_are_counted_too(folder):
+    folder.write("asgiapp.py", ASGI_APP)
+    metrics_port = free_port()
+    served = Served(
+        folder.root, "asgiapp:app", "--workers", "1", metrics=f"127.0.0.1:{metrics_port}"
+    ).start()
+    try:
+        for _ in range(5):
+            assert served.get("/x")[0] == 200
+        samples = eventually(
+            metrics_port,
+            lambda s: value(s, "forkloop_http_responses_total", method="GET", status="200") == 5,
+        )
+        assert value(samples, "forkloop_http_request_duration_seconds_count") == 5
+    finally:
+        served.stop()
