@@ -143,7 +143,7 @@ def metrics_app(totals: Totals) -> App:
     from .app import App
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ScoreboardCollector(totals))  # type: ignore[arg-type]
+    registry.register(ScoreboardCollector(totals))
     app = App()
 
     @app.get("/metrics")
