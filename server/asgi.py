@@ -54,16 +54,12 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from .context import DISCONNECT
-from .frontdoor import DirectRoute
+from .frontdoor import AnswerStream, DirectRoute, Responder
 from .http import Request, Response, error_response
 from .request_body import BodyFailed
-
-if TYPE_CHECKING:
-    from .protocol import HttpConnection
-    from .responses import BodyStream
 
 log = logging.getLogger("forkloop.asgi")
 
@@ -147,7 +143,7 @@ class AsgiApp:
     def resolve(self, request: Request) -> DirectRoute:
         return self.route
 
-    async def _serve(self, request: Request, connection: HttpConnection) -> None:
+    async def _serve(self, request: Request, connection: Responder) -> None:
         cycle = HttpCycle(self, request, connection)
         await cycle.run()
 
@@ -229,13 +225,13 @@ class HttpCycle:
         "cancel_timer",
     )
 
-    def __init__(self, front: AsgiApp, request: Request, connection: HttpConnection) -> None:
+    def __init__(self, front: AsgiApp, request: Request, connection: Responder) -> None:
         self.front = front
         self.request = request
         self.connection = connection
         self.body_sent = False  # the request body was handed to the application
         self.start: Message | None = None  # http.response.start, held until the first body
-        self.stream: BodyStream | None = None
+        self.stream: AnswerStream | None = None
         self.done = False  # the answer is complete
         self.disconnected: asyncio.Future[None] | None = None
         self.client_left = False

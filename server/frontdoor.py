@@ -15,15 +15,14 @@ connection.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .http import Request, Response
 
 if TYPE_CHECKING:
     from .app import Route
-    from .protocol import HttpConnection
 
-DirectHandler = Callable[[Request, "HttpConnection"], Awaitable[None]]
+DirectHandler = Callable[[Request, "Responder"], Awaitable[None]]
 
 
 class DirectRoute:
@@ -39,6 +38,31 @@ class DirectRoute:
 
     def __init__(self, handler: DirectHandler) -> None:
         self.handler = handler
+
+
+class AnswerStream(Protocol):
+    """The body of a streamed answer, sent piece by piece (`server.responses.BodyStream`)."""
+
+    async def write(self, chunk: bytes) -> bool: ...
+    def finish(self) -> bool: ...
+    def cut_short(self) -> None: ...
+
+
+class Responder(Protocol):
+    """What a direct handler answers through: the connection (`HttpConnection`), or
+    a stand-in that captures the answer (the cache in front of an ASGI app)."""
+
+    @property
+    def client_gone(self) -> bool: ...
+
+    def send_response(self, request: Request, response: Response) -> None: ...
+    def begin_stream(self, request: Request, response: Response) -> AnswerStream | None: ...
+    def finish_stream(self, body: AnswerStream) -> None: ...
+    def cut_stream(self, body: AnswerStream) -> None: ...
+    def send_continue(self) -> None: ...
+    def watch_disconnect(self, watcher: Callable[[], None]) -> None: ...
+    def cancel_active(self, reason: str, now: bool = False) -> None: ...
+    def extra_info(self, name: str) -> Any: ...
 
 
 class FrontDoor(Protocol):
