@@ -86,17 +86,9 @@ log = logging.getLogger("forkloop.master")
 BOOT_ERROR_EXIT = 3
 FAST_SHUTDOWN_GRACE = 5.0
 BOOT_FAILURES_BEFORE_HALT = 3
-HANDLED_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGHUP,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGWINCH,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-    signal.SIGCHLD,
+HANDLED_SIGNALS = tuple(
+    getattr(signal, f"SIG{name}")
+    for name in ("TERM", "INT", "QUIT", "HUP", "USR1", "USR2", "WINCH", "TTIN", "TTOU", "CHLD")
 )
 
 
@@ -202,7 +194,7 @@ class Master:
         log.info(
             "master %d starting %s on %s, loop %s",
             os.getpid(),
-            _plural(self.target, "worker"),
+            f"{self.target} worker" + "s" * (self.target != 1),
             ", ".join(describe(sock) for sock in self.sockets) or "reuse-port listeners per worker",
             backends.resolve(self.config.loop).name,
         )
@@ -250,7 +242,7 @@ class Master:
             metrics = f"; metrics on {describe(self.metrics_socket)}/metrics"
         log.info(
             "ready: %s serving on %s%s",
-            _plural(len(ready), "worker"),
+            f"{len(ready)} worker" + "s" * (len(ready) != 1),
             ", ".join(describe(sock) for sock in self.sockets) or "reuse-port listeners",
             metrics,
         )
@@ -632,16 +624,11 @@ class Master:
             os.replace(self.pid_file + ".tmp", self.pid_file)
 
     def _remove_pid_file(self) -> None:
-        if not self.pid_file:
-            return
-        with contextlib.suppress(OSError):
-            with open(self.pid_file) as handle:
+        """Remove the pid file (or its .oldbin after an upgrade) if it still names us."""
+        for path in (self.pid_file, f"{self.pid_file}.oldbin") if self.pid_file else ():
+            with contextlib.suppress(OSError), open(path) as handle:
                 if handle.read().strip() == str(os.getpid()):
-                    os.unlink(self.pid_file)
-        with contextlib.suppress(OSError):
-            with open(self.pid_file + ".oldbin") as handle:
-                if handle.read().strip() == str(os.getpid()):
-                    os.unlink(self.pid_file + ".oldbin")
+                    os.unlink(path)
 
 
 class StopWhileBooting(BaseException):
@@ -650,10 +637,6 @@ class StopWhileBooting(BaseException):
 
 def _stop_while_booting(signum: int, frame: object) -> None:
     raise StopWhileBooting
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _set_process_title(title: str) -> None:
