@@ -169,3 +169,20 @@ def test_starlette_app_is_served(folder):
         assert served.get("/") == (200, b"starlette here")
     finally:
         served.stop()
+
+
+def test_failing_lifespan_is_retried_then_reported_once_as_the_last_line(folder):
+    folder.write(
+        "nodb.py",
+        "async def app(scope, receive, send):\n"
+        "    assert scope['type'] == 'lifespan'\n"
+        "    await receive()\n"
+        "    await send({'type': 'lifespan.startup.failed', 'message': 'no database'})\n",
+    )
+    result = run_forkloop("nodb:app", "--workers", "1", "--metrics-bind", "off", cwd=folder.root)
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    last = last_error_line(result)
+    assert "cannot start:" in last and "lifespan startup failed: no database" in last, last
+    assert result.stderr.count("no database") == 2, result.stderr  # once when first seen, once last
+    assert result.stderr.count("next worker boot in") == 2, result.stderr  # 3 tries, 2 waits
