@@ -8,6 +8,9 @@ tree; the table reports CPU microseconds per request, which is what survives
 a noisy machine, next to requests/s and latency, and ratios against the peer
 (uvicorn with uvloop and httptools) measured in the same run.
 
+``--asgi`` runs the ASGI benchmark instead: the same ASGI applications on
+forkloop and on uvicorn, granian and hypercorn (`loadtest.asgi_bench`).
+
 ``--raw`` adds a bare httptools protocol on each loop (`loadtest.raw`), so the
 loop's own cost can be told apart from the server's. ``--pipeline 16`` sends
 16 requests per write (wrk with a Lua script).
@@ -77,8 +80,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(backends.available()),
         help="comma-separated loop backends (default: all available here)",
     )
+    parser.add_argument(
+        "--asgi",
+        action="store_true",
+        help="ASGI apps (hello, FastAPI JSON, 10 KiB echo, WebSocket echo) on forkloop "
+        "vs uvicorn, granian and hypercorn",
+    )
     parser.add_argument("--raw", action="store_true", help="also bench a bare httptools protocol")
-    parser.add_argument("--no-peer", action="store_true", help=f"leave out the {PEER} peer")
+    parser.add_argument(
+        "--no-peer",
+        action="store_true",
+        help=f"leave out the {PEER} peer (with --asgi: every peer)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="worker processes per server")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
@@ -87,6 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", type=int, default=1, help="requests per write (wrk Lua)")
     parser.add_argument("--path", default="/", help="URL path to request")
     parser.add_argument("--output", default=None, help="also write the table to this file")
+    from . import asgi_bench  # it builds on this module's measurements
+
+    asgi_bench.add_arguments(parser)
 
 
 def server_commands(args: argparse.Namespace) -> list[ServerProcess]:
@@ -174,20 +190,24 @@ def format_table(results: dict[str, Measurement], args: argparse.Namespace) -> s
                 f" {user / peer.user_us():.2f}x | {rate / statistics.median(peer.rates):.2f}x |"
             )
         lines.append(
-            f"| {name} | {rate:,.0f} | {_median_ms(result.p50_ms)} "
-            f"| {_median_ms(result.p99_ms)} | {user:.2f} | {system:.2f} "
+            f"| {name} | {rate:,.0f} | {median_ms(result.p50_ms)} "
+            f"| {median_ms(result.p99_ms)} | {user:.2f} | {system:.2f} "
             f"| {user + system:.2f} |{ratios} {result.errors} |"
         )
     return "\n".join(lines)
 
 
-def _median_ms(values: list[float]) -> str:
+def median_ms(values: list[float]) -> str:
     """The median of the rounds that have the figure; ``-`` when none has."""
     known = [value for value in values if not math.isnan(value)]
     return f"{statistics.median(known):.2f}" if known else "-"
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.asgi:
+        from . import asgi_bench
+
+        return asgi_bench.main(args)
     if shutil.which("wrk") is None:
         print(
             "forkloop bench needs wrk: apt-get install wrk (or brew install wrk)", file=sys.stderr

@@ -293,15 +293,15 @@ Transfer/sec:     57.52MB
 
 
 def test_bench_reads_wrk_and_takes_its_zero_percentile_for_missing():
-    from forkloop.loadtest.bench import _median_ms, parse_wrk
+    from forkloop.loadtest.bench import median_ms, parse_wrk
 
     run = parse_wrk(WRK_OUTPUT.format(p99="3.05ms"))
     assert run["requests"] == 1_140_272 and run["seconds"] == 2.0 and run["errors"] == 4
     assert (run["p50_ms"], run["p99_ms"]) == (pytest.approx(0.616), 3.05)
     # wrk prints this now and then with pipelining; no request takes 0 µs
     missing = parse_wrk(WRK_OUTPUT.format(p99="0.00us"))["p99_ms"]
-    assert _median_ms([missing, 2.0, 4.0]) == "3.00"
-    assert _median_ms([missing]) == "-"
+    assert median_ms([missing, 2.0, 4.0]) == "3.00"
+    assert median_ms([missing]) == "-"
 
 
 CALLGRIND_DUMP = """# callgrind format
