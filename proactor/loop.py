@@ -40,13 +40,12 @@ completion, its first send is a plain ``write`` instead: see
 iteration however many connections were served in it (plus one early enter
 per `proactor.engine.RING_ENTRIES` operations queued in one iteration).
 Accepting costs no system call either; wrapping the new fd in a socket object
-costs a ``getsockname`` and ``TCP_NODELAY`` a ``setsockopt``. Measured with
-wrk and 50 connections on a hello world: about 0.06 system calls per request
-one request at a time, 0.003 with 16 pipelined, where the reactor makes 2.06
-(``recv``, ``send`` and its share of ``epoll_wait``) and 0.13.
+costs a ``getsockname`` and ``TCP_NODELAY`` a ``setsockopt``. (The README's
+"Benchmark" section has the system calls per request, measured, beside the
+reactor's ``recv``, ``send`` and share of ``epoll_wait``.)
 
 What a request costs instead is Python: two completions (the recv's and the
-send's) and one submission, some 300 bytecodes, where the reactor makes two
+send's) and one submission, all of it bytecode, where the reactor makes two
 calls into C. That is why the dispatch is a dict lookup and a bound-method
 call, why transports and the ring keep their attributes in slots (CPython 3.11
 stops specialising attribute access on instances with more than 30
@@ -79,6 +78,9 @@ Readiness-style API
 endpoints run the reactor's readiness code unchanged, over
 `proactor.readiness.PollWatches` (one-shot polls on the engine) standing in for
 the reactor's poller. Stream connections and listeners are completion-based.
+`reactor.loop_part.LoopPart` names what those shared parts need of this class:
+``_poller``, ``_transports``, ``_make_socket_transport``, ``_start_listening``
+and ``_stop_listening``.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from ..reactor.networking import Networking
-from ..reactor.readiness import ReadinessOperations, check_sendfile_params
+from ..reactor.readiness import ReadinessOperations, check_sendfile_params, sendfile_transport
 from ..reactor.servers import Server
 from ..reactor.subprocesses import Subprocesses
 from . import abi
@@ -319,18 +321,17 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking):
         fallback: bool = True,
     ) -> int:
         """Send a file over a stream transport: read in chunks, written through the transport."""
-        if transport.is_closing():
-            raise RuntimeError("Transport is closing")
-        if not isinstance(transport, StreamTransport):
-            raise asyncio.SendfileNotAvailableError(
-                f"the proactor sends files only over its own stream transports, not {transport!r}"
-            )
+        stream = sendfile_transport(
+            transport,
+            StreamTransport,
+            "the proactor sends files only over its own stream transports",
+        )
         if not fallback:
             raise asyncio.SendfileNotAvailableError(
                 "the proactor sends files by reading them; there is no zero-copy path"
             )
-        check_sendfile_params(transport.get_extra_info("socket"), file, offset, count)
-        await transport._wait_until_drained()
+        check_sendfile_params(stream.get_extra_info("socket"), file, offset, count)
+        await stream._wait_until_drained()
         file.seek(offset)
         total = 0
         while count is None or total < count:
@@ -338,10 +339,10 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking):
             data = await self.run_in_executor(None, file.read, want)
             if not data:
                 break
-            if transport.is_closing():
+            if stream.is_closing():
                 raise ConnectionError("the transport closed while a file was being sent")
-            transport.write(data)
+            stream.write(data)
             total += len(data)
-            await transport._wait_until_drained()
+            await stream._wait_until_drained()
         file.seek(offset + total)
         return total

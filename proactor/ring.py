@@ -46,8 +46,8 @@ The three system calls go through ``ctypes`` (``syscall(2)`` in libc): one
 foreign call per iteration, made with the GIL released, so other threads run
 while the loop waits. (The waiting calls of the PyPI ``liburing`` binding hold
 the GIL, which would keep a ``call_soon_threadsafe`` caller from ever running;
-its calls are cheaper, 1.1 against 2.5 µs for one NOP: ``python -m
-loadtest.ringbench`` measures both, README "Backends" has the figures.)
+its calls are cheaper: ``python -m forkloop.loadtest.ringbench`` measures both,
+and the README's "Backends" section has the figures.)
 ``io_uring_enter`` is called without ctypes ``argtypes``, see `_enter`.
 
 The ring is created with ``IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN`` when

@@ -1,7 +1,10 @@
 """The sending half of a stream transport: one send in flight, the rest queued.
 
 `Sending` is mixed into `proactor.transports.StreamTransport`, which owns the
-socket, the state and the closing rules; this part only moves bytes out.
+socket and the reading half; the closing rules, ``write_eof``, ``writelines``
+and the drain wait are `reactor.transport_base.StreamTransportBase`'s, shared
+with the reactor. This part moves bytes out and says what "writes in progress"
+and "abandon the writes" mean on completions.
 
 ``write()`` copies anything that is not ``bytes`` (the caller may reuse its
 buffer) and, when no send is in flight, prepares one at once: it reaches the

@@ -36,7 +36,10 @@ Closing, and who owns the fd
 ----------------------------
 ``close()`` stops reading at once (cancels the recv; data completing after it
 is dropped, nobody reads any more) and lets the writes finish; ``abort()``
-also cancels the send and drops what was queued. ``connection_lost(exc)`` is
+also cancels the send and drops what was queued. The bookkeeping of pausing,
+resuming and closing is `reactor.transport_base.SocketTransportBase`'s, shared
+with the reactor's transports; this class says what stopping and restarting
+the receive mean on completions (`_stop_receiving`, `_restart_receiving`). ``connection_lost(exc)`` is
 called exactly once, from ``call_soon`` (or from the last send's completion
 after a graceful close), with None for a local close or a clean end of stream.
 
@@ -292,7 +295,7 @@ class StreamTransport(Sending, asyncio.Transport):
         if data:
             self._deliver(data)
         else:
-            self._read_eof()
+            self._eof_to_protocol()
             return
         if self._wants_receive():
             self._arm_receive()
@@ -340,22 +343,11 @@ class StreamTransport(Sending, asyncio.Transport):
         while held and not self._reading_paused and not self._closing:
             data = held.pop(0)
             if not data:
-                self._read_eof()
+                self._eof_to_protocol()
                 return
             self._deliver(data)
         if self._wants_receive():
             self._arm_receive()
-
-    def _read_eof(self) -> None:
-        try:
-            keep_open = self._protocol.eof_received()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
-            return
-        if not keep_open:
-            self.close()
 
     # closing (close() and abort() are SocketTransportBase's) ------------------------
 

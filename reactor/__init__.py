@@ -10,6 +10,7 @@ Use it like uvloop::
 
 Where to read on: `reactor.loop` (the scheduling core: one iteration of the
 loop and its invariants), `reactor.eventloop` (how the parts are assembled),
+`reactor.loop_part` (what the parts rely on, typed),
 `reactor.poller` (epoll and the `selectors` fallback), `reactor.timers`,
 `reactor.wakeup` (threads and signals), `reactor.readiness` (fd callbacks and
 ``sock_*``), `reactor.transports`, `reactor.servers`, `reactor.networking`

@@ -1,7 +1,8 @@
 """The reactor: the scheduling core, readiness I/O and the poller, assembled.
 
 `EventLoop` is the class ``reactor.new_event_loop()`` returns. It is made of
-parts that each explain themselves:
+parts that each explain themselves, and `reactor.loop_part.LoopPart` names
+what the parts rely on from each other and from this class:
 
 * `reactor.loop.LoopCore`: the ready queue, timers, run loop, signals and
   executor. This class fills in the core's I/O seam: ``_poll`` *is* the
@@ -31,7 +32,7 @@ from typing import IO, Any
 
 from .networking import Networking
 from .poller import WaitingPoller, new_poller
-from .readiness import ReadinessOperations, check_sendfile_params
+from .readiness import ReadinessOperations, check_sendfile_params, sendfile_transport
 from .servers import Acceptor, Server
 from .subprocesses import Subprocesses
 from .transports import SocketTransport
@@ -84,15 +85,14 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking):
         fallback: bool = True,
     ) -> int:
         """Send a file over a stream transport: os.sendfile when it is a plain socket."""
-        if transport.is_closing():
-            raise RuntimeError("Transport is closing")
-        if not isinstance(transport, SocketTransport):
-            raise asyncio.SendfileNotAvailableError(
-                f"the reactor sends files only over its own socket transports, not {transport!r}"
-            )
-        sock = transport._sock  # the socket itself, not the TransportSocket users see
+        stream = sendfile_transport(
+            transport,
+            SocketTransport,
+            "the reactor sends files only over its own socket transports",
+        )
+        sock = stream._sock  # the socket itself, not the TransportSocket users see
         check_sendfile_params(sock, file, offset, count)
-        await transport._wait_until_drained()
+        await stream._wait_until_drained()
         try:
             return await self._sendfile_native(sock, file, offset, count)
         except asyncio.SendfileNotAvailableError:

@@ -2,8 +2,9 @@
 
 `LoopCore` is everything an asyncio event loop does that is not I/O: the ready
 queue, the timer heap, the run loop, ``stop``/``close``, thread-safe wakeups,
-signal handlers, the default executor, async-generator finalisation, debug mode
-and the exception handler. It knows nothing about sockets. The reactor's
+signal handlers, the default executor (and name resolution through it),
+async-generator finalisation, debug mode and the exception handler. It knows
+nothing about sockets. The reactor's
 `reactor.eventloop.EventLoop` adds readiness I/O on epoll; the io_uring
 proactor adds completion I/O on its ring. Both inherit this module unchanged.
 
@@ -57,7 +58,9 @@ A subclass must provide, before calling ``LoopCore.__init__``:
 ``_poll(timeout)`` (wait at most ``timeout`` seconds, None meaning forever,
 then run the ready I/O callbacks), ``_watch_readable(fd, callback)`` and
 ``_unwatch_readable(fd)`` (used here for the wakeup socket) and ``_close_io()``
-(release the I/O layer when the loop closes).
+(release the I/O layer when the loop closes). What the parts mixed into a loop
+need beyond the core (a poller, transports by fd, listeners) is
+`reactor.loop_part.LoopPart`.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from typing import Any, TypeVar, cast
 from .loop import AddressInfo, logger
 from .loop_part import LoopPart, SocketAddress
 from .servers import Server
+from .transport_base import wait_until_started
 from .transports import DatagramTransport
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
@@ -214,11 +215,7 @@ class Networking(LoopPart):
             )
         else:
             transport = self._make_socket_transport(sock, protocol, waiter)
-        try:
-            await waiter
-        except BaseException:
-            transport.close()
-            raise
+        await wait_until_started(transport, waiter)
         return transport, protocol
 
     def _make_datagram_transport(
@@ -386,6 +383,27 @@ class Networking(LoopPart):
             sockets = [sock]
         for listening in sockets:
             listening.setblocking(False)
+        return self._serve(
+            sockets,
+            protocol_factory,
+            ssl,
+            backlog,
+            ssl_handshake_timeout,
+            ssl_shutdown_timeout,
+            start_serving,
+        )
+
+    def _serve(
+        self,
+        sockets: list[socket.socket],
+        protocol_factory: ProtocolFactory,
+        ssl: ssl_module.SSLContext | None,
+        backlog: int,
+        ssl_handshake_timeout: float | None,
+        ssl_shutdown_timeout: float | None,
+        start_serving: bool,
+    ) -> Server:
+        """The `Server` of these listening sockets, accepting already if ``start_serving``."""
         server = Server(
             self,
             sockets,
@@ -537,18 +555,15 @@ class Networking(LoopPart):
             if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
                 raise ValueError(f"A UNIX Domain Stream Socket was expected, got {sock!r}")
         sock.setblocking(False)
-        server = Server(
-            self,
+        return self._serve(
             [sock],
             protocol_factory,
             ssl,
             backlog,
             ssl_handshake_timeout,
             ssl_shutdown_timeout,
+            start_serving,
         )
-        if start_serving:
-            server._start_serving()
-        return server
 
     # datagrams ---------------------------------------------------------------------------
 
@@ -605,11 +620,7 @@ class Networking(LoopPart):
         protocol = protocol_factory()
         waiter: asyncio.Future[None] = self.create_future()
         transport = self._make_datagram_transport(sock, protocol, remote, waiter)
-        try:
-            await waiter
-        except BaseException:
-            transport.close()
-            raise
+        await wait_until_started(transport, waiter)
         return transport, protocol
 
     async def _datagram_address_pairs(

@@ -44,6 +44,7 @@ SENDFILE_FALLBACK_CHUNK = 256 * 1024
 SENDFILE_MAX_CHUNK = 1 << 30
 
 T = TypeVar("T")
+TransportT = TypeVar("TransportT", bound=asyncio.BaseTransport)
 Ts = TypeVarTuple("Ts")
 
 
@@ -65,6 +66,21 @@ def _fileno(fileobj: FileDescriptorLike) -> int:
     if fd < 0:
         raise ValueError(f"Invalid file descriptor: {fd}")
     return fd
+
+
+def sendfile_transport(
+    transport: asyncio.BaseTransport, kind: type[TransportT], refusal: str
+) -> TransportT:
+    """The transport ``loop.sendfile`` was given, if the loop can send over it (one of ``kind``).
+
+    A closing one is refused with RuntimeError, one of another kind with
+    `asyncio.SendfileNotAvailableError` saying ``refusal``, as asyncio's loops do.
+    """
+    if transport.is_closing():
+        raise RuntimeError("Transport is closing")
+    if not isinstance(transport, kind):
+        raise asyncio.SendfileNotAvailableError(f"{refusal}, not {transport!r}")
+    return transport
 
 
 def check_sendfile_params(

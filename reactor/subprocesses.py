@@ -38,9 +38,10 @@ from typing import IO, Any, TypeVar
 from .loop import logger
 from .loop_part import LoopPart
 from .pipes import Pipe, ReadPipeTransport, WritePipeTransport
-from .transport_base import AttachedProtocol
+from .transport_base import AttachedProtocol, wait_until_started
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
+PipeTransportT = TypeVar("PipeTransportT", ReadPipeTransport, WritePipeTransport)
 # A program or one of its arguments, as subprocess.Popen takes them.
 Argument = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 Command = Argument | Sequence[Argument]
@@ -410,27 +411,20 @@ class Subprocesses(LoopPart):
     async def connect_read_pipe(
         self, protocol_factory: Callable[[], P], pipe: Pipe
     ) -> tuple[asyncio.ReadTransport, P]:
-        protocol = protocol_factory()
-        waiter: asyncio.Future[None] = self.create_future()
-        transport = ReadPipeTransport(self, pipe, protocol, waiter)
-        try:
-            await waiter
-        except BaseException:
-            transport.close()
-            raise
-        return transport, protocol
+        return await self._connect_pipe(ReadPipeTransport, protocol_factory, pipe)
 
     async def connect_write_pipe(
         self, protocol_factory: Callable[[], P], pipe: Pipe
     ) -> tuple[asyncio.WriteTransport, P]:
+        return await self._connect_pipe(WritePipeTransport, protocol_factory, pipe)
+
+    async def _connect_pipe(
+        self, kind: type[PipeTransportT], protocol_factory: Callable[[], P], pipe: Pipe
+    ) -> tuple[PipeTransportT, P]:
         protocol = protocol_factory()
         waiter: asyncio.Future[None] = self.create_future()
-        transport = WritePipeTransport(self, pipe, protocol, waiter)
-        try:
-            await waiter
-        except BaseException:
-            transport.close()
-            raise
+        transport = kind(self, pipe, protocol, waiter)
+        await wait_until_started(transport, waiter)
         return transport, protocol
 
 

@@ -38,7 +38,11 @@ the kernel) and ``_abandon_writes`` (abort: drop them).
 
 `StreamTransportBase` adds the stream half of the asyncio API on top:
 ``write_eof`` (a half close once everything written before it went out),
-``can_write_eof``, ``writelines`` and the drain wait of ``loop.sendfile``.
+``can_write_eof``, ``writelines``, the peer's end of stream told to the
+protocol, and the drain wait of ``loop.sendfile``.
+
+`wait_until_started` is how the ``create_*`` and ``connect_*`` coroutines wait
+for a new transport's ``connection_made``, and close it if that fails.
 """
 
 from __future__ import annotations
@@ -66,6 +70,17 @@ AttachedProtocol = Any
 DEFAULT_HIGH_WATER = 64 * 1024
 # Writes to a lost connection are dropped silently up to this count, then logged.
 LOST_WRITE_LOG_THRESHOLD = 5
+
+
+async def wait_until_started(
+    transport: asyncio.BaseTransport, waiter: asyncio.Future[None]
+) -> None:
+    """Wait for a new transport's ``_start`` (its waiter); close it if that fails or is cancelled."""
+    try:
+        await waiter
+    except BaseException:
+        transport.close()
+        raise
 
 
 class TransportBase:
@@ -301,6 +316,18 @@ class StreamTransportBase(SocketTransportBase):
 
     def can_write_eof(self) -> bool:
         return True
+
+    def _eof_to_protocol(self) -> None:
+        """The peer finished sending: ``eof_received()``, and close unless it keeps us open."""
+        try:
+            keep_open = self._protocol.eof_received()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+            return
+        if not keep_open:
+            self.close()
 
     async def _wait_until_drained(self) -> None:
         """Resolve once everything written so far was handed to the kernel (for sendfile)."""

@@ -36,7 +36,7 @@ Life of a stream transport
 A stream transport reads and writes with ``os.read``/``os.write`` on the fd
 number, not ``socket.recv``/``send``: those parse their arguments the old way,
 into a tuple per call, which costs a noticeable share of a small request (the
-README's "where the reactor's time goes" has the count). An fd number is only
+README's "Where the reactor's time goes" has the count). An fd number is only
 safe while its socket is open, so: the socket is closed only after the
 transport unregistered its reader and writer and refuses further writes
 (``_call_connection_lost``, which also sets ``_fd`` to -1: a closed transport
@@ -319,15 +319,7 @@ class SocketTransport(_ReadinessSocketTransport, StreamTransportBase, asyncio.Tr
     def _read_eof(self) -> None:
         self._eof_received = True
         self._poller.clear_reader(self._fd)
-        try:
-            keep_open = self._protocol.eof_received()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
-            return
-        if not keep_open:
-            self.close()
+        self._eof_to_protocol()
 
     # writing -------------------------------------------------------------------
 
