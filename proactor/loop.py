@@ -93,6 +93,7 @@ import socket
 from collections.abc import Callable
 from typing import IO, Any
 
+from ..reactor.datagrams import Datagrams
 from ..reactor.networking import Networking
 from ..reactor.readiness import ReadinessOperations, check_sendfile_params, sendfile_transport
 from ..reactor.servers import Server
@@ -127,7 +128,7 @@ SEND_THROUGH_RING_FROM = 2
 CANCEL_RETRY_DELAY = 0.01
 
 
-class EventLoop(ReadinessOperations, Subprocesses, Networking):
+class EventLoop(ReadinessOperations, Subprocesses, Networking, Datagrams):
     """forkloop's completion event loop: io_uring (or its emulation) under the asyncio API."""
 
     _poller: PollWatches

@@ -14,7 +14,8 @@ loop and its invariants), `reactor.eventloop` (how the parts are assembled),
 `reactor.poller` (epoll and the `selectors` fallback), `reactor.timers`,
 `reactor.wakeup` (threads and signals), `reactor.readiness` (fd callbacks and
 ``sock_*``), `reactor.transports`, `reactor.servers`, `reactor.networking`
-(addresses, TLS) and `reactor.subprocesses` with `reactor.pipes`;
+(addresses, TLS), `reactor.datagrams` and `reactor.subprocesses` with
+`reactor.pipes`;
 `reactor.policy` makes ``install`` and ``run`` (the proactor's too).
 
 Set ``REACTOR_POLLER=selectors`` to run on the portable `selectors` poller

@@ -11,9 +11,10 @@ what the parts rely on from each other and from this class:
 * `reactor.readiness.ReadinessOperations`: ``add_reader`` and friends and the
   ``sock_*`` coroutines.
 * `reactor.networking.Networking`: ``create_connection``, ``create_server``,
-  Unix sockets, datagram endpoints and TLS, which call back into this class for
-  transports (`_make_socket_transport`) and for
-  listening (`_start_listening`, `_stop_listening`).
+  Unix sockets and TLS, which call back into this class for transports
+  (`_make_socket_transport`) and for listening (`_start_listening`,
+  `_stop_listening`).
+* `reactor.datagrams.Datagrams`: ``create_datagram_endpoint``.
 * `reactor.subprocesses.Subprocesses`: child processes and pipes; their pipes
   and each child's pidfd are just more fds on the same poller.
 
@@ -30,6 +31,7 @@ import socket
 from collections.abc import Callable
 from typing import IO, Any
 
+from .datagrams import Datagrams
 from .networking import Networking
 from .poller import WaitingPoller, new_poller
 from .readiness import ReadinessOperations, check_sendfile_params, sendfile_transport
@@ -38,7 +40,7 @@ from .subprocesses import Subprocesses
 from .transports import SocketTransport
 
 
-class EventLoop(ReadinessOperations, Subprocesses, Networking):
+class EventLoop(ReadinessOperations, Subprocesses, Networking, Datagrams):
     """forkloop's readiness event loop: epoll (or `selectors`) under the asyncio API."""
 
     _poller: WaitingPoller

@@ -1,9 +1,10 @@
 """The loop as each of its parts sees it: the scheduling core plus the I/O layer's seam, typed.
 
 A forkloop event loop is one class assembled from parts. The scheduling core
-(`reactor.loop.LoopCore`) is shared by both loops. Three parts are shared too:
+(`reactor.loop.LoopCore`) is shared by both loops. Four parts are shared too:
 `reactor.readiness.ReadinessOperations` (fd callbacks, ``sock_*``),
-`reactor.networking.Networking` (``create_*``, TLS) and
+`reactor.networking.Networking` (``create_*`` for streams, TLS),
+`reactor.datagrams.Datagrams` (datagram endpoints) and
 `reactor.subprocesses.Subprocesses` (children and pipes). What differs is the
 I/O layer, the concrete class that mixes them: `reactor.eventloop.EventLoop`
 on epoll, `proactor.loop.EventLoop` on completions.

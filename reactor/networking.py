@@ -1,14 +1,13 @@
 """Connections, servers and datagram endpoints: turning addresses into transports.
 
-`Networking` holds the ``create_*`` half of the asyncio API. It resolves
-addresses, creates, binds, connects and listens on sockets, and then asks the
-I/O layer for transports through what `reactor.loop_part.LoopPart` declares:
-``_make_socket_transport``, ``_start_listening`` (via `Server`), and
-``sock_connect`` of the asyncio API. Datagram endpoints use the reactor's
-readiness transport on every loop (``_make_datagram_transport``); the loop's
-listeners hand each accepted socket back to ``_accept_connection``. Nothing
-here waits for readiness itself, so a completion-based loop can mix this class
-in with its own transports.
+`Networking` holds the stream half of the ``create_*`` API (datagram endpoints
+are `reactor.datagrams`). It resolves addresses, creates, binds, connects and
+listens on sockets, and then asks the I/O layer for transports through what
+`reactor.loop_part.LoopPart` declares: ``_make_socket_transport``,
+``_start_listening`` (via `Server`), and ``sock_connect`` of the asyncio API.
+The loop's listeners hand each accepted socket back to ``_accept_connection``.
+Nothing here waits for readiness itself, so a completion-based loop can mix
+this class in with its own transports.
 
 Name resolution
 ---------------
@@ -33,7 +32,6 @@ import socket
 import ssl as ssl_module
 import stat
 import sys
-import warnings
 from asyncio import sslproto
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar, cast
@@ -42,14 +40,12 @@ from .loop import AddressInfo, logger
 from .loop_part import LoopPart, SocketAddress
 from .servers import Server
 from .transport_base import wait_until_started
-from .transports import DatagramTransport
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 # ssl= of create_connection and friends: a context, True for a default one, or no TLS.
 SSLArgument = ssl_module.SSLContext | bool | None
 UnixPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
-_UNSET = object()
 
 
 def _check_ssl_arguments(
@@ -61,7 +57,7 @@ def _check_ssl_arguments(
         raise ValueError("ssl_shutdown_timeout is only meaningful with ssl")
 
 
-def _set_reuse_port(sock: socket.socket) -> None:
+def set_reuse_port(sock: socket.socket) -> None:
     if not hasattr(socket, "SO_REUSEPORT"):
         raise ValueError("reuse_port not supported by socket module")
     try:
@@ -77,7 +73,7 @@ def _bind_error(exc: OSError, address: SocketAddress) -> OSError:
     return OSError(exc.errno, f"error while attempting to bind on address {address!r}: {reason}")
 
 
-def _remove_stale_unix_socket(path: str | bytes) -> None:
+def remove_stale_unix_socket(path: str | bytes) -> None:
     if path[0] in (0, "\x00"):
         return  # Linux abstract namespace: nothing on disk
     try:
@@ -217,15 +213,6 @@ class Networking(LoopPart):
             transport = self._make_socket_transport(sock, protocol, waiter)
         await wait_until_started(transport, waiter)
         return transport, protocol
-
-    def _make_datagram_transport(
-        self,
-        sock: socket.socket,
-        protocol: asyncio.BaseProtocol,
-        address: SocketAddress = None,
-        waiter: asyncio.Future[None] | None = None,
-    ) -> DatagramTransport:
-        return DatagramTransport(self, sock, protocol, address, waiter)
 
     def _accept_connection(
         self, server: Server, conn: socket.socket, address: SocketAddress
@@ -435,7 +422,7 @@ class Networking(LoopPart):
                 if reuse_address:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if reuse_port:
-                    _set_reuse_port(sock)
+                    set_reuse_port(sock)
                 if keep_alive:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
                 if family == socket.AF_INET6:
@@ -537,7 +524,7 @@ class Networking(LoopPart):
             if sock is not None:
                 raise ValueError("path and sock can not be specified at the same time")
             path = os.fspath(path)
-            _remove_stale_unix_socket(path)
+            remove_stale_unix_socket(path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.bind(path)
@@ -564,136 +551,3 @@ class Networking(LoopPart):
             ssl_shutdown_timeout,
             start_serving,
         )
-
-    # datagrams ---------------------------------------------------------------------------
-
-    async def create_datagram_endpoint(
-        self,
-        protocol_factory: Callable[[], P],
-        local_addr: tuple[str, int] | str | None = None,
-        remote_addr: tuple[str, int] | str | None = None,
-        *,
-        family: int = 0,
-        proto: int = 0,
-        flags: int = 0,
-        reuse_address: object = _UNSET,
-        reuse_port: bool | None = None,
-        allow_broadcast: bool | None = None,
-        sock: socket.socket | None = None,
-    ) -> tuple[asyncio.DatagramTransport, P]:
-        if reuse_address is not _UNSET:
-            if reuse_address:
-                raise ValueError(
-                    "Passing `reuse_address=True` is no longer supported, as the usage of "
-                    "SO_REUSEPORT in UDP poses a significant security concern."
-                )
-            warnings.warn(
-                "The *reuse_address* parameter has been deprecated as of 3.5.10 "
-                "and is scheduled for removal in 3.11.",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-        remote = None
-        if sock is not None:
-            if sock.type != socket.SOCK_DGRAM:
-                raise ValueError(f"A UDP Socket was expected, got {sock!r}")
-            modifiers = dict(
-                local_addr=local_addr,
-                remote_addr=remote_addr,
-                family=family,
-                proto=proto,
-                flags=flags,
-                reuse_port=reuse_port,
-                allow_broadcast=allow_broadcast,
-            )
-            problems = ", ".join(f"{name}={value}" for name, value in modifiers.items() if value)
-            if problems:
-                raise ValueError(
-                    "socket modifier keyword arguments can not be used "
-                    f"when sock is specified. ({problems})"
-                )
-            sock.setblocking(False)
-        else:
-            sock, remote = await self._open_datagram_socket(
-                local_addr, remote_addr, family, proto, flags, reuse_port, allow_broadcast
-            )
-        protocol = protocol_factory()
-        waiter: asyncio.Future[None] = self.create_future()
-        transport = self._make_datagram_transport(sock, protocol, remote, waiter)
-        await wait_until_started(transport, waiter)
-        return transport, protocol
-
-    async def _datagram_address_pairs(
-        self,
-        local_addr: tuple[str, int] | str | None,
-        remote_addr: tuple[str, int] | str | None,
-        family: int,
-        proto: int,
-        flags: int,
-    ) -> list[tuple[tuple[int, int], list[SocketAddress]]]:
-        """Candidate (family, proto) -> [local address, remote address] pairs to try."""
-        if not (local_addr or remote_addr):
-            if family == 0:
-                raise ValueError("unexpected address family")
-            return [((family, proto), [None, None])]
-        if family == getattr(socket, "AF_UNIX", None):
-            for address in (local_addr, remote_addr):
-                if address is not None and not isinstance(address, (str, bytes)):
-                    raise TypeError("string is expected")
-            if isinstance(local_addr, (str, bytes)) and local_addr:  # a str, as just checked
-                _remove_stale_unix_socket(local_addr)
-            return [((family, proto), [local_addr, remote_addr])]
-        pairs: dict[tuple[int, int], list[SocketAddress]] = {}
-        for index, address in enumerate((local_addr, remote_addr)):
-            if address is None:
-                continue
-            if not (isinstance(address, tuple) and len(address) == 2):
-                raise TypeError("2-tuple is expected")
-            infos = await self._resolve_address(
-                *address, family=family, type=socket.SOCK_DGRAM, proto=proto, flags=flags
-            )
-            for info_family, _, info_proto, _, sockaddr in infos:
-                pair = pairs.setdefault((info_family, info_proto), [None, None])
-                if pair[index] is None:
-                    pair[index] = sockaddr
-        complete = [
-            (key, pair)
-            for key, pair in pairs.items()
-            if not (local_addr and pair[0] is None) and not (remote_addr and pair[1] is None)
-        ]
-        if not complete:
-            raise ValueError("can not get address information")
-        return complete
-
-    async def _open_datagram_socket(
-        self,
-        local_addr: tuple[str, int] | str | None,
-        remote_addr: tuple[str, int] | str | None,
-        family: int,
-        proto: int,
-        flags: int,
-        reuse_port: bool | None,
-        allow_broadcast: bool | None,
-    ) -> tuple[socket.socket, SocketAddress]:
-        pairs = await self._datagram_address_pairs(local_addr, remote_addr, family, proto, flags)
-        exceptions: list[OSError] = []
-        for (pair_family, pair_proto), (local, remote) in pairs:
-            sock = socket.socket(pair_family, socket.SOCK_DGRAM, pair_proto)
-            try:
-                if reuse_port:
-                    _set_reuse_port(sock)
-                if allow_broadcast:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-                sock.setblocking(False)
-                if local_addr:
-                    sock.bind(local)
-                if remote_addr and not allow_broadcast:
-                    await self.sock_connect(sock, remote)
-                return sock, (remote if remote_addr else None)
-            except OSError as exc:
-                sock.close()
-                exceptions.append(exc)
-            except BaseException:
-                sock.close()
-                raise
-        raise exceptions[0]
