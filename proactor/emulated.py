@@ -8,7 +8,8 @@ over what was queued and waits, ``completions`` returns ``(user_data, result,
 flags)`` tuples with the kernel's meanings (``-errno`` results,
 ``IORING_CQE_F_MORE`` on every CQE of a multishot operation but its last,
 ``IORING_CQE_F_BUFFER`` and a buffer id for provided buffers). The loop and its
-transports are written once, against that shape.
+transports are written once, against that shape, which
+`proactor.engine.CompletionEngine` declares and mypy holds both engines to.
 
 How an operation runs
 ---------------------
