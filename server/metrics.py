@@ -29,8 +29,10 @@ changes. Only the numbers are forkloop's.
 
 Invariants: every counter here only grows (except the ``open_connections``
 and ``workers`` gauges), across worker restarts too, because reaped workers'
-counters are folded into the scoreboard's retired slot. A scrape is as fresh
-as each worker's last heartbeat (a second by default).
+counters are folded into the scoreboard's retired slot, and a worker that
+answers a scrape publishes its own counters as it shows them (a worker killed
+before its next heartbeat cannot take back what a scrape has seen). A scrape
+is as fresh as each other worker's last heartbeat (a second by default).
 """
 
 from __future__ import annotations

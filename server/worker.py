@@ -221,6 +221,9 @@ class Worker:
         if self.supervision is None:
             return {**own, "workers": 1}
         board, slot = self.supervision.scoreboard, self.supervision.slot
+        # Published as they are shown: a scrape must never see a counter go back, even
+        # when this worker is killed before its next heartbeat would have published it.
+        board.beat(slot, own)
         return board.totals(slot, own)
 
     def _own_counters(self) -> dict[str, int]:
