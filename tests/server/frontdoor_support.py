@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from forkloop.loadtest.servers import descendants, free_port
@@ -210,6 +211,41 @@ class Served:
                 os.kill(pid, signal.SIGKILL)
         if self.process.poll() is None:
             self.process.wait(5)
+
+
+class InFlight:
+    """A /slow request sent in a thread; ``running()`` once its handler has started,
+    ``result()`` then holds (status, body) or the exception."""
+
+    count = 0
+
+    def __init__(self, served: Served, milliseconds: int) -> None:
+        InFlight.count += 1
+        self.mark = served.folder / f"handler-running-{served.port}-{InFlight.count}"
+        path = f"/slow?ms={milliseconds}&mark={self.mark}"
+        self.reply: object = None
+        self.sent = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(served.port, path), daemon=True)
+        self.thread.start()
+
+    def running(self, timeout: float = 10) -> bool:
+        return wait_for(self.mark.exists, timeout)
+
+    def _run(self, port: int, path: str) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            connection.request("GET", path)
+            self.sent.set()
+            response = connection.getresponse()
+            self.reply = (response.status, response.read())
+        except Exception as exc:  # noqa: BLE001 - the test asserts on it
+            self.reply = exc
+        finally:
+            connection.close()
+
+    def result(self, timeout: float = 30) -> object:
+        self.thread.join(timeout)
+        return self.reply
 
 
 def refused(port: int) -> bool:

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.server.frontdoor_support import Served, UserFolder, refused, wait_for_line
+from tests.server.frontdoor_support import InFlight, Served, UserFolder, refused, wait_for_line
 from tests.server.master_support import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,41 +40,6 @@ def serve(folder):
     yield start
     for served in started:
         served.stop()
-
-
-class InFlight:
-    """A /slow request sent in a thread; ``running()`` once its handler has started,
-    ``result()`` then holds (status, body) or the exception."""
-
-    count = 0
-
-    def __init__(self, served: Served, milliseconds: int) -> None:
-        InFlight.count += 1
-        self.mark = served.folder / f"handler-running-{served.port}-{InFlight.count}"
-        path = f"/slow?ms={milliseconds}&mark={self.mark}"
-        self.reply: object = None
-        self.sent = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(served.port, path), daemon=True)
-        self.thread.start()
-
-    def running(self, timeout: float = 10) -> bool:
-        return wait_for(self.mark.exists, timeout)
-
-    def _run(self, port: int, path: str) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        try:
-            connection.request("GET", path)
-            self.sent.set()
-            response = connection.getresponse()
-            self.reply = (response.status, response.read())
-        except Exception as exc:  # noqa: BLE001 - the test asserts on it
-            self.reply = exc
-        finally:
-            connection.close()
-
-    def result(self, timeout: float = 30) -> object:
-        self.thread.join(timeout)
-        return self.reply
 
 
 def test_sigterm_lets_in_flight_requests_finish_then_exits_0(serve):

@@ -8,9 +8,8 @@ import time
 
 import pytest
 
-from tests.server.frontdoor_support import HELLO_APP, Served, UserFolder, wait_for_line
+from tests.server.frontdoor_support import HELLO_APP, InFlight, Served, UserFolder, wait_for_line
 from tests.server.master_support import wait_for
-from tests.server.test_orchestration import InFlight
 
 pytestmark = pytest.mark.timeout(120)
 
