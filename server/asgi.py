@@ -53,12 +53,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+import re
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping
 from typing import Any, cast
 
 from .context import DISCONNECT
 from .frontdoor import AnswerStream, DirectRoute, Responder
-from .http import Request, Response, error_response
+from .http import HeaderError, Request, Response, error_response
 from .request_body import BodyFailed
 
 log = logging.getLogger("forkloop.asgi")
@@ -143,9 +144,8 @@ class AsgiApp:
     def resolve(self, request: Request) -> DirectRoute:
         return self.route
 
-    async def _serve(self, request: Request, connection: Responder) -> None:
-        cycle = HttpCycle(self, request, connection)
-        await cycle.run()
+    def _serve(self, request: Request, connection: Responder) -> Coroutine[Any, Any, None]:
+        return HttpCycle(self, request, connection).run()  # no coroutine frame of its own
 
     # ------------------------------------------------------------------ lifespan
 
@@ -240,24 +240,22 @@ class HttpCycle:
     def scope(self) -> Scope:
         request, front, connection = self.request, self.front, self.connection
         root = front.root_path
-        raw_path = request.raw_path
-        if request.target[:1] != b"/":
-            raw_path = request.path.encode()  # absolute-form target: its path only
-        server = connection.extra_info("sockname")
+        path, raw_path, query = request.split_target()
+        scheme, server = connection.endpoint
         return {
             "type": "http",
             "asgi": ASGI_VERSION,
             "http_version": request.version,
             "method": request.method,
-            "scheme": "https" if connection.extra_info("sslcontext") is not None else "http",
-            "path": root + request.path,
-            "raw_path": root.encode() + raw_path,
-            "query_string": request.query_string.encode("latin-1"),
+            "scheme": scheme,
+            "path": root + path if root else path,
+            "raw_path": root.encode() + raw_path if root else raw_path,
+            "query_string": query,
             "root_path": root,
             "headers": [(name.lower(), value) for name, value in request.raw_headers],
             "client": request.client,
-            "server": tuple(server[:2]) if isinstance(server, tuple) else None,
-            "state": dict(front.state),
+            "server": server,
+            "state": front.state.copy(),
         }
 
     async def run(self) -> None:
@@ -361,6 +359,15 @@ class HttpCycle:
     async def send(self, message: Message) -> None:
         kind = message.get("type")
         if kind == "http.response.body":
+            start = self.start
+            if start is not None and not message.get("more_body"):  # the whole answer at once
+                self.start = None
+                self.done = True
+                connection = self.connection
+                if not connection.client_gone:
+                    body = message.get("body", b"")
+                    connection.send_response(self.request, self._whole_response(start, body))
+                return
             await self._send_body(message)
         elif kind == "http.response.start":
             if self.start is not None or self.stream is not None or self.done:
@@ -383,12 +390,12 @@ class HttpCycle:
             if start is None:
                 raise RuntimeError(self._misuse("sent a body before http.response.start"))
             self.start = None
-            response = self._response(start, bytes(body) if not more else b"")
             if not more:
                 self.done = True
                 if not connection.client_gone:
-                    connection.send_response(self.request, response)
+                    connection.send_response(self.request, self._whole_response(start, body))
                 return
+            response = self._response(start, b"")
             if connection.client_gone:
                 return
             stream = self.stream = connection.begin_stream(self.request, response)
@@ -400,6 +407,33 @@ class HttpCycle:
         if not more:
             self.done = True
             connection.finish_stream(stream)
+
+    def _whole_response(self, start: Message, body: bytes | bytearray | memoryview) -> Response:
+        """A response sent whole: its header block encoded once from the byte pairs."""
+        status = start.get("status")
+        if status.__class__ is not int:
+            raise RuntimeError(self._misuse(f"sent a status that is not an int: {status!r}"))
+        if body.__class__ is not bytes:
+            if not isinstance(body, bytearray | memoryview):
+                raise RuntimeError(self._misuse(f"sent a body of type {type(body).__name__}"))
+            body = bytes(body)
+        response = Response(body, status, None, content_type=None)
+        try:
+            block, declared, close = encode_header_block(start.get("headers", ()))
+        except HeaderError as problem:
+            log.error("%s", self._misuse(f"sent a response that cannot be sent: {problem}"))
+            return error_response(500, "the application sent a response that cannot be sent")
+        except (AttributeError, TypeError, ValueError):
+            raise RuntimeError(self._misuse("sent headers that are not byte pairs")) from None
+        if declared is not None and declared != len(body) and self.request.method != "HEAD":
+            log.error(
+                "%s", self._misuse(f"declared Content-Length {declared} and sent {len(body)} bytes")
+            )
+            return error_response(500, "the application sent a response that cannot be sent")
+        if close:
+            self.request.keep_alive = False
+        response.encoded_headers = block
+        return response
 
     def _response(self, start: Message, body: bytes) -> Response:
         status = start.get("status")
@@ -417,6 +451,67 @@ class HttpCycle:
     def _misuse(self, what: str) -> str:
         request = self.request
         return f"ASGI app {self.front.name} {what} ({request.method} {request.path})"
+
+
+# header names an application may not set: the connection frames the body itself
+_FRAMING = {b"content-length", b"transfer-encoding", b"connection", b"date", b"server"}
+_TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_FORBIDDEN_IN_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def encode_header_block(headers: Iterable[tuple[bytes, bytes]]) -> tuple[bytes, int | None, bool]:
+    """An application's header pairs as lines, checked (a token name, no CR, LF or
+    other control byte in a value); with the Content-Length it declared and whether
+    it asked for ``Connection: close``. `HeaderError` names the first bad one.
+
+    Applications send the same few pairs again and again (a content type, a
+    length), so each checked pair's line is remembered (up to ``_LINE_CACHE_SIZE``
+    pairs): a pair seen before costs one dictionary lookup."""
+    lines = []
+    declared: int | None = None
+    close = False
+    cache = _LINE_CACHE
+    for pair in headers:
+        try:
+            line = cache.get(pair)
+        except TypeError:  # a list pair, as ASGI allows: not hashable
+            pair = tuple(pair)
+            line = cache.get(pair)
+        if line is None:
+            line = _checked_line(*pair)
+            if len(cache) < _LINE_CACHE_SIZE:
+                cache[pair] = line
+        if line.__class__ is bytes:
+            lines.append(line)
+        elif line is _CLOSE:
+            close = True
+        elif line.__class__ is int:
+            declared = line
+    return b"".join(lines), declared, close
+
+
+def _checked_line(name: bytes, value: bytes) -> bytes | int | object:
+    """The header line of one pair, or what it means to the framing: the declared
+    length (an int), `_CLOSE`, or `_DROPPED`."""
+    if not name or name.translate(None, _TOKEN):
+        raise HeaderError(f"header name {name!r} is not an HTTP token")
+    if _FORBIDDEN_IN_VALUE.search(value):
+        raise HeaderError(f"header {name.decode('latin-1')} has a control byte in its value")
+    lowered = name.lower()
+    if lowered not in _FRAMING:
+        return b"%s: %s\r\n" % (name, value)
+    if lowered == b"content-length":
+        if not value.isdigit():
+            raise HeaderError(f"Content-Length {value!r} is not a number")
+        return int(value)
+    if lowered == b"connection" and b"close" in value.lower():
+        return _CLOSE
+    return _DROPPED
+
+
+_CLOSE, _DROPPED = object(), object()
+_LINE_CACHE: dict[tuple[bytes, bytes], bytes | int | object] = {}
+_LINE_CACHE_SIZE = 4096
 
 
 def _one_line(error: BaseException) -> str:

@@ -201,6 +201,16 @@ class Request:
             self._split_target()
         return self._query.decode("latin-1")
 
+    def split_target(self) -> tuple[str, bytes, bytes]:
+        """The decoded path, the raw path and the raw query, in one call (an
+        absolute-form target gives its path only)."""
+        path = self._path if self._path is not None else self._split_target()
+        target = self.target
+        if target[:1] != b"/":
+            return path, path.encode(), self._query
+        raw_path = target.partition(b"?")[0] if b"?" in target else target
+        return path, raw_path, self._query
+
     @property
     def query(self) -> dict[str, list[str]]:
         """Query parameters, each name mapped to the list of its values."""

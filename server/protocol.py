@@ -147,6 +147,7 @@ class HttpConnection(asyncio.Protocol):
         self.peer_closed = False
         # set by a direct handler: called instead of cancelling it when the client leaves
         self.disconnect_watcher: Callable[[], None] | None = None
+        self._endpoint: tuple[str, tuple[str, int] | None] | None = None
 
     def _enter(self, phase: str) -> None:
         """The one transition of the connection's phase (see `TRANSITIONS`)."""
@@ -397,7 +398,8 @@ class HttpConnection(asyncio.Protocol):
 
     def send_response(self, request: Request, response: Response) -> None:
         """Answer with a complete response, written at once."""
-        self._respond(request, response)
+        if not self.writer.respond(request, response):
+            self._enter(CLOSING)
         self._flush()
 
     def begin_stream(self, request: Request, response: Response) -> BodyStream | None:
@@ -433,6 +435,19 @@ class HttpConnection(asyncio.Protocol):
         instead of cancelling the handler; the handler's owner cancels it later with
         ``cancel_active(DISCONNECT, now=True)``, or lets it run to its end."""
         self.disconnect_watcher = watcher
+
+    @property
+    def endpoint(self) -> tuple[str, tuple[str, int] | None]:
+        """The scheme (http, https) and the local address of the connection, asked
+        of the transport once."""
+        endpoint = self._endpoint
+        if endpoint is None:
+            transport = self.transport
+            sockname = transport.get_extra_info("sockname") if transport is not None else None
+            tls = transport is not None and transport.get_extra_info("sslcontext") is not None
+            server = (sockname[0], sockname[1]) if isinstance(sockname, tuple) else None
+            endpoint = self._endpoint = ("https" if tls else "http", server)
+        return endpoint
 
     def extra_info(self, name: str) -> Any:
         transport = self.transport

@@ -532,3 +532,32 @@ def test_client_leaving_mid_body_gives_the_app_a_disconnect(backend):
         assert wait_for(lambda: len(events) >= 1, 5)
         client.close()
         assert wait_for(lambda: events[-1][0] == "http.disconnect", 5), events
+
+
+def test_whole_responses_honour_list_pairs_declared_lengths_and_connection_close(backend):
+    async def app(scope, receive, send):
+        path = scope["path"]
+        if path == "/list-pairs":
+            await answer(send, 200, b"ok", [[b"x-list", b"yes"]])
+        elif path == "/wrong-length":
+            await answer(send, 200, b"four", [(b"content-length", b"10")])
+        elif path == "/close":
+            await answer(send, 200, b"bye", [(b"connection", b"close")])
+        else:
+            size = path.strip("/").encode()
+            await answer(send, 200, b"x" * int(size), [(b"content-length", size)])
+
+    with running_server(backend, AsgiApp(app, lifespan="off")) as server:
+        with RawClient(server.port) as client:
+            client.request("GET", "/list-pairs")
+            assert client.read_reply().header("x-list") == "yes"
+            for size in ("3", "5", "3"):  # the same pair twice: each length its own
+                client.request("GET", f"/{size}")
+                reply = client.read_reply()
+                assert reply.header("content-length") == size and len(reply.body) == int(size)
+            client.request("GET", "/wrong-length")
+            assert client.read_reply().status == 500
+            client.request("GET", "/close")
+            reply = client.read_reply()
+            assert reply.body == b"bye" and reply.header("connection") == "close"
+            assert client.is_closed_by_server(5)
