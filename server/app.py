@@ -170,4 +170,5 @@ def import_app(spec: str, factory: bool = False) -> App:
     """``"package.module:attribute"`` → the App it names; see `server.apploader`."""
     from .apploader import import_app as load
 
-    return load(spec, factory)
+    app: App = load(spec, factory)
+    return app

@@ -475,7 +475,7 @@ def encode_header_block(headers: Iterable[tuple[bytes, bytes]]) -> tuple[bytes, 
         try:
             line = cache.get(pair)
         except TypeError:  # a list pair, as ASGI allows: not hashable
-            pair = tuple(pair)
+            pair = (pair[0], pair[1])
             line = cache.get(pair)
         if line is None:
             line = _checked_line(*pair)

@@ -77,7 +77,8 @@ class Backend:
                 f"loop backend {self.name!r} is not available here ({exc}); "
                 f"available: {', '.join(available()) or 'none'}"
             ) from exc
-        return getattr(module, attribute)
+        factory: LoopFactory = getattr(module, attribute)
+        return factory
 
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
         return self.loop_factory()()

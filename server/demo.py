@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from .app import App
 from .cache import CachePolicy
@@ -50,7 +51,7 @@ def stream(request: Request) -> Response:
     if chunks is None or size is None:
         return error_response(400, "chunks and size must be whole numbers")
 
-    async def generate():
+    async def generate() -> AsyncIterator[bytes]:
         block = b"x" * size
         for _ in range(chunks):
             yield block

@@ -175,7 +175,8 @@ class SingleFlight:
         """
         flight, waiter, _ = self._join(key, fn, finish_if_abandoned)
         try:
-            return await waiter
+            value: T = await waiter
+            return value
         except BaseException:
             # cancelled (or the coroutine closed); after a normal wake-up the
             # waiter is no longer registered and leaving does nothing
