@@ -40,7 +40,7 @@ from . import backends
 from .apploader import load_app
 from .config import Config
 from .listeners import bind, describe, parse_bind
-from .logs import AccessLog
+from .logs import AccessLog, LoopErrorReporter
 from .metrics import MeteredFrontDoor, RequestMetrics, metrics_app
 from .scoreboard import READY, STOPPING
 from .service import HttpService, tls_context
@@ -107,6 +107,7 @@ class Worker:
 
     async def serve(self, app: FrontDoor, backend_name: str) -> None:
         loop = self.loop = asyncio.get_running_loop()
+        loop.set_exception_handler(LoopErrorReporter())
         self._stop_requested = asyncio.Event()
         for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, self._record_signal, signum)
