@@ -52,11 +52,15 @@ import json
 import random
 import socket
 import time
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar, cast
 
 import gevent
 from geventhttpclient.connectionpool import ConnectionPool
+from geventhttpclient.header import Headers
 from locust import FastHttpUser, events, tag, task
-from locust.contrib.fasthttp import ResponseContextManager
+from locust.argument_parser import LocustArgumentParser
+from locust.env import Environment
 from locust.runners import WorkerRunner
 
 CACHE_STATES = frozenset({"HIT", "MISS", "STALE", "UPDATING", "BYPASS"})
@@ -77,8 +81,42 @@ OPTIONS = {
 }
 
 
-@events.init_command_line_parser.add_listener
-def add_scenario_options(parser) -> None:
+Handler = TypeVar("Handler", bound=Callable[..., None])
+
+
+class Hook(Protocol):
+    """A locust `EventHook` as typed here (locust leaves it unannotated): add_listener
+    registers a handler and returns it unchanged."""
+
+    def add_listener(self, handler: Handler) -> Handler: ...
+
+
+def listener(hook: Hook) -> Callable[[Handler], Handler]:
+    """``@listener(events.x)``: ``@events.x.add_listener``, with the handler's types kept."""
+    return hook.add_listener
+
+
+class CaughtResponse(Protocol):
+    """What the scenarios use of locust's `ResponseContextManager` (``catch_response=True``).
+
+    Locust leaves its success() and failure() unannotated, and does not declare
+    ``error``: the exception it sets on a response whose request failed (status 0).
+    """
+
+    @property
+    def status_code(self) -> int: ...  # 0: no response
+    @property
+    def content(self) -> bytes: ...
+    @property
+    def headers(self) -> Headers | None: ...
+    @property
+    def error(self) -> Exception | None: ...
+    def success(self) -> None: ...
+    def failure(self, exc: str | Exception) -> None: ...
+
+
+@listener(events.init_command_line_parser)
+def add_scenario_options(parser: LocustArgumentParser) -> None:
     for name, (default, help_text) in OPTIONS.items():
         parser.add_argument(
             "--" + name.replace("_", "-"),
@@ -88,25 +126,27 @@ def add_scenario_options(parser) -> None:
         )
 
 
-def option(environment, name: str):
+def option(environment: Environment, name: str) -> Any:
     """A scenario option as given to locust, or its default when run without locust's parser."""
     default = OPTIONS[name][0]
     return getattr(environment.parsed_options, name, default)
 
 
-def _set_no_delay(pool: ConnectionPool, sock: socket.socket) -> None:
+def _set_no_delay(self: ConnectionPool, sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 # geventhttpclient leaves Nagle's algorithm on. A chunked upload is then written
 # as a head and small chunks, the last of which waits for the server's delayed
 # ACK: 40 ms added to every chunked request, a cost of the load generator, not of
-# the server. curl, browsers and asyncio set TCP_NODELAY; so does this process.
-ConnectionPool.after_connect = _set_no_delay
+# the server. curl, browsers and asyncio set TCP_NODELAY; so does this process,
+# by patching the hook every pool calls on a new connection (mypy flags any
+# assignment to a method; this one is meant, and its signature is checked).
+ConnectionPool.after_connect = _set_no_delay  # type: ignore[method-assign]
 
 
-@events.init.add_listener
-def save_final_failures_at_exit(environment, **kwargs) -> None:
+@listener(events.init)
+def save_final_failures_at_exit(environment: Environment, **kwargs: object) -> None:
     """``--json-file NAME``: also the failures as they stand at the end, in NAME_failures.json.
 
     Locust's JSON file holds no failures, and it writes ``_failures.csv`` once
@@ -115,17 +155,18 @@ def save_final_failures_at_exit(environment, **kwargs) -> None:
     totals writes it: a standalone locust or the master, not its workers.
     """
 
-    @environment.events.quit.add_listener
-    def save_final_failures(**kwargs) -> None:
-        options = environment.parsed_options
-        if not getattr(options, "json_file", None) or isinstance(environment.runner, WorkerRunner):
+    @listener(environment.events.quit)
+    def save_final_failures(**kwargs: object) -> None:
+        json_file = getattr(environment.parsed_options, "json_file", None)
+        if not json_file or isinstance(environment.runner, WorkerRunner):
             return
+        assert environment.runner is not None  # made before the init event that added this
         failures = list(environment.runner.stats.serialize_errors().values())
-        with open(f"{options.json_file}_failures.json", "w") as handle:
+        with open(f"{json_file}_failures.json", "w") as handle:
             json.dump(failures, handle, indent=1)
 
 
-def judge(response: ResponseContextManager, problem: str | None) -> None:
+def judge(response: CaughtResponse, problem: str | None) -> None:
     """Record the response as a failure saying ``problem``, or as a success if there is none."""
     if problem is None:
         response.success()
@@ -133,9 +174,7 @@ def judge(response: ResponseContextManager, problem: str | None) -> None:
         response.failure(problem)
 
 
-def unexpected(
-    response: ResponseContextManager, body: bytes | None, status: int = 200
-) -> str | None:
+def unexpected(response: CaughtResponse, body: bytes | None, status: int = 200) -> str | None:
     """What is wrong with ``response`` as a sentence, or None if it has ``status`` and ``body``."""
     if not response.status_code:
         return f"no response: {response.error!r}"
@@ -182,10 +221,11 @@ class CachedUser(FastHttpUser):
             judge(response, cache_problem(response, key))
 
 
-def cache_problem(response: ResponseContextManager, key: str) -> str | None:
+def cache_problem(response: CaughtResponse, key: str) -> str | None:
     problem = unexpected(response, f"value of {key}\n".encode())
     if problem is not None:
         return problem
+    assert response.headers is not None  # a response came: unexpected() found its status
     state = response.headers.get("X-Cache")
     if state not in CACHE_STATES:
         return f"X-Cache {state!r}, expected one of {', '.join(sorted(CACHE_STATES))}"
@@ -199,7 +239,7 @@ class StampedeUser(FastHttpUser):
         gevent.sleep(self.wait_time())  # the first burst is synchronised too
 
     def wait_time(self) -> float:
-        every = option(self.environment, "stampede_every")
+        every: float = option(self.environment, "stampede_every")
         return every - time.time() % every
 
     @tag("stampede")
@@ -216,7 +256,7 @@ class StampedeUser(FastHttpUser):
 class CancelUser(FastHttpUser):
     """GETs of a slow handler, abandoned by the client long before the answer."""
 
-    def __init__(self, environment) -> None:
+    def __init__(self, environment: Environment) -> None:
         self.network_timeout = option(environment, "abandon_after")
         super().__init__(environment)
 
@@ -252,7 +292,12 @@ class UploadUser(FastHttpUser):
         else:
             name = "/echo (Content-Length)"
         with self.client.post(
-            "/echo", data=body, headers=headers, name=name, catch_response=True
+            "/echo",
+            # bytes: "String/bytes" says locust's docstring; its annotation leaves bytes out
+            data=cast(Any, body),
+            headers=headers,
+            name=name,
+            catch_response=True,
         ) as response:
             judge(response, unexpected(response, body))
 

@@ -23,12 +23,29 @@ distributed run's workers need no copy of it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Protocol, TypeVar, cast
 
 from locust import LoadTestShape, events
+from locust.argument_parser import LocustArgumentParser
+
+Handler = TypeVar("Handler", bound=Callable[..., None])
 
 
-@events.init_command_line_parser.add_listener
-def add_ramp_options(parser) -> None:
+class Hook(Protocol):
+    """A locust `EventHook` as typed here (locust leaves it unannotated): add_listener
+    registers a handler and returns it unchanged."""
+
+    def add_listener(self, handler: Handler) -> Handler: ...
+
+
+def listener(hook: Hook) -> Callable[[Handler], Handler]:
+    """``@listener(events.x)``: ``@events.x.add_listener``, with the handler's types kept."""
+    return hook.add_listener
+
+
+@listener(events.init_command_line_parser)
+def add_ramp_options(parser: LocustArgumentParser) -> None:
     parser.add_argument(
         "--ramp-steps", type=int, default=4, help="ramp: equal steps up to --users (default 4)"
     )
@@ -46,9 +63,12 @@ class StepRamp(LoadTestShape):
     use_common_options = True
 
     def tick(self) -> tuple[int, float] | None:
+        assert self.runner is not None  # locust gives the shape its runner before it ticks
         options = self.runner.environment.parsed_options
+        assert options is not None  # a shape runs from locust's command line, options parsed
         steps = max(1, options.ramp_steps)
-        elapsed = self.get_run_time()
+        # LoadTestShape.get_run_time is unannotated: seconds since the test started
+        elapsed = cast(Callable[[], float], self.get_run_time)()
         if options.run_time:
             if elapsed >= options.run_time:
                 return None

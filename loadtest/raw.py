@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from typing import cast
 
 import httptools
 
@@ -25,7 +26,8 @@ RESPONSE = (
 
 class RawHello(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+        # a stream transport (uvloop's do not subclass asyncio.Transport, so no isinstance)
+        self.transport = cast(asyncio.Transport, transport)
         self.parser = httptools.HttpRequestParser(self)
         self.out: list[bytes] = []
 

@@ -403,11 +403,11 @@ def plot(runs: list[ScenarioRun], title: str) -> Any:
         for name in series:
             run = by_key.get((scenario, name))
             if run is not None and run.history:
-                seconds, rates = zip(*run.history, strict=True)
+                seconds, run_rates = zip(*run.history, strict=True)
                 # from the scenario's marker: the run's first rate holds from its start
                 time_axes.plot(
                     [start, *(start + second for second in seconds)],
-                    [rates[0], *rates],
+                    [run_rates[0], *run_rates],
                     color=colours[name],
                     label=name if position == 0 else None,
                     linewidth=1.2,

@@ -66,6 +66,7 @@ import time
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from ..server import backends
 from ..server.scoreboard import CACHE_COUNTERS, CANCEL_COUNTERS
@@ -192,7 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------- counters
 
 
-def fetch_stats(base_url: str) -> dict | None:
+def fetch_stats(base_url: str) -> dict[str, Any] | None:
     """The server's ``/stats`` JSON, or None when it has none or cannot be reached."""
     try:
         with urllib.request.urlopen(base_url.rstrip("/") + "/stats", timeout=5) as response:
@@ -202,7 +203,7 @@ def fetch_stats(base_url: str) -> dict | None:
     return stats if isinstance(stats, dict) else None
 
 
-def server_counters(stats: dict | None) -> dict[str, int]:
+def server_counters(stats: dict[str, Any] | None) -> dict[str, int]:
     """The server-wide counters in ``/stats``, in any of its shapes; a missing one is 0."""
     if stats is None:
         return {}
@@ -294,6 +295,7 @@ def measure_scenario(
         spent = server.cpu() - cpu_before
         run.server_cpu_seconds = spent.user + spent.system
         if not server_running(server):
+            assert server.process is not None  # started: its CPU was read above
             run.error = f"the server exited with {server.process.returncode} during the run"
             run.failure_messages.append(server.stderr_tail().strip()[-500:])
             return
@@ -361,7 +363,9 @@ def run_batch(args: argparse.Namespace, batch: list[ScenarioRun], output: Path) 
     try:
         if server is not None:
             server.start()
-        base_url = args.host or f"http://127.0.0.1:{server.port}"
+            base_url = f"http://127.0.0.1:{server.port}"
+        else:
+            base_url = args.host
         for run in batch:
             measure_scenario(args, run, base_url, server, output)
             say(progress_line(run))

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -72,11 +73,12 @@ def tree_cpu(pid: int) -> CpuTime:
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]  # an AF_INET address: (host, port)
+        return port
 
 
 def wait_until_answering(
-    port: int, timeout: float, process: subprocess.Popen | None = None
+    port: int, timeout: float, process: subprocess.Popen[Any] | None = None
 ) -> None:
     """Poll until ``GET /`` on ``port`` answers, the process dies, or ``timeout`` passes."""
     deadline = time.monotonic() + timeout

@@ -94,7 +94,9 @@ class KeepAliveClient:
         self.port = port
         self.connection: http.client.HTTPConnection | None = None
 
-    def request(self, method: str, path: str, body: bytes | None = None, close: bool = False):
+    def request(
+        self, method: str, path: str, body: bytes | None = None, close: bool = False
+    ) -> tuple[http.client.HTTPResponse, bytes]:
         if self.connection is None:
             self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=TIMEOUT)
         headers = {"Connection": "close"} if close else {}
@@ -140,7 +142,9 @@ def run_kind(kind: str, port: int, stop: threading.Event, tally: Tally, seed: in
         client.close()
 
 
-def next_request(kind: str, rng: random.Random) -> tuple[str, str, bytes | None, Callable]:
+def next_request(
+    kind: str, rng: random.Random
+) -> tuple[str, str, bytes | None, Callable[[bytes], bool]]:
     if kind in ("hello", "churn"):
         return "GET", "/", None, lambda data: data == HELLO
     if kind == "echo":
@@ -260,6 +264,7 @@ def soak(loop: str, duration: float, workers: int, interval: float, warm_up: flo
     command = [python(), "-m", "forkloop", "--bind", f"127.0.0.1:{port}", "--loop", loop]
     command += ["--workers", str(workers), "--log-level", "warning"]
     with ServerProcess(f"forkloop-{loop}", command, port) as server:
+        assert server.process is not None  # started by the with statement
         root = server.process.pid
         wait_for_workers(root, workers)
         fds_before = settled_fds(root)

@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 from ..server import App, Request, Response
 from ..server.cache import CachePolicy
@@ -33,7 +34,9 @@ app = App()
 
 
 async def _compute(request: Request) -> Response:
-    await asyncio.sleep(int(request.query_param("ms", "200")) / 1000)
+    ms = request.query_param("ms", "200")
+    assert ms is not None  # a default is given
+    await asyncio.sleep(int(ms) / 1000)
     return Response(
         f"value of {request.params['key']}\n", headers={"Cache-Control": "max-age=3600"}
     )
@@ -77,11 +80,12 @@ async def stampede(port: int, path: str, count: int) -> list[float]:
             writer.close()
 
 
-def get_json(port: int, path: str) -> dict:
+def get_json(port: int, path: str) -> dict[str, Any]:
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-        return json.loads(response.read())
+        document: dict[str, Any] = json.loads(response.read())  # /stats: a JSON object
+        return document
 
 
 def wrk_cpu(server: ServerProcess, path: str, seconds: int) -> tuple[float, float, float]:

@@ -14,6 +14,7 @@ master takes to replace a worker killed with SIGKILL.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import statistics
@@ -23,15 +24,30 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 from .clients import LoadLoop
 from .servers import descendants, free_port, python, wait_until_answering
 
 HELLO = b"Hello, World!"
 
+T = TypeVar("T")
+
 
 def _hello(body: bytes) -> bool:
     return body == HELLO
+
+
+class Master(Protocol):
+    """The master process a `Server` drives: first its own child (a `subprocess.Popen`),
+    after an upgrade the new master it adopts (`_Adopted`)."""
+
+    pid: int
+
+    def wait(self, timeout: float) -> object: ...
+
+    def kill(self) -> None: ...
 
 
 class Server:
@@ -48,8 +64,9 @@ class Server:
             "warning",
         ]
         self.workers_wanted = workers
-        self.process = subprocess.Popen(command)
-        wait_until_answering(self.port, 20, self.process)
+        process = subprocess.Popen(command)
+        self.process: Master = process
+        wait_until_answering(self.port, 20, process)
         self.wait(lambda: len(self.workers()) == workers, 10)
 
     def workers(self, master: int | None = None) -> set[int]:
@@ -57,7 +74,7 @@ class Server:
         return {pid for pid in descendants(master)[1:] if _parent(pid) == master}
 
     @staticmethod
-    def wait(condition, timeout: float) -> bool:
+    def wait(condition: Callable[[], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if condition():
@@ -85,7 +102,7 @@ def _parent(pid: int) -> int:
         return -1
 
 
-def under_load(server: Server, seconds: float, operation) -> tuple[LoadLoop, str]:
+def under_load(server: Server, seconds: float, operation: Callable[[], T]) -> tuple[LoadLoop, T]:
     load = LoadLoop(server.port, clients=3, path="/", check=_hello)
     load.start()
     time.sleep(seconds)
@@ -123,7 +140,7 @@ def upgrade(server: Server) -> str:
     time.sleep(1.0)
     os.kill(old_master, signal.SIGQUIT)
     server.process.wait(15)
-    server.process = _Adopted(new_masters[0])  # type: ignore[assignment]
+    server.process = _Adopted(new_masters[0])
     return f"old master {old_master} gone, new master {new_masters[0]} serving"
 
 
@@ -146,12 +163,11 @@ def respawn_times(server: Server, rounds: int) -> list[float]:
         victim = min(server.workers())
         started = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        server.wait(
-            lambda v=victim: (
-                v not in server.workers() and len(server.workers()) == server.workers_wanted
-            ),
-            5,
-        )
+
+        def replaced(v: int = victim) -> bool:
+            return v not in server.workers() and len(server.workers()) == server.workers_wanted
+
+        server.wait(replaced, 5)
         times.append(time.monotonic() - started)
         time.sleep(0.3)
     return times
@@ -198,7 +214,7 @@ def main() -> int:
             server = Server(args.loop, args.workers, folder)
             try:
                 load, detail = under_load(
-                    server, args.seconds, lambda op=operation, s=server: op(s)
+                    server, args.seconds, functools.partial(operation, server)
                 )
             finally:
                 server.stop()
