@@ -361,12 +361,12 @@ class HttpCycle:
         if kind == "http.response.body":
             start = self.start
             if start is not None and not message.get("more_body"):  # the whole answer at once
+                response = self._whole_response(start, message.get("body", b""))
                 self.start = None
                 self.done = True
                 connection = self.connection
                 if not connection.client_gone:
-                    body = message.get("body", b"")
-                    connection.send_response(self.request, self._whole_response(start, body))
+                    connection.send_response(self.request, response)
                 return
             await self._send_body(message)
         elif kind == "http.response.start":

@@ -27,10 +27,12 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pytest
 
 from forkloop.server.app import App
+from forkloop.server.asgi import AsgiApp
 from forkloop.server.http import Request, Response, error_response, safe_join
 from tests.server.support import HttpReply, RawClient, running_server
 
@@ -113,6 +115,76 @@ def hostile_app(root: Path) -> App:
         return Response(b"", status=101, headers={"Upgrade": "h2c"})
 
     return app
+
+
+def hostile_asgi_app(root: Path) -> AsgiApp:
+    """The same routes as `hostile_app`, as an ASGI application. Like most
+    applications, each reads its whole body before it acts (records that it
+    started): with bodies streamed into ``receive()``, a request whose body turns
+    out malformed reaches the application, which then sees ``http.disconnect``."""
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path, method = scope["path"], scope["method"]
+        headers: list = [(b"content-type", b"text/plain")]
+        status, answer = 200, b""
+        if path == "/" and method in ("GET", "POST"):
+            started.append("index")
+            answer = b"ok"
+        elif path == "/seq":
+            started.append("seq")
+            query = parse_qs(scope["query_string"].decode("latin-1"))
+            answer = query.get("i", ["-"])[0].encode()
+        elif path == "/echo" and method == "POST":
+            started.append("echo")
+            answer = body
+        elif path == "/headers":
+            started.append("headers")
+            names = sorted({name.decode("latin-1") for name, _ in scope["headers"]})
+            hosts = [value.decode("latin-1") for name, value in scope["headers"] if name == b"host"]
+            answer = json.dumps({"host": hosts, "names": names}).encode()
+        elif path == "/smuggled":
+            started.append("smuggled")
+            answer = b"smuggled"
+        elif path.startswith("/files/"):
+            started.append("files")
+            file = safe_join(root, path[len("/files/") :])
+            try:
+                answer = Path(file).read_bytes() if file is not None else b""
+            except (FileNotFoundError, IsADirectoryError):
+                file = None
+            if file is None:
+                status, answer = 404, b"no such file"
+        elif path == "/inject":
+            started.append("inject")
+            headers.append((b"x-evil", b"a\r\nSet-Cookie: stolen=1"))
+        elif path == "/inject-content-type":
+            started.append("inject-content-type")
+            headers = [(b"content-type", b"text/html\r\nSet-Cookie: stolen=1")]
+        elif path == "/not-latin-1":
+            started.append("not-latin-1")
+            headers.append((b"x-price", "10 \u20ac"))  # a str: not a byte pair
+        elif path == "/bad-status":
+            started.append("bad-status")
+            status = 1000
+        elif path == "/informational":
+            started.append("informational")
+            status = 101
+        else:
+            status, answer = 404, b"no route"
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
+
+    return AsgiApp(app, lifespan="off")
 
 
 @dataclass(frozen=True)
@@ -280,26 +352,29 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def server_for(tmp_path_factory) -> Iterator[Callable]:
-    """One server per backend for the whole table: every case hits the same one."""
+    """One server per backend and app kind for the whole table: every case hits
+    the same one."""
     folder = tmp_path_factory.mktemp("hostile")
     (folder / "root").mkdir()
     (folder / "root" / "public.txt").write_bytes(PUBLIC)
     (folder / "secret.txt").write_bytes(SECRET)
-    app = hostile_app(folder / "root")
-    servers: dict[str, object] = {}
+    apps = {"native": hostile_app(folder / "root"), "asgi": hostile_asgi_app(folder / "root")}
+    servers: dict[tuple[str, str], object] = {}
     with contextlib.ExitStack() as stack:
 
-        def serve(backend):
-            if backend.id not in servers:
-                servers[backend.id] = stack.enter_context(running_server(backend, app, **LIMITS))
-            return servers[backend.id]
+        def serve(backend, kind):
+            if (backend.id, kind) not in servers:
+                server = running_server(backend, apps[kind], **LIMITS)
+                servers[backend.id, kind] = stack.enter_context(server)
+            return servers[backend.id, kind]
 
         yield serve
 
 
+@pytest.mark.parametrize("kind", ["native", "asgi"])
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_hostile_request_gets_its_answer_and_the_server_goes_on(backend, server_for, case):
-    server = server_for(backend)
+def test_hostile_request_gets_its_answer_and_the_server_goes_on(backend, server_for, case, kind):
+    server = server_for(backend, kind)
     started.clear()
     with RawClient(server.port) as client:
         client.send(case.raw)
