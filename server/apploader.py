@@ -92,14 +92,24 @@ def load_app(config: Config) -> App | AsgiApp:
         from .demo import app
 
         return app
-    target = import_app(config.app, factory=config.factory, asgi=True)
-    if not _is_app(target):
-        from .asgi import AsgiApp
+    target = import_app(config.app, factory=config.factory, asgi=config.interface != "native")
+    if _is_app(target):
+        if config.interface == "asgi":
+            raise AppLoadError(
+                f"{config.app} is a forkloop App, not an ASGI app (--interface asgi)"
+            )
+        return target  # type: ignore[no-any-return]
+    from .asgi import AsgiApp
 
-        return AsgiApp(
-            target, name=config.app, root_path=config.root_path, lifespan=config.lifespan
-        )
-    return target  # type: ignore[no-any-return]
+    return AsgiApp(
+        target,
+        name=config.app,
+        root_path=config.root_path,
+        lifespan=config.lifespan,
+        disconnect_grace=config.disconnect_grace,
+        proxy_headers=config.proxy_headers,
+        forwarded_allow_ips=config.forwarded_allow_ips,
+    )
 
 
 def import_app(spec: str, factory: bool = False, asgi: bool = False) -> Any:

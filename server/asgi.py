@@ -72,6 +72,7 @@ Asgi3App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
 DEFAULT_DISCONNECT_GRACE = 1.0
+_NOBODY: frozenset[str] = frozenset()  # --proxy-headers off: no peer is trusted
 
 
 class LifespanFailed(RuntimeError):
@@ -127,6 +128,8 @@ class AsgiApp:
         root_path: str = "",
         lifespan: str = "auto",
         disconnect_grace: float | None = DEFAULT_DISCONNECT_GRACE,
+        proxy_headers: bool = False,
+        forwarded_allow_ips: str = "127.0.0.1",
     ) -> None:
         if lifespan not in ("auto", "on", "off"):
             raise ValueError(f"lifespan must be auto, on or off, not {lifespan!r}")
@@ -135,11 +138,41 @@ class AsgiApp:
         self.root_path = root_path
         self.lifespan = lifespan
         self.disconnect_grace = disconnect_grace
+        # peers whose X-Forwarded-For/-Proto are believed (None: every peer); off: ()
+        self.trusted_proxies: frozenset[str] | None = _NOBODY
+        if proxy_headers:
+            addresses = {a.strip() for a in forwarded_allow_ips.split(",") if a.strip()}
+            self.trusted_proxies = None if "*" in addresses else frozenset(addresses)
         self.state: dict[str, Any] = {}
         self.route = DirectRoute(self._serve)
         self._lifespan_task: asyncio.Task[None] | None = None
         self._lifespan_inbox: asyncio.Queue[Message] | None = None
         self._lifespan_reply: asyncio.Queue[Message] | None = None
+
+    def behind_proxy(
+        self, request: Request, client: tuple[str, int] | None, scheme: str
+    ) -> tuple[tuple[str, int] | None, str]:
+        """The client and scheme a trusted proxy says it served (--proxy-headers):
+        the nearest address in X-Forwarded-For that is not itself a trusted proxy,
+        and X-Forwarded-Proto. From any other peer the headers are ignored."""
+        trusted = self.trusted_proxies
+        if client is not None and trusted is not None and client[0] not in trusted:
+            return client, scheme
+        chain: list[str] = []
+        for name, value in request.raw_headers:
+            lowered = name.lower()
+            if lowered == b"x-forwarded-for":
+                chain += [hop.strip() for hop in value.decode("latin-1").split(",") if hop.strip()]
+            elif lowered == b"x-forwarded-proto":
+                proto = value.decode("latin-1").strip().lower()
+                if proto in ("http", "https"):
+                    scheme = proto
+        for hop in reversed(chain):
+            if trusted is None or hop not in trusted:
+                return (hop, 0), scheme
+        if chain:
+            return (chain[0], 0), scheme
+        return client, scheme
 
     def resolve(self, request: Request) -> DirectRoute:
         return self.route
@@ -242,6 +275,9 @@ class HttpCycle:
         root = front.root_path
         path, raw_path, query = request.split_target()
         scheme, server = connection.endpoint
+        client = request.client
+        if front.trusted_proxies is not _NOBODY:
+            client, scheme = front.behind_proxy(request, client, scheme)
         return {
             "type": "http",
             "asgi": ASGI_VERSION,
@@ -253,7 +289,7 @@ class HttpCycle:
             "query_string": query,
             "root_path": root,
             "headers": [(name.lower(), value) for name, value in request.raw_headers],
-            "client": request.client,
+            "client": client,
             "server": server,
             "state": front.state.copy(),
         }

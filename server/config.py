@@ -77,6 +77,26 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class WebSocketSettings:
+    """How an ASGI app's WebSocket connections are served (`server.websocket`)."""
+
+    # the sans-I/O library that speaks the protocol: auto (websockets if installed), none
+    # (upgrades are declined: the app sees a plain HTTP request), websockets
+    library: str = "auto"
+    # a bigger incoming message closes the connection with 1009 (uvicorn's 16 MiB)
+    max_size: int = 16 * 1024 * 1024
+    # messages received and not yet taken by the app; beyond it the connection stops reading
+    max_queue: int = 32
+    # a ping every ping_interval seconds; no pong within ping_timeout closes with 1011 (0: off)
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    # permessage-deflate, with small windows (a bounded memory per connection)
+    per_message_deflate: bool = True
+    # seconds the client gets to answer the server's close frame before the socket closes
+    close_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything `forkloop serve` was asked to do."""
 
@@ -88,6 +108,12 @@ class Config:
     health_path: str = "/healthz"  # answered "ok" by every worker, whatever the app
     lifespan: str = "auto"  # an ASGI app's lifespan protocol: auto, on, off (uvicorn's)
     root_path: str = ""  # an ASGI app's root_path (mounted below a proxy's prefix)
+    interface: str = "auto"  # what APP is: auto (tell by looking), asgi, native
+    # seconds an ASGI app runs on after its client left (None: to its end, uvicorn's way)
+    disconnect_grace: float | None = 1.0
+    # trust X-Forwarded-For/-Proto from these peers (uvicorn's --proxy-headers)
+    proxy_headers: bool = False
+    forwarded_allow_ips: str = "127.0.0.1"  # comma-separated addresses, or *
     # ---- where
     binds: tuple[str, ...] = (DEFAULT_BIND,)
     backlog: int = 2048
@@ -116,3 +142,4 @@ class Config:
     metrics_bind_is_default: bool = True  # the default address may be taken: then none
     config_path: str | None = None  # the --config file, re-read on HUP
     limits: Limits = field(default_factory=Limits)
+    websocket: WebSocketSettings = field(default_factory=WebSocketSettings)

@@ -124,6 +124,17 @@ OPTIONS: tuple[Option, ...] = (
            choices=("auto", "on", "off")),
     Option("root_path", str, _D.root_path, "an ASGI app's root_path, when a proxy serves it "
            "below a path prefix (default none)", metavar="PATH"),
+    Option("interface", str, _D.interface, "what APP is: auto (tell by looking), asgi (an ASGI "
+           "application) or native (a forkloop App) (default auto)",
+           choices=("auto", "asgi", "native")),
+    Option("disconnect_grace", str, "1", "seconds an ASGI app runs on after its client left, "
+           "told by http.disconnect, before it is cancelled; 0: cancel at once; off: never "
+           "(uvicorn's way) (default 1)", metavar="SECONDS"),
+    Option("proxy_headers", bool, False, "trust X-Forwarded-For and X-Forwarded-Proto for an "
+           "ASGI app's client and scheme, from --forwarded-allow-ips peers (default off)"),
+    Option("forwarded_allow_ips", str, _D.forwarded_allow_ips, "comma-separated peer addresses "
+           "whose proxy headers are trusted, or * (default 127.0.0.1)", metavar="IPS",
+           env=("FORWARDED_ALLOW_IPS",)),
     Option("loop", str, _D.loop, "event loop backend; auto is uvloop if installed, else asyncio "
            "(default auto)", choices=("auto", *backends.names())),
     Option("proactor_engine", str, None, "engine of the proactor loop: io_uring, or completions "
@@ -355,6 +366,10 @@ def resolve(
         health_path=health_path,
         lifespan=value("lifespan"),
         root_path=value("root_path"),
+        interface=value("interface"),
+        disconnect_grace=_grace(value("disconnect_grace"), merged),
+        proxy_headers=value("proxy_headers"),
+        forwarded_allow_ips=value("forwarded_allow_ips"),
         binds=_binds(merged),
         backlog=value("backlog"),
         reuse_port=value("reuse_port"),
@@ -401,6 +416,20 @@ def _binds(merged: dict[str, tuple[Any, str]]) -> tuple[str, ...]:
     if "uds" in merged:
         binds.append("unix:" + merged["uds"][0])
     return tuple(binds) or (DEFAULT_BIND,)
+
+
+def _grace(text: str, merged: dict[str, tuple[Any, str]]) -> float | None:
+    """--disconnect-grace: seconds (0 or more), or off."""
+    if str(text).lower() in ("off", "none", "never"):
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also refuses nan
+        source = merged.get("disconnect_grace", (None, "--disconnect-grace"))[1]
+        raise SettingError(f"{source}: seconds (0 or more) or off, not {text!r}")
+    return seconds
 
 
 def _check_address(text: str, source: str) -> None:

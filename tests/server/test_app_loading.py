@@ -186,3 +186,77 @@ def test_failing_lifespan_is_retried_then_reported_once_as_the_last_line(folder)
     assert "cannot start:" in last and "lifespan startup failed: no database" in last, last
     assert result.stderr.count("no database") == 2, result.stderr  # once when first seen, once last
     assert result.stderr.count("next worker boot in") == 2, result.stderr  # 3 tries, 2 waits
+
+
+SCOPE_ECHO = (
+    "import json\n"
+    "async def app(scope, receive, send):\n"
+    "    if scope['type'] != 'http':\n"
+    "        raise RuntimeError('no lifespan here')\n"
+    "    body = json.dumps({'client': scope['client'][0], 'scheme': scope['scheme']}).encode()\n"
+    "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+    "    await send({'type': 'http.response.body', 'body': body})\n"
+)
+
+
+def _scope_seen(served: Served, *headers: tuple[str, str]) -> dict:
+    import http.client
+    import json
+
+    connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+    try:
+        connection.request("GET", "/", headers=dict(headers))
+        return json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ((), {"client": "127.0.0.1", "scheme": "http"}),  # off: the headers are not believed
+        (("--proxy-headers",), {"client": "203.0.113.7", "scheme": "https"}),
+        (
+            ("--proxy-headers", "--forwarded-allow-ips", "10.9.9.9"),
+            {"client": "127.0.0.1", "scheme": "http"},
+        ),
+        (
+            ("--proxy-headers", "--forwarded-allow-ips", "*"),
+            {"client": "203.0.113.7", "scheme": "https"},
+        ),
+    ],
+)
+def test_proxy_headers_are_believed_only_from_allowed_peers(folder, flags, expected):
+    folder.write("scopeapp.py", SCOPE_ECHO)
+    served = Served(folder.root, "scopeapp:app", "--workers", "1", *flags).start()
+    try:
+        forwarded = (
+            ("X-Forwarded-For", "198.51.100.1, 203.0.113.7"),
+            ("X-Forwarded-Proto", "https"),
+        )
+        assert _scope_seen(served, *forwarded) == expected
+    finally:
+        served.stop()
+
+
+def test_interface_names_what_the_app_must_be(folder):
+    folder.write("scopeapp.py", SCOPE_ECHO)
+    as_native = run_forkloop(
+        "scopeapp:app", "--interface", "native", "--no-master", cwd=folder.root
+    )
+    assert as_native.returncode == 3
+    assert "not a forkloop App" in last_error_line(as_native)
+    as_asgi = run_forkloop("myapp:app", "--interface", "asgi", "--no-master", cwd=folder.root)
+    assert as_asgi.returncode == 3
+    assert "is a forkloop App, not an ASGI app (--interface asgi)" in last_error_line(as_asgi)
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan"])
+def test_disconnect_grace_must_be_seconds_or_off(folder, value):
+    result = run_forkloop(
+        "myapp:app", "--disconnect-grace", value, "--check-config", cwd=folder.root
+    )
+    assert result.returncode == 2
+    assert last_error_line(result) == (
+        f"forkloop: --disconnect-grace: seconds (0 or more) or off, not {value!r}"
+    )
