@@ -41,6 +41,7 @@ from .config import Config
 if TYPE_CHECKING:
     from .app import App
     from .asgi import AsgiApp
+    from .asgi_cache import CachedAsgiApp
 
 
 class AppLoadError(ImportError):
@@ -86,7 +87,7 @@ def check_importable(config: Config) -> None:
         raise AppLoadError(_not_found(config.app, module_name, module_name))
 
 
-def load_app(config: Config) -> App | AsgiApp:
+def load_app(config: Config) -> App | AsgiApp | CachedAsgiApp:
     """The app ``config`` names (the demo app when none), or an `AppLoadError`."""
     if config.app is None:
         from .demo import app
@@ -101,7 +102,7 @@ def load_app(config: Config) -> App | AsgiApp:
         return target  # type: ignore[no-any-return]
     from .asgi import AsgiApp
 
-    return AsgiApp(
+    asgi_app = AsgiApp(
         target,
         name=config.app,
         root_path=config.root_path,
@@ -110,6 +111,12 @@ def load_app(config: Config) -> App | AsgiApp:
         proxy_headers=config.proxy_headers,
         forwarded_allow_ips=config.forwarded_allow_ips,
     )
+    if not config.cache:
+        return asgi_app
+    from .asgi_cache import CachedAsgiApp
+    from .cache import ResponseCache
+
+    return CachedAsgiApp(asgi_app, ResponseCache(config.cache_size), config.cache_prefixes)
 
 
 def import_app(spec: str, factory: bool = False, asgi: bool = False) -> Any:

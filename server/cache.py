@@ -25,8 +25,9 @@ response's ``Vary`` named. Then:
   ``proxy_cache_lock_timeout``) computes for itself; that result is not
   stored. When the computation fails (raises, or answers 5xx) and a stale entry
   is still within ``stale-if-error``, the stale entry is served (``STALE``).
-- **uncacheable** (``no-store``, ``private``, ``no-cache``, a streamed body, a
-  status not cached, no freshness): the leader's response goes to the leader
+- **uncacheable** (``no-store``, ``private``, ``no-cache``, a ``Set-Cookie``, an
+  answer to an ``Authorization`` request not marked ``public``, a streamed body,
+  a status not cached, no freshness): the leader's response goes to the leader
   only; followers compute for themselves (a private page must never reach
   another client), and the key is remembered as uncacheable for
   ``hit_for_miss`` seconds, during which requests skip single-flight (Varnish's
@@ -276,7 +277,7 @@ class ResponseCache:
         self.stats.computations += 1
         response = await _call(handler, request)
         now = self.clock()
-        entry = self._entry_for(response, policy, now, now - started)
+        entry = self._entry_for(request, response, policy, now, now - started)
         if entry is None:
             variants = self._urls.setdefault(url, _Variants())
             variants.uncacheable_until = now + policy.hit_for_miss
@@ -288,7 +289,7 @@ class ResponseCache:
         return entry
 
     def _entry_for(
-        self, response: Response, policy: CachePolicy, now: float, took: float
+        self, request: Request, response: Response, policy: CachePolicy, now: float, took: float
     ) -> Entry | None:
         if (
             response.stream is not None
@@ -298,6 +299,12 @@ class ResponseCache:
             return None
         directives = _cache_control(response.header("cache-control"))
         if {"no-store", "private", "no-cache"} & directives.keys():
+            return None
+        # a shared cache keeps nobody's cookie, nor an answer to credentials unless
+        # the answer says it is public (RFC 9111 3.5)
+        if response.header("set-cookie") is not None:
+            return None
+        if "public" not in directives and "authorization" in request.headers:
             return None
         ttl = _seconds(directives.get("s-maxage"), _seconds(directives.get("max-age"), policy.ttl))
         if ttl <= 0 and response.status < 500:

@@ -135,6 +135,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("forwarded_allow_ips", str, _D.forwarded_allow_ips, "comma-separated peer addresses "
            "whose proxy headers are trusted, or * (default 127.0.0.1)", metavar="IPS",
            env=("FORWARDED_ALLOW_IPS",)),
+    Option("cache", bool, False, "put the response cache in front of an ASGI app: what it marks "
+           "public with a max-age is stored, concurrent misses call it once (default off)"),
+    Option("cache_size", int, _D.cache_size, "bytes the response cache may hold, LRU "
+           "(default %(default)s)", minimum=1, metavar="BYTES"),
+    Option("cache_prefix", list, None, "cache only paths under this prefix; repeat for several "
+           "(default /)", metavar="PREFIX"),
     Option("loop", str, _D.loop, "event loop backend; auto is uvloop if installed, else asyncio "
            "(default auto)", choices=("auto", *backends.names())),
     Option("proactor_engine", str, None, "engine of the proactor loop: io_uring, or completions "
@@ -370,6 +376,9 @@ def resolve(
         disconnect_grace=_grace(value("disconnect_grace"), merged),
         proxy_headers=value("proxy_headers"),
         forwarded_allow_ips=value("forwarded_allow_ips"),
+        cache=value("cache"),
+        cache_size=value("cache_size"),
+        cache_prefixes=_prefixes(value("cache_prefix"), merged),
         binds=_binds(merged),
         backlog=value("backlog"),
         reuse_port=value("reuse_port"),
@@ -416,6 +425,17 @@ def _binds(merged: dict[str, tuple[Any, str]]) -> tuple[str, ...]:
     if "uds" in merged:
         binds.append("unix:" + merged["uds"][0])
     return tuple(binds) or (DEFAULT_BIND,)
+
+
+def _prefixes(prefixes: list[str] | None, merged: dict[str, tuple[Any, str]]) -> tuple[str, ...]:
+    """--cache-prefix: paths starting with '/'."""
+    if not prefixes:
+        return ("/",)
+    for prefix in prefixes:
+        if not prefix.startswith("/"):
+            source = merged.get("cache_prefix", (None, "--cache-prefix"))[1]
+            raise SettingError(f"{source}: a path starting with '/', not {prefix!r}")
+    return tuple(prefixes)
 
 
 def _grace(text: str, merged: dict[str, tuple[Any, str]]) -> float | None:
