@@ -97,26 +97,6 @@ class WebSocketSettings:
 
 
 @dataclass(frozen=True)
-class WebSocketSettings:
-    """How an ASGI app's WebSocket connections are served (`server.websocket`)."""
-
-    # the sans-I/O library that speaks the protocol: auto (websockets if installed), none
-    # (upgrades are declined: the app sees a plain HTTP request), websockets
-    library: str = "auto"
-    # a bigger incoming message closes the connection with 1009 (uvicorn's 16 MiB)
-    max_size: int = 16 * 1024 * 1024
-    # messages received and not yet taken by the app; beyond it the connection stops reading
-    max_queue: int = 32
-    # a ping every ping_interval seconds; no pong within ping_timeout closes with 1011 (0: off)
-    ping_interval: float = 20.0
-    ping_timeout: float = 20.0
-    # permessage-deflate, with small windows (a bounded memory per connection)
-    per_message_deflate: bool = True
-    # seconds the client gets to answer the server's close frame before the socket closes
-    close_timeout: float = 10.0
-
-
-@dataclass(frozen=True)
 class Config:
     """Everything `forkloop serve` was asked to do."""
 
@@ -166,5 +146,4 @@ class Config:
     metrics_bind_is_default: bool = True  # the default address may be taken: then none
     config_path: str | None = None  # the --config file, re-read on HUP
     limits: Limits = field(default_factory=Limits)
-    websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
     websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
