@@ -30,8 +30,12 @@ reads them off that marker::
     OP_MSG_RING                            5.18    the opcode
     multishot ACCEPT, provided-buffer      5.19    OP_SOCKET
       rings, cancel by fd / all / any
-    multishot RECV                         6.0     OP_SEND_ZC
-    SETUP_DEFER_TASKRUN                    6.1     io_uring_setup accepts it
+    multishot RECV, SEND_ZC                6.0     OP_SEND_ZC
+    SETUP_DEFER_TASKRUN; a failed send     6.1     OP_SENDMSG_ZC
+      reports the bytes it sent first
+    registered ring fds                    5.18    io_uring_register accepts it
+    recv and send bundles                  6.10    FEAT_RECVSEND_BUNDLE
+    incrementally consumed buffer rings    6.12    io_uring_register accepts it
 """
 
 from __future__ import annotations
@@ -80,10 +84,12 @@ OP_WRITE = 23
 OP_SEND = 26
 OP_RECV = 27
 OP_PROVIDE_BUFFERS = 31
+OP_SPLICE = 30
 OP_SHUTDOWN = 34
 OP_MSG_RING = 40
 OP_SOCKET = 45
 OP_SEND_ZC = 47
+OP_SENDMSG_ZC = 48
 OP_READ_MULTISHOT = 49
 OP_BIND = 56
 OP_LISTEN = 57
@@ -169,6 +175,9 @@ ASYNC_CANCEL_ANY = 1 << 2
 
 RECVSEND_POLL_FIRST = 1 << 0  # sqe->ioprio of SEND/RECV
 RECV_MULTISHOT = 1 << 1
+RECVSEND_FIXED_BUF = 1 << 2
+SEND_ZC_REPORT_USAGE = 1 << 3
+RECVSEND_BUNDLE = 1 << 4
 
 ACCEPT_MULTISHOT = 1 << 0  # sqe->ioprio of ACCEPT
 
@@ -204,13 +213,18 @@ ENTER_GETEVENTS = 1 << 0
 ENTER_SQ_WAKEUP = 1 << 1
 ENTER_SQ_WAIT = 1 << 2
 ENTER_EXT_ARG = 1 << 3
+ENTER_REGISTERED_RING = 1 << 4
 
 # --- io_uring_register() opcodes ----------------------------------------------------
 
 REGISTER_PROBE = 8
 REGISTER_ENABLE_RINGS = 12
+REGISTER_RING_FDS = 20
+UNREGISTER_RING_FDS = 21
 REGISTER_PBUF_RING = 22
 UNREGISTER_PBUF_RING = 23
+
+PBUF_RING_INC = 1 << 1  # io_uring_buf_reg->flags: buffers are consumed a piece at a time
 
 IO_URING_OP_SUPPORTED = 1 << 0
 
@@ -234,6 +248,8 @@ CQ_OFFSET_FIELDS = ("head", "tail", "ring_mask", "ring_entries", "overflow", "cq
 # splice_fd_in/file_index, addr3, pad.
 SQE = struct.Struct("=BBHiQQIIQHHiQQ")
 SQE_SIZE = 64
+# The same, for an SQE whose fields after user_data are zero: written as padding.
+SQE_TO_USER_DATA = struct.Struct("=BBHiQQIIQ24x")
 SQE_SHIFT = 6
 
 # struct io_uring_cqe (without IORING_SETUP_CQE32): user_data, res, flags.
@@ -258,6 +274,10 @@ PROBE_OPS = 256
 # u64 resv[3].
 BUF_REG = struct.Struct("=QIHH3Q")
 
+# struct io_uring_rsrc_update: u32 offset, u32 resv, u64 data. Registering a ring fd,
+# data is the fd and offset the slot (-1: any free slot, written back by the kernel).
+RSRC_UPDATE = struct.Struct("=IIQ")
+
 # struct io_uring_buf: u64 addr, u32 len, u16 bid, u16 resv. The resv field of
 # entry 0 is the ring's tail, so an entry is written as its first 14 bytes only.
 BUF_ENTRY = struct.Struct("=QIH")
@@ -276,12 +296,14 @@ for _name, _value in list(globals().items()):
 for _layout, _size in (
     (PARAMS, 120),
     (SQE, SQE_SIZE),
+    (SQE_TO_USER_DATA, SQE_SIZE),
     (CQE, CQE_SIZE),
     (TIMESPEC, 16),
     (GETEVENTS_ARG, 24),
     (PROBE_HEADER, 16),
     (PROBE_OP, 8),
     (BUF_REG, 40),
+    (RSRC_UPDATE, 16),
     (MSGHDR, 56),
     (IOVEC, 16),
 ):

@@ -252,21 +252,31 @@ class ProvidedBuffers:
     def consume(self, cqe_flags: int, length: int) -> bytes:
         """Copy the data a CQE delivered into ``bytes`` and give the buffer straight back.
 
-        The loop calls this once per received chunk, so `_publish` is written
-        out here rather than called.
+        The loop calls this once per received chunk, so it trusts the CQE (the
+        loop passes only completions that carry a buffer) and gives the buffer
+        back by moving the tail alone: the kernel takes buffers in ring order,
+        and while no buffer is lent (`take`) the slot at the tail is the very
+        slot this buffer was taken from, which still holds its entry (see
+        `_write_entry` for when entries must be rewritten).
         """
+        if self._lent_count:
+            return self._consume_while_lent(cqe_flags, length)
+        start = (cqe_flags >> _BUFFER_SHIFT) * self.size
+        tail = self._tail + 1
+        if tail == 0x10000:
+            tail = 0
+        self._tail = tail
+        self._tail_word[0] = tail  # the release store: the entry is in place already
+        return self._arena[start : start + length]
+
+    def _consume_while_lent(self, cqe_flags: int, length: int) -> bytes:
+        """`consume` while the application holds buffers: publish this one's entry now."""
         buffer_id = cqe_flags >> _BUFFER_SHIFT
         if not cqe_flags & _F_BUFFER or buffer_id >= self.count or self._lent[buffer_id]:
             self._claim(cqe_flags)  # raises, saying what is wrong
         start = buffer_id * self.size
         data = self._arena[start : start + length]
-        tail = self._tail
-        slot = tail & self._mask
-        if self._slot_buffer[slot] != buffer_id:
-            self._write_entry(slot, buffer_id)
-        tail = (tail + 1) & 0xFFFF
-        self._tail = tail
-        self._tail_word[0] = tail  # the release store: the entry is written first
+        self._publish(buffer_id)
         return data
 
     def _claim(self, cqe_flags: int) -> int:

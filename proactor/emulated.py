@@ -106,6 +106,12 @@ class EmulatedCapabilities:
     wait_deadline_argument: bool = True
     msg_ring: bool = False
     deferred_task_run: bool = False
+    # Implemented (prepare_send_unconfirmed) but not offered to the loop: here it would be
+    # the same write(2) made later and dearer than the loop's own direct write.
+    unconfirmed_send: bool = False
+    zero_copy_send: bool = False
+    receive_bundles: bool = False
+    splice: bool = False
 
     def describe(self) -> str:
         return (
@@ -319,6 +325,29 @@ class _Send(_Operation):
         return True
 
 
+class _UnconfirmedSend(_Operation):
+    """`EmulatedRing.prepare_send_unconfirmed`: one ``write`` at submission, never parked."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, engine: EmulatedRing, user_data: int, fd: int, data: bytes) -> None:
+        self.engine = engine
+        self.user_data = user_data
+        self.fd = fd
+        self.data = data
+
+    def attempt(self) -> bool:
+        try:
+            sent = os.write(self.fd, self.data)
+        except (BlockingIOError, InterruptedError):
+            sent = -errno.EAGAIN
+        except OSError as exc:
+            sent = -(exc.errno or errno.EIO)
+        if sent != len(self.data):
+            self.engine._completed.append((self.user_data, sent, 0))
+        return True
+
+
 class _Poll(_Operation):
     """One-shot POLL_ADD: parked until epoll reports the fd, then it completes."""
 
@@ -386,6 +415,7 @@ class EmulatedRing:
         self._buffer_groups: dict[int, EmulatedBuffers] = {}
         self._closed = False
         self.capabilities = EmulatedCapabilities()
+        self.settled = True  # always: submit runs every operation queued before it returns
 
     def _report_error(self, exc: BaseException, fd: int, callback: object) -> None:
         raise exc  # an engine bug: let it reach the loop's error handling
@@ -450,6 +480,11 @@ class EmulatedRing:
             data = view[offset : len(view) if length is None else offset + length]
         self._queue(_Send(self, user_data, fd, [data]))
 
+    def prepare_send_unconfirmed(self, user_data: int, fd: int, data: bytes) -> None:
+        """As `proactor.ring.Ring.prepare_send_unconfirmed`: tried once when submitted; a
+        completion only when not everything was sent (the count, ``-EAGAIN`` or ``-errno``)."""
+        self._queue(_UnconfirmedSend(self, user_data, fd, data))
+
     def prepare_sendmsg(
         self,
         user_data: int,
@@ -507,6 +542,14 @@ class EmulatedRing:
         else:
             self._poller.poll(timeout)
         return len(queued)
+
+    def submit_and_reap(self, timeout: float | None) -> list[Completion]:
+        """`submit`, waiting up to ``timeout`` for a completion, then `completions`."""
+        self.submit(0 if timeout == 0 else 1, timeout)
+        completed = self._completed
+        if completed:
+            self._completed = []
+        return completed
 
     def completions(self) -> list[Completion]:
         completed = self._completed

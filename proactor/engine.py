@@ -114,6 +114,16 @@ class EngineCapabilities(Protocol):
     def msg_ring(self) -> bool: ...
     @property
     def deferred_task_run(self) -> bool: ...
+    @property
+    def unconfirmed_send(self) -> bool:
+        """``prepare_send_unconfirmed`` works (see `proactor.sending`)."""
+
+    @property
+    def zero_copy_send(self) -> bool: ...
+    @property
+    def receive_bundles(self) -> bool: ...
+    @property
+    def splice(self) -> bool: ...
 
     def describe(self) -> str:
         """A paragraph for logs and reports."""
@@ -211,11 +221,27 @@ class CompletionEngine(Protocol):
 
     def provide_buffers(self, count: int, size: int, group_id: int = 0) -> ReceiveBuffers: ...
 
+    def prepare_send_unconfirmed(self, user_data: int, fd: int, data: bytes) -> None:
+        """Send all of ``data`` when submitted, or post a completion saying how much went out.
+
+        Tried once, never parked; a completion (the count sent, ``-EAGAIN``, or
+        ``-errno``) is posted only when not everything was sent, and by the time
+        `submit` returns it is posted or there is none. `proactor.sending`.
+        """
+
     def submit(self, wait_for: int = 0, timeout: float | None = None) -> int:
         """Hand over what was queued; wait (up to ``timeout``) for ``wait_for`` completions."""
 
     def completions(self) -> list[Completion]:
         """Every completion posted so far, oldest first."""
+
+    def submit_and_reap(self, timeout: float | None) -> list[Completion]:
+        """`submit`, waiting up to ``timeout`` (None: no limit; 0: not at all) for a
+        completion, then `completions`: one loop iteration's I/O in one call."""
+
+    @property
+    def settled(self) -> bool:
+        """Everything submitted was taken, and every completion posted so far was reaped."""
 
     @property
     def in_flight(self) -> int:

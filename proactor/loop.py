@@ -89,6 +89,7 @@ import asyncio
 import errno
 import itertools
 import logging
+import operator
 import socket
 from collections.abc import Callable
 from typing import IO, Any
@@ -109,6 +110,7 @@ from .engine import (
     open_engine,
 )
 from .readiness import PollWatches
+from .sending import Sending
 from .servers import Acceptor
 from .transports import StreamTransport
 
@@ -126,6 +128,9 @@ SENDFILE_CHUNK = 256 * 1024
 # lone request would cost two enters and two iterations.
 SEND_THROUGH_RING_FROM = 2
 CANCEL_RETRY_DELAY = 0.01
+# user_data of unconfirmed sends start here (the ring's own start at 2**63).
+UNCONFIRMED_USER_DATA = 1 << 62
+_user_data_of = operator.itemgetter(0)
 
 
 class EventLoop(ReadinessOperations, Subprocesses, Networking, Datagrams):
@@ -140,10 +145,21 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, Datagrams):
         self.engine_name: str = name
         self._handlers: dict[int, CompletionHandler] = {}
         self._new_user_data: Callable[[], int] = itertools.count(1).__next__
+        # A transport's unconfirmed sends share one user_data from a range of their own.
+        self._new_unconfirmed_user_data: Callable[[], int] = itertools.count(
+            UNCONFIRMED_USER_DATA
+        ).__next__
         # Completions read but not yet dispatched: left by an interrupted dispatch or read
         # early by _submit_early. Dispatched, oldest first, before the engine is read again.
         self._undelivered: list[Completion] | None = None
         self._send_directly = False  # see SEND_THROUGH_RING_FROM
+        # Unconfirmed sends (proactor.sending): whether the engine has them, how many
+        # submits _poll has made, the last one whose every completion was dispatched, and
+        # the transports to call back once that number moves.
+        self._unconfirmed_sends = ring.capabilities.unconfirmed_send
+        self._submits = 0
+        self._confirmed_through = 0
+        self._awaiting_confirmation: list[Sending] = []
         self._transports = {}
         self._acceptors: dict[int, Acceptor] = {}
         self._receive_buffers: ReceiveBuffers | None = None
@@ -186,15 +202,43 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, Datagrams):
             undelivered, self._undelivered = self._undelivered, None
             self._dispatch(undelivered)
             timeout = 0.0
-        if timeout is None:
-            ring.submit(1)
-        elif timeout > 0:
-            ring.submit(1, timeout)
-        else:
-            ring.submit(0)
-        completions = ring.completions()
+        self._submits = submits = self._submits + 1
+        completions = ring.submit_and_reap(timeout)
         self._send_directly = len(completions) < SEND_THROUGH_RING_FROM
+        if ring.settled and self._unconfirmed_sends:
+            # Every completion of what this submit (and those before it) handed over is
+            # in hand: an unconfirmed send before it that posted none has sent everything.
+            # The ones that did not are dispatched first, so no write meets a send as
+            # confirmed whose completion is still to come.
+            if completions and max(map(_user_data_of, completions)) >= UNCONFIRMED_USER_DATA:
+                completions = self._dispatch_unconfirmed_first(completions)
+            self._confirmed_through = submits
+            if self._awaiting_confirmation:
+                self._confirm_sends()
         self._dispatch(completions)
+
+    def _dispatch_unconfirmed_first(self, completions: list[Completion]) -> list[Completion]:
+        """Dispatch the completions of unconfirmed sends; return the others, in order."""
+        failed: list[Completion] = []
+        others: list[Completion] = []
+        for entry in completions:
+            (failed if entry[0] >= UNCONFIRMED_USER_DATA else others).append(entry)
+        self._dispatch(failed)
+        return others
+
+    def _confirm_sends(self) -> None:
+        """Call back the transports that wait for their unconfirmed sends (proactor.sending)."""
+        waiting, self._awaiting_confirmation = self._awaiting_confirmation, []
+        for index, transport in enumerate(waiting):
+            try:
+                transport._confirmed()
+            except (SystemExit, KeyboardInterrupt):
+                self._awaiting_confirmation.extend(waiting[index + 1 :])
+                raise
+            except BaseException as exc:
+                self.call_exception_handler(
+                    {"message": "Exception in a transport's send confirmation", "exception": exc}
+                )
 
     def _dispatch(self, completions: list[Completion]) -> None:
         """Call each completion's handler; drop it with the operation's last completion."""

@@ -145,6 +145,24 @@ class Capabilities:
     def deferred_task_run(self) -> bool:
         return bool(self.setup_flags & abi.SETUP_DEFER_TASKRUN)
 
+    @cached_property
+    def unconfirmed_send(self) -> bool:
+        """`prepare_send_unconfirmed`: CQE_SKIP_SUCCESS (5.17), and a send that fails after
+        sending part of its bytes reports that part (6.1, whose marker is SENDMSG_ZC)."""
+        return bool(self.features & abi.FEAT_CQE_SKIP) and abi.OP_SENDMSG_ZC in self.opcodes
+
+    @cached_property
+    def zero_copy_send(self) -> bool:
+        return abi.OP_SEND_ZC in self.opcodes
+
+    @cached_property
+    def receive_bundles(self) -> bool:
+        return bool(self.features & abi.FEAT_RECVSEND_BUNDLE)
+
+    @cached_property
+    def splice(self) -> bool:
+        return abi.OP_SPLICE in self.opcodes
+
     def describe(self) -> str:
         """A paragraph for logs and reports."""
         names = [abi.opcode_name(op) for op in sorted(self.opcodes)]
@@ -160,6 +178,10 @@ class Capabilities:
                 "wait_deadline_argument",
                 "msg_ring",
                 "deferred_task_run",
+                "unconfirmed_send",
+                "zero_copy_send",
+                "receive_bundles",
+                "splice",
             )
             if getattr(self, name)
         ]

@@ -1,4 +1,4 @@
-"""The sending half of a stream transport: one send in flight, the rest queued.
+"""The sending half of a stream transport: one send at a time, in order; most post nothing.
 
 `Sending` is mixed into `proactor.transports.StreamTransport`, which owns the
 socket and the reading half; the closing rules, ``write_eof``, ``writelines``
@@ -7,37 +7,80 @@ with the reactor. This part moves bytes out and says what "writes in progress"
 and "abandon the writes" mean on completions.
 
 ``write()`` copies anything that is not ``bytes`` (the caller may reuse its
-buffer) and, when no send is in flight, prepares one at once: it reaches the
-kernel with the iteration's single ``io_uring_enter``. Except at low load:
-when the iteration brought fewer than `proactor.loop.SEND_THROUGH_RING_FROM`
+buffer) and, when nothing else is being sent, hands the bytes to the engine
+at once; they reach the kernel with the iteration's single
+``io_uring_enter``. While something is being sent, writes queue up and go out
+after it as one send (joined when small) or one ``sendmsg`` of up to
+`IOV_LIMIT` buffers. Bytes not yet known to be sent count in
+``get_write_buffer_size()``, so ``pause_writing()`` and ``resume_writing()``
+fire at the high- and low-water marks as with any transport. ``write_eof()``
+shuts the socket down for writing once everything before it was sent.
+
+Unconfirmed sends: no completion when all went well
+---------------------------------------------------
+A response that fits the socket's buffer is the common case, and its
+completion would say nothing but "sent". Where the engine has them
+(``capabilities.unconfirmed_send``: io_uring 6.1, and the emulated engine), a
+write of at most the high-water mark goes out as an *unconfirmed send*
+(`proactor.ring.Ring.prepare_send_unconfirmed`): ``IOSQE_CQE_SKIP_SUCCESS``
+with ``MSG_DONTWAIT | MSG_WAITALL``. The kernel tries it once, inline, in the
+enter that consumes its SQE, and posts a completion only if it could not send
+everything: the count it did send, ``-EAGAIN`` for none, or an error. The
+transport then sends the rest as an ordinary send, which waits for room and
+completes. An unconfirmed send costs no completion, no dispatch and no
+handler call; a transport has one ``user_data`` for all of its unconfirmed
+sends, since at most one of them is outstanding.
+
+When its buffer may be released, and when it counts as sent
+-----------------------------------------------------------
+* The buffer: as soon as the ``io_uring_enter`` that consumed the SQE has
+  returned. The send never waits in the kernel (``MSG_DONTWAIT``), so by then
+  it has sent all of the bytes, or part of them and posted the count. The
+  ring keeps the bytes until that enter (all SQEs consumed) and then lets go.
+* Sent: when the loop has dispatched every completion posted up to and
+  including that enter and none of them was the send's. The loop numbers its
+  submits; a send prepared after submit ``k`` is consumed by submit ``k + 1``
+  (or an early one), and ``loop._confirmed_through`` reaches ``k + 1`` at the
+  end of the iteration that made that submit, dispatched its completions and
+  found the engine ``settled`` (nothing left unconsumed, no completion held in
+  the kernel's overflow list). Until then the send is *outstanding*: its bytes
+  count in ``get_write_buffer_size()``, later writes queue behind it, and
+  ``close()``, ``write_eof()`` and a drain wait for it, because its completion
+  may yet hand bytes back. The transport asks the loop to call `_confirmed`
+  then (``_await_confirmation``); a transport that writes once per request and
+  no more before the next request never needs to.
+
+Invariants
+----------
+* At most one send is outstanding per socket: an ordinary SEND or SENDMSG in
+  flight (``_send_user_data``) or an unconfirmed send not yet confirmed, never
+  both; so bytes leave in the order they were written. A direct ``write(2)``
+  (below) is made only when nothing is outstanding or queued, and never once
+  the transport is closing (its fd may be on its way to the engine's close).
+* ``_sending`` is what the ordinary send in flight points at and
+  ``_send_remaining`` how much of it the kernel has yet to take;
+  ``_unconfirmed`` is what the last unconfirmed send handed over. Both count,
+  with the queued writes, in ``get_write_buffer_size()`` while outstanding.
+* Whatever is handed to the kernel stays referenced by the engine until the
+  kernel is done with it: an ordinary send's until its completion (including
+  after ``abort()`` cancels it), an unconfirmed send's until its enter returned.
+* The fd is closed only when no send is outstanding, and the unconfirmed
+  sends' handler is dropped with it.
+* The protocol is paused when more than the high-water mark is left after
+  the kernel was offered the bytes (`Sending._over_high_water`), not merely
+  because a send has not been submitted yet.
+
+Engines without unconfirmed sends
+---------------------------------
+Every write is an ordinary send with a completion. Except at low load: when
+the iteration brought fewer than `proactor.loop.SEND_THROUGH_RING_FROM`
 completions, its first send is written at once with ``write(2)``, as a
 readiness loop would, and only what the kernel did not take goes through the
 ring. A lone send through the ring would make the next enter return with
 nothing but its own completion: two enters and two loop iterations per
-request, where under load one enter carries every connection's sends (and the
-sends of a burst written in one quiet iteration still share one). While a send
-is in flight, writes queue up; when it completes they go out as one send
-(joined when small) or one ``sendmsg`` of up to `IOV_LIMIT` buffers. A short
-send (the socket buffer filled) is resubmitted from where it stopped. Bytes in
-flight count in ``get_write_buffer_size()``, so ``pause_writing()`` and
-``resume_writing()`` fire at the high- and low-water marks as with any
-transport. ``write_eof()`` shuts the socket down for writing once everything
-before it was sent.
-
-Invariants
-----------
-* At most one SEND or SENDMSG is in flight per socket (``_send_user_data``),
-  so bytes leave in the order they were written. A direct ``write(2)`` is
-  made only when nothing is in flight or queued, and never once the
-  transport is closing (its fd may be on its way to the engine's close).
-* ``_sending`` is what the send in flight points at and ``_send_remaining``
-  how much of it the kernel has yet to take; both count, with the queued
-  writes, in ``get_write_buffer_size()``.
-* Whatever is handed to the kernel stays referenced by the ring until the
-  send's last completion, including after ``abort()`` cancels it.
-* The protocol is paused when more than the high-water mark is left after
-  the kernel was offered the bytes (`Sending._over_high_water`), not merely
-  because a send has not been submitted yet.
+request. (An unconfirmed send has no such completion, so it needs no
+exception.) A short send (the socket buffer filled) is resubmitted from where
+it stopped.
 """
 
 from __future__ import annotations
@@ -90,6 +133,13 @@ class Sending(StreamTransportBase):
     _pending: list[bytes]
     _pending_size: int
     _write_abandoned: bool
+    _unconfirmed: bytes  # what the last unconfirmed send handed over
+    _unconfirmed_at: int  # loop._submits when it was prepared (-1: never)
+    _unconfirmed_user_data: int  # the user_data of this transport's unconfirmed sends, or 0
+    _unconfirmed_handler: CompletionHandler
+    _awaiting_confirmation: bool  # on the loop's list: _confirmed() will be called
+    _released: bool
+    _lost_called: bool
 
     def _release(self) -> None:
         raise NotImplementedError  # StreamTransport's: close the fd once nothing is in flight
@@ -106,13 +156,16 @@ class Sending(StreamTransportBase):
             return
         if not data:
             return
-        if self._send_user_data:
-            self._pending.append(data)
-            self._pending_size += len(data)
-            if self._send_remaining + self._pending_size > self._high_water:
-                self._over_high_water()
-            return
         loop = self._loop
+        if self._send_user_data or self._pending or self._unconfirmed_at >= loop._confirmed_through:
+            self._queue_behind(data)
+            return
+        if self._unconfirmed_user_data and len(data) <= self._high_water:
+            # The common case: all of it is sent in the next enter, which posts nothing.
+            self._ring.prepare_send_unconfirmed(self._unconfirmed_user_data, self._fd, data)
+            self._unconfirmed = data
+            self._unconfirmed_at = loop._submits
+            return
         if loop._send_directly and not self._closing:
             loop._send_directly = False  # one per quiet iteration: a burst still shares an enter
             try:
@@ -134,6 +187,76 @@ class Sending(StreamTransportBase):
         if size > self._high_water:
             self._over_high_water()
 
+    def _queue_behind(self, data: bytes) -> None:
+        """A send is outstanding: ``data`` waits for it (and for what was queued before)."""
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if not self._send_user_data:
+            self._await_confirmation()  # nothing completes to send the queue: be called back
+        if self.get_write_buffer_size() > self._high_water:
+            self._over_high_water()
+
+    def _await_confirmation(self) -> None:
+        """Have the loop call `_confirmed` once the outstanding unconfirmed send is confirmed."""
+        if not self._awaiting_confirmation:
+            self._awaiting_confirmation = True
+            self._loop._awaiting_confirmation.append(self)
+
+    def _unconfirmed_outstanding(self) -> bool:
+        """An unconfirmed send may still post a completion that hands bytes back."""
+        return self._unconfirmed_at >= self._loop._confirmed_through
+
+    def _confirmed(self) -> None:
+        """Called by the loop: the unconfirmed sends so far are settled (see the module)."""
+        self._awaiting_confirmation = False
+        if self._unconfirmed_outstanding():
+            self._await_confirmation()  # another was prepared since: wait for that one too
+            return
+        self._unconfirmed = b""
+        if self._send_user_data:
+            return  # an ordinary send took over (a failure); its completion carries on
+        if self._lost_called:
+            self._release()  # connection_lost came while the send was outstanding
+            return
+        if self._pending and not self._conn_lost:
+            self._send_queued()
+        self._all_sent()
+
+    def _send_queued(self) -> None:
+        """Send what waits: as one unconfirmed send when it may be, else as ordinary ones."""
+        if self._unconfirmed_user_data and self._pending_size <= self._high_water:
+            pending = self._pending
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            self._pending_size = 0
+            self._ring.prepare_send_unconfirmed(self._unconfirmed_user_data, self._fd, data)
+            self._unconfirmed = data
+            self._unconfirmed_at = self._loop._submits
+        else:
+            self._send_pending()
+
+    def _on_unconfirmed_failed(self, result: int, flags: int) -> None:
+        """An unconfirmed send did not send everything: send the rest as an ordinary send.
+
+        ``result`` is the count it sent, ``-EAGAIN`` (none: the socket's buffer
+        was full), or an error. The handler stays registered for the next one.
+        """
+        if self._conn_lost:
+            return  # aborted, or failed already: nobody sends any more
+        self._handlers[self._unconfirmed_user_data] = self._unconfirmed_handler
+        data = self._unconfirmed
+        if result >= 0:
+            rest = data[result:]
+        elif result == -errno.EAGAIN or result == -errno.EINTR:
+            rest = data
+        else:
+            self._fatal_error(result_error(result), "Fatal write error on socket transport")
+            return
+        if rest:
+            self._pending.insert(0, rest)
+            self._pending_size += len(rest)
+            self._send_pending()
+
     def _over_high_water(self) -> None:
         """More than the high-water mark waits: pause the protocol unless the kernel takes it now.
 
@@ -147,8 +270,7 @@ class Sending(StreamTransportBase):
             completion = self._loop._submit_early(self._send_user_data)
             if completion is not None:
                 self._on_sent(*completion)
-        if self._send_remaining + self._pending_size > self._high_water:
-            self._maybe_pause_protocol()
+        self._maybe_pause_protocol()
 
     def _send(self, data: bytes) -> None:
         user_data = self._new_user_data()
@@ -227,7 +349,10 @@ class Sending(StreamTransportBase):
         """A send completed: resume the protocol, and if nothing is left to send, finish up."""
         if self._protocol_paused:
             self._maybe_resume_protocol()  # the protocol may write more right here
-        if self._send_user_data:
+        if self._send_user_data or self._pending:
+            return
+        if self._unconfirmed_outstanding():
+            self._await_confirmation()
             return
         self._wake_drain_waiters()
         if self._closing:
@@ -239,7 +364,13 @@ class Sending(StreamTransportBase):
     # what writing means on completions (see SocketTransportBase) -------------------
 
     def _writes_in_progress(self) -> bool:
-        return self._send_user_data != 0
+        """A send is outstanding or writes are queued; `_all_sent` will follow when they are done."""
+        if self._send_user_data or self._pending:
+            return True
+        if self._unconfirmed_outstanding():
+            self._await_confirmation()
+            return True
+        return False
 
     def _abandon_writes(self) -> None:
         if self._send_user_data:
@@ -247,7 +378,11 @@ class Sending(StreamTransportBase):
             self._loop._cancel_operation(self._send_user_data)
         self._pending.clear()
         self._pending_size = self._send_remaining = 0
+        self._unconfirmed = b""  # it cannot be called back; its completion will be ignored
         self._wake_drain_waiters()
 
     def get_write_buffer_size(self) -> int:
-        return self._send_remaining + self._pending_size
+        size = self._send_remaining + self._pending_size
+        if self._unconfirmed_at >= self._loop._confirmed_through:
+            size += len(self._unconfirmed)
+        return size

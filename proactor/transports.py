@@ -99,6 +99,8 @@ class StreamTransport(Sending, asyncio.Transport):
         *("_buffered_protocol", "_server", "_recv_user_data", "_recv_cancelled"),
         *("_own_buffer", "_reading_paused", "_eof", "_held", "_flush_scheduled"),
         *("_send_user_data", "_sent_handler", "_sending", "_send_remaining"),
+        *("_unconfirmed", "_unconfirmed_at", "_unconfirmed_user_data", "_unconfirmed_handler"),
+        *("_awaiting_confirmation",),
         *("_pending", "_pending_size", "_write_abandoned", "_eof_written", "_drain_waiters"),
         *("_high_water", "_low_water", "_protocol_paused", "_closing", "_conn_lost"),
         *("_lost_called", "_released", "__weakref__"),
@@ -144,6 +146,14 @@ class StreamTransport(Sending, asyncio.Transport):
         self._sent_handler = self._on_sent  # bound once: one handler per send
         self._sending = b""
         self._send_remaining = 0  # bytes of _sending not yet sent
+        self._unconfirmed = b""
+        self._unconfirmed_at = -1
+        self._unconfirmed_user_data = 0
+        self._unconfirmed_handler = self._on_unconfirmed_failed
+        self._awaiting_confirmation = False
+        if loop._unconfirmed_sends:
+            self._unconfirmed_user_data = user_data = loop._new_unconfirmed_user_data()
+            self._handlers[user_data] = self._unconfirmed_handler
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._write_abandoned = False
@@ -375,7 +385,12 @@ class StreamTransport(Sending, asyncio.Transport):
             return
         if self._send_user_data:
             return  # abandoned and cancelled; its completion calls back here
+        if self._unconfirmed_outstanding():
+            self._await_confirmation()  # its completion may still come: _confirmed calls back
+            return
         self._released = True
+        if self._unconfirmed_user_data:
+            self._handlers.pop(self._unconfirmed_user_data, None)
         self._own_buffer = None
         fd = self._sock.detach()
         loop = self._loop

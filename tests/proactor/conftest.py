@@ -13,16 +13,10 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from forkloop.proactor import abi
+from ring_support import SETUP_MODES, open_ring
+
 from forkloop.proactor import ring as ring_module
 from forkloop.proactor.ring import Ring
-from ring_support import open_ring
-
-SETUP_MODES = {
-    "deferred": None,
-    "cooperative": abi.SETUP_SUBMIT_ALL | abi.SETUP_COOP_TASKRUN | abi.SETUP_TASKRUN_FLAG,
-    "plain": 0,
-}
 
 
 @pytest.fixture(params=list(SETUP_MODES))
