@@ -16,8 +16,10 @@ water mark of body in memory, plus one read.
 Invariants
 ----------
 * Pieces come out of `read` in arrival order, each once.
-* `read` returns ``more=False`` exactly once, after `finish`; after `fail` it
-  raises `BodyFailed` instead (the client left, or its framing was refused).
+* `read` returns ``more=False`` exactly once, after `finish` and once every
+  piece is out (``on_drained`` may parse the rest of the body, its end
+  included, while `read` runs); after `fail` it raises `BodyFailed` instead
+  (the client left, or its framing was refused).
 * ``continue_owed`` is true while the client waits for ``100 Continue`` before
   it sends the body; whoever reads first sends it (`take_continue`).
 """
@@ -111,5 +113,5 @@ class StreamedBody:
         self.waiting = 0
         if self.paused:
             self.paused = False
-            self.on_drained()
-        return data, not self.complete
+            self.on_drained()  # may parse more of the body, even its end, right now
+        return data, bool(self.pieces) or not self.complete
