@@ -38,6 +38,16 @@ task is cancelled ``disconnect_grace`` seconds later (0: at once; None:
 never, which is uvicorn's behaviour). ``--request-timeout`` cancels it with a
 504 and shutdown with a 503 when no answer has begun, as for native handlers.
 
+WebSockets
+----------
+A request the reader marked ``upgrade`` (a WebSocket handshake, checked like
+any request) resolves to the WebSocket route instead: a
+`server.asgi_websocket.WebSocketCycle` runs the application with the
+``websocket`` scope, and ``websocket.accept`` switches the connection to a
+`server.websocket.WebSocketSession`. With ``--ws none``, or without the
+``websockets`` library, upgrades are declined: the application sees a plain
+``http`` request, as before.
+
 Lifespan
 --------
 `startup` runs the application's lifespan protocol once per worker, before
@@ -51,16 +61,21 @@ the protocol (it raises at once) is served without it.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import inspect
 import logging
 import re
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
+from .config import WebSocketSettings
 from .context import DISCONNECT
 from .frontdoor import AnswerStream, DirectRoute, Responder
 from .http import HeaderError, Request, Response, error_response
 from .request_body import BodyFailed
+
+if TYPE_CHECKING:
+    from .asgi_websocket import WebSocketCycle
 
 log = logging.getLogger("forkloop.asgi")
 
@@ -130,6 +145,7 @@ class AsgiApp:
         disconnect_grace: float | None = DEFAULT_DISCONNECT_GRACE,
         proxy_headers: bool = False,
         forwarded_allow_ips: str = "127.0.0.1",
+        websocket: WebSocketSettings | None = None,
     ) -> None:
         if lifespan not in ("auto", "on", "off"):
             raise ValueError(f"lifespan must be auto, on or off, not {lifespan!r}")
@@ -145,6 +161,11 @@ class AsgiApp:
             self.trusted_proxies = None if "*" in addresses else frozenset(addresses)
         self.state: dict[str, Any] = {}
         self.route = DirectRoute(self._serve)
+        self.websocket_settings = websocket = websocket or WebSocketSettings()
+        self._websocket_cycle = _websocket_cycle(websocket.library)
+        # the connection's reader marks WebSocket upgrades only when this is true
+        self.serves_websockets = self._websocket_cycle is not None
+        self.websocket_route = DirectRoute(self._serve_websocket)
         self._lifespan_task: asyncio.Task[None] | None = None
         self._lifespan_inbox: asyncio.Queue[Message] | None = None
         self._lifespan_reply: asyncio.Queue[Message] | None = None
@@ -175,10 +196,19 @@ class AsgiApp:
         return client, scheme
 
     def resolve(self, request: Request) -> DirectRoute:
+        if request.upgrade is not None:  # a WebSocket handshake (server.parsing)
+            return self.websocket_route
         return self.route
 
     def _serve(self, request: Request, connection: Responder) -> Coroutine[Any, Any, None]:
         return HttpCycle(self, request, connection).run()  # no coroutine frame of its own
+
+    def _serve_websocket(
+        self, request: Request, connection: Responder
+    ) -> Coroutine[Any, Any, None]:
+        cycle = self._websocket_cycle
+        assert cycle is not None  # the reader marks upgrades only when there is one
+        return cycle(self, request, connection).run()
 
     # ------------------------------------------------------------------ lifespan
 
@@ -213,12 +243,12 @@ class AsgiApp:
             log.info(
                 "ASGI app %s does not support lifespan (%s); serving without it",
                 self.name,
-                _one_line(message["error"]),
+                one_line(message["error"]),
             )
             return
         if kind == "_raised":
             raise LifespanFailed(
-                f"ASGI app {self.name}: lifespan startup raised {_one_line(message['error'])}"
+                f"ASGI app {self.name}: lifespan startup raised {one_line(message['error'])}"
             )
         if self.lifespan == "on":
             raise LifespanFailed(f"ASGI app {self.name} returned during lifespan startup")
@@ -237,9 +267,26 @@ class AsgiApp:
             log.error("ASGI app %s: lifespan shutdown failed: %s", self.name, reason)
         elif kind == "_raised":
             log.error(
-                "ASGI app %s: lifespan shutdown raised %s", self.name, _one_line(message["error"])
+                "ASGI app %s: lifespan shutdown raised %s", self.name, one_line(message["error"])
             )
         await task
+
+
+def _websocket_cycle(library: str) -> type[WebSocketCycle] | None:
+    """The WebSocket support ``--ws`` asks for: auto (the websockets library if it
+    is installed), none (upgrades are declined: the app sees HTTP), websockets."""
+    if library not in ("auto", "none", "websockets"):
+        raise ValueError(f"ws must be auto, none or websockets, not {library!r}")
+    if library == "none":
+        return None
+    if importlib.util.find_spec("websockets") is None:
+        if library == "auto":
+            return None
+        raise ValueError("--ws websockets: the websockets library is not installed "
+                         "(pip install 'forkloop[ws]')")  # fmt: skip
+    from .asgi_websocket import WebSocketCycle  # it imports websockets: only when wanted
+
+    return WebSocketCycle
 
 
 class HttpCycle:
@@ -309,7 +356,7 @@ class HttpCycle:
                 front.name,
                 request.method,
                 request.path,
-                _one_line(exc),
+                one_line(exc),
             )
             self._fail("the application raised an exception")
             return
@@ -550,6 +597,6 @@ _LINE_CACHE: dict[tuple[bytes, bytes], bytes | int | object] = {}
 _LINE_CACHE_SIZE = 4096
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

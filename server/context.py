@@ -124,10 +124,13 @@ class ConnectionContext:
         access_log: AccessLog | None = None,
         snapshot: Callable[[], dict[str, Any]] | None = None,
         stream_bodies: bool = False,
+        websockets: bool = False,
     ) -> None:
         self.loop = loop
         # the front door reads request bodies as they arrive (server.request_body)
         self.stream_bodies = stream_bodies
+        # the front door takes WebSocket upgrades (server.websocket); else they are declined
+        self.websockets = websockets
         self.limits = limits
         self.resolve = resolve
         self.access_log = access_log

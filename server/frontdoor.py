@@ -10,17 +10,24 @@ on the way out, and publishes its `cache_stats`.
 The native `App` (`server.app`) and `AsgiApp` (`server.asgi`) are the two
 front doors today; each is a module of its own, and neither copies any of the
 connection.
+
+A direct handler may also switch the connection to another protocol
+(`ProtocolSwitch`): the ASGI front door does so for WebSockets, handing the
+transport to an `UpgradedSession` (`server.websocket`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .http import Request, Response
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .app import Route
+    from .flow import FlowControl
 
 DirectHandler = Callable[[Request, "Responder"], Awaitable[None]]
 
@@ -65,6 +72,29 @@ class Responder(Protocol):
     def watch_disconnect(self, watcher: Callable[[], None]) -> None: ...
     def cancel_active(self, reason: str, now: bool = False) -> None: ...
     def extra_info(self, name: str) -> Any: ...
+
+
+class UpgradedSession(Protocol):
+    """What a connection hands its transport to once it has switched protocols
+    (`server.websocket.WebSocketSession`): every transport event from then on."""
+
+    def take_over(self, transport: asyncio.Transport, flow: FlowControl) -> None: ...
+    def data_received(self, data: bytes) -> None: ...
+    def eof_received(self) -> bool: ...
+    def connection_lost(self, exc: Exception | None) -> None: ...
+    def resume_writing(self) -> None: ...
+    def going_away(self) -> None: ...
+
+
+@runtime_checkable
+class ProtocolSwitch(Protocol):
+    """A responder that can switch protocols (the connection; not the cache's
+    stand-in): it answers an upgrade request with a 101 and hands the transport
+    to ``session``; False if the client is gone."""
+
+    def switch_protocol(
+        self, request: Request, header_lines: bytes, session: UpgradedSession
+    ) -> bool: ...
 
 
 class FrontDoor(Protocol):

@@ -136,6 +136,9 @@ class Request:
     cancel_reason: str | None = None
     # for front doors that read bodies as they arrive (ASGI): the body, still arriving
     streamed_body: StreamedBody | None = None
+    # the protocol this request asks to switch to, when the front door can switch
+    # ("websocket"); nothing after its head was parsed (server.parsing)
+    upgrade: str | None = None
     _headers: Headers | None = None
     _path: str | None = None
     _query: bytes = b""

@@ -47,11 +47,21 @@ that a proxy in front of us reads differently, so they are fixed here:
   merged into the request's headers (RFC 9110 6.5.1): a trailer cannot add a
   second Host, or an Authorization the proxy never saw.
 * A request with ``Upgrade`` and ``Connection: upgrade`` makes httptools skip
-  its body, on the assumption that the protocol switches. We never switch, so
-  the body would be parsed as the next request: a smuggling vector (an
-  ``Upgrade: h2c`` POST, as Java's and curl's HTTP/2 clients send, carrying a
-  request in its body). `_decline_upgrade` parses such a body again, as the
-  body (httptools issue 124).
+  its body, on the assumption that the protocol switches. We switch only to
+  WebSocket (a GET without a body, when the front door takes WebSockets), so
+  any other upgrade's body would be parsed as the next request: a smuggling
+  vector (an ``Upgrade: h2c`` POST, as Java's and curl's HTTP/2 clients send,
+  carrying a request in its body). `_decline_upgrade` parses such a body
+  again, as the body (httptools issue 124).
+
+The WebSocket upgrade
+---------------------
+A ``GET`` asking for ``Upgrade: websocket``, with no body, whose head passed
+every check above, is queued like any request, marked ``upgrade``; from its
+head's end on nothing is parsed (``switching``): what follows belongs to the
+new protocol, or to nobody if the switch is refused (the refusal closes the
+connection). Those bytes wait in the flow control's stash, which
+`server.websocket` takes over with the socket.
 * Host is checked for what a host can be (RFC 3986 reg-name, IP literal,
   port) and must appear exactly once, HTTP/1.0 included (RFC 9112 3.2).
 """
@@ -134,6 +144,7 @@ class RequestReader:
         self.chunked = False
         self.expect_continue = False
         self.upgrade_with_body = False  # httptools is about to skip this request's body
+        self.switching = False  # a WebSocket upgrade is queued: nothing more is parsed
         self.body: list[bytes] = []
         self.body_size = 0
 
@@ -225,6 +236,10 @@ class RequestReader:
         if last is not None and last.method == "CONNECT":
             last.keep_alive = False  # tunnel bytes follow: answer, then close
             return
+        if last is not None and not upgrade_with_body and self.context.websockets:
+            if last.method == "GET" and _asks_for_websocket(last):
+                self._take_upgrade(last, data[offset:])
+                return
         self.parser = httptools.HttpRequestParser(self)
         rest = data[offset:]
         if upgrade_with_body and last is not None:
@@ -232,6 +247,16 @@ class RequestReader:
             rest = _head_without_upgrade(last) + rest
         if rest:
             self.feed(rest)
+
+    def _take_upgrade(self, request: Request, rest: bytes) -> None:
+        """Queue ``request`` as a WebSocket upgrade; the bytes after its head (and all
+        that follow) are kept for the new protocol, not parsed."""
+        request.upgrade = "websocket"
+        request.keep_alive = False  # a refused upgrade is answered, then the connection closes
+        self.switching = True
+        self.flow.read_paused = True  # what arrives from now on is stashed (server.flow)
+        if rest:
+            self.flow.hold(rest)
 
     # ------------------------------------------------------------------ httptools callbacks
     #
@@ -438,6 +463,15 @@ _CHECKED_NAME_LENGTHS = frozenset(len(name) for name in (b"host", *_HEADER_CHECK
 _HOST_CHARACTERS = (
     b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]%"
 )
+
+
+def _asks_for_websocket(request: Request) -> bool:
+    """True when an Upgrade field of ``request`` names the websocket protocol."""
+    for name, value in request.raw_headers:
+        if len(name) == 7 and name.lower() == b"upgrade":
+            if any(token.strip().lower() == b"websocket" for token in value.split(b",")):
+                return True
+    return False
 
 
 def _head_without_upgrade(request: Request) -> bytes:

@@ -27,6 +27,8 @@ RUNNING     a handler task runs (``active_request``); the next
 STREAMING   a streaming response of ``active_request`` is being sent
 CLOSING     the connection closes once its output is written and no
             handler runs (the handler may still be finishing)
+UPGRADED    the connection switched protocols (WebSocket): every
+            transport event goes to ``session``, nothing is parsed
 CLOSED      the transport is gone
 =========== ========================================================
 
@@ -34,9 +36,15 @@ Transitions: OPEN -> RUNNING when a handler suspends (a plain ``def`` handler,
 or an async one that finishes in its first step, never leaves OPEN);
 RUNNING -> STREAMING when its response is a stream; RUNNING or STREAMING ->
 OPEN when it is answered; OPEN, RUNNING or STREAMING -> CLOSING on a response
-that ends the connection, a refusal, a timeout, EOF or shutdown; any ->
-CLOSED on ``connection_lost``. `TRANSITIONS` lists them as data, and the unit
-tests hold the connection to it.
+that ends the connection, a refusal, a timeout, EOF or shutdown; RUNNING ->
+UPGRADED when the handler of an upgrade request switches (`switch_protocol`);
+any -> CLOSED on ``connection_lost``. `TRANSITIONS` lists them as data, and
+the unit tests hold the connection to it.
+
+The switch: a handler that accepts an upgrade request (see `server.parsing`)
+calls `switch_protocol`; from then on the transport's events are its
+`UpgradedSession`'s, and the handler's task stays the active request until it
+returns, so cancellation reaches it as it reaches any handler.
 
 How a request is answered
 -------------------------
@@ -91,7 +99,7 @@ from typing import Any, Final, cast
 
 from .context import DEADLINE, DISCONNECT, SHUTDOWN, ConnectionContext
 from .flow import FlowControl
-from .frontdoor import AnswerStream, DirectHandler, DirectRoute
+from .frontdoor import AnswerStream, DirectHandler, DirectRoute, UpgradedSession
 from .http import Request, Response, as_response, error_response
 from .parsing import BODY, HEAD, IDLE, LINGER, RequestReader
 from .responses import CONTINUE, BodyStream, ResponseWriter, peer_name
@@ -106,13 +114,15 @@ OPEN: Final = "open"
 RUNNING: Final = "running"
 STREAMING: Final = "streaming"
 CLOSING: Final = "closing"
+UPGRADED: Final = "upgraded"
 CLOSED: Final = "closed"
 
 TRANSITIONS: Final[dict[str, frozenset[str]]] = {
     OPEN: frozenset({RUNNING, CLOSING, CLOSED}),
-    RUNNING: frozenset({STREAMING, OPEN, CLOSING, CLOSED}),
+    RUNNING: frozenset({STREAMING, OPEN, CLOSING, UPGRADED, CLOSED}),
     STREAMING: frozenset({OPEN, CLOSING, CLOSED}),
     CLOSING: frozenset({CLOSED}),
+    UPGRADED: frozenset({CLOSED}),
     CLOSED: frozenset(),
 }
 
@@ -148,6 +158,7 @@ class HttpConnection(asyncio.Protocol):
         # set by a direct handler: called instead of cancelling it when the client leaves
         self.disconnect_watcher: Callable[[], None] | None = None
         self._endpoint: tuple[str, tuple[str, int] | None] | None = None
+        self.session: UpgradedSession | None = None  # after a protocol switch (UPGRADED)
 
     def _enter(self, phase: str) -> None:
         """The one transition of the connection's phase (see `TRANSITIONS`)."""
@@ -172,8 +183,10 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         phase, reader = self.phase, self.reader
-        if phase is CLOSING or phase is CLOSED or reader.rejection is not None:
-            if reader.phase is LINGER:  # read and thrown away; quiet for long ends it
+        if phase is CLOSING or phase is CLOSED or phase is UPGRADED or reader.rejection is not None:
+            if phase is UPGRADED:
+                cast(UpgradedSession, self.session).data_received(data)
+            elif reader.phase is LINGER:  # read and thrown away; quiet for long ends it
                 reader.discard()
             return  # nothing after Connection: close or a framing error is read
         if self.flow.read_paused:
@@ -184,6 +197,8 @@ class HttpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.peer_closed = True
+        if self.session is not None:
+            return self.session.eof_received()
         self.reader.fail_body("the client closed before sending the whole body")
         if self.reader.phase is LINGER:
             return False  # the client is done: close
@@ -194,6 +209,8 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._enter(CLOSED)
+        if self.session is not None:
+            self.session.connection_lost(exc)
         self.reader.fail_body("the client went away")
         self.reader.pending.clear()
         self.context.connection_closed(self)
@@ -207,7 +224,10 @@ class HttpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.flow.resume_writing()
-        if self.phase is not CLOSING and self.phase is not CLOSED:
+        phase = self.phase
+        if phase is UPGRADED:
+            cast(UpgradedSession, self.session).resume_writing()
+        elif phase is not CLOSING and phase is not CLOSED:
             self._run_pending()
 
     def refuse(self, answer: bytes) -> None:
@@ -294,8 +314,8 @@ class HttpConnection(asyncio.Protocol):
         self._run_pending()
 
     def _resume_reading(self) -> None:
-        if len(self.reader.pending) >= self.limits.max_pipelined:
-            return
+        if len(self.reader.pending) >= self.limits.max_pipelined or self.reader.switching:
+            return  # (after an upgrade request the stash is the new protocol's)
         data = self.flow.resume_reading()
         if data:
             self.reader.feed(data)
@@ -424,6 +444,26 @@ class HttpConnection(asyncio.Protocol):
         """End a streamed answer early: the connection closes (the only way to say so)."""
         body.cut_short()
         self._enter(CLOSING)
+
+    def switch_protocol(
+        self, request: Request, header_lines: bytes, session: UpgradedSession
+    ) -> bool:
+        """Answer the upgrade ``request`` with a 101 and hand the transport to
+        ``session``; False if the client is gone (nothing was sent)."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.phase is not RUNNING:
+            return False
+        if self.request_timer is not None:  # a session may last: the app is not late
+            self.request_timer.cancel()
+            self.request_timer = None
+        self._enter(UPGRADED)
+        self.session = session
+        self.reader.deadline = 0.0
+        self.writer.switch(request, header_lines)
+        session.take_over(transport, self.flow)  # with the bytes stashed since the head
+        if self.context.draining:
+            session.going_away()
+        return True
 
     @property
     def client_gone(self) -> bool:
@@ -621,6 +661,9 @@ class HttpConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return True
+        if self.session is not None:
+            self.session.going_away()  # it closes once its client answers
+            return False
         if self.active_request is not None or reader.pending or reader.url:
             return False
         if self.writer.requests_left == self.limits.max_keepalive_requests:

@@ -184,6 +184,17 @@ class ResponseWriter:
         finally:
             await _close_stream(stream)
 
+    def switch(self, request: Request, header_lines: bytes) -> None:
+        """Write the 101 that switches protocols (its header lines given), counted
+        as the request's one answer; the connection closes after what follows."""
+        self.keep_alive_after(request)
+        context = self.context
+        if self.transport is not None:
+            self.transport.write(
+                STATUS_LINES[101] + context.date_and_server + header_lines + b"\r\n"
+            )
+        context.count_response(request, 101, 0)
+
     def refuse(self, status: int, reason: str) -> None:
         """Append the answer to a request refused for its framing or a timeout."""
         log.info("%s: answered %d and closed: %s", peer_name(self.client), status, reason)

@@ -25,6 +25,7 @@ from forkloop.server.protocol import (
     RUNNING,
     STREAMING,
     TRANSITIONS,
+    UPGRADED,
     HttpConnection,
 )
 from tests.server.fuzz_support import FakeTransport
@@ -251,5 +252,5 @@ def test_idle_keepalive_timeout_closes_quietly():
 
 
 def test_every_phase_has_a_transition_table_entry():
-    assert set(TRANSITIONS) == {OPEN, RUNNING, STREAMING, CLOSING, CLOSED}
+    assert set(TRANSITIONS) == {OPEN, RUNNING, STREAMING, CLOSING, UPGRADED, CLOSED}
     assert TRANSITIONS[CLOSED] == frozenset()
