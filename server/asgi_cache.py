@@ -62,6 +62,7 @@ class CachedAsgiApp:
         self.max_capture = max_capture
         self.route = DirectRoute(self._serve)
         self.streams_bodies = inner.streams_bodies
+        self.serves_websockets = inner.serves_websockets
 
     @property
     def cache_stats(self) -> dict[str, int]:
@@ -74,7 +75,11 @@ class CachedAsgiApp:
         await self.inner.shutdown()
 
     def resolve(self, request: Request) -> DirectRoute:
-        if request.method in ("GET", "HEAD") and request.path.startswith(self.prefixes):
+        if (
+            request.method in ("GET", "HEAD")
+            and request.upgrade is None  # a WebSocket handshake is never cached
+            and request.path.startswith(self.prefixes)
+        ):
             return self.route
         return self.inner.resolve(request)
 
