@@ -265,7 +265,9 @@ class CancelUser(FastHttpUser):
     def cancel(self) -> None:
         path = f"/slow?ms={SLOW_MS}"
         with self.client.get(path, name="/slow (abandoned)", catch_response=True) as response:
-            error = getattr(response.error, "original", response.error)  # under RetriesExceeded
+            # only a failed request has .error; under RetriesExceeded the cause is .original
+            failed = getattr(response, "error", None)
+            error = getattr(failed, "original", failed)
             if isinstance(error, TimeoutError | gevent.Timeout):
                 response.success()  # the client gave up, as this scenario means it to
             elif response.status_code:
@@ -274,7 +276,7 @@ class CancelUser(FastHttpUser):
                     f"{self.network_timeout} s: the server did not wait {SLOW_MS} ms"
                 )
             else:
-                response.failure(f"no response, and not a timeout: {response.error!r}")
+                response.failure(f"no response, and not a timeout: {failed!r}")
 
 
 class UploadUser(FastHttpUser):

@@ -167,5 +167,7 @@ def forkloop_server(loop: str, workers: int, extra: list[str] | None = None) -> 
     """forkloop serving its demo app with ``loop`` on a free port of 127.0.0.1."""
     port = free_port()
     command = [python(), "-m", "forkloop", "--bind", f"127.0.0.1:{port}", "--loop", loop]
-    command += ["--workers", str(workers), "--log-level", "warning", *(extra or [])]
+    command += ["--workers", str(workers), "--log-level", "warning"]
+    # as the peers run: no access log, no metrics listener (unless ``extra`` asks)
+    command += ["--no-access-log", "--metrics-bind", "off", *(extra or [])]
     return ServerProcess(f"forkloop {loop}", command, port)
