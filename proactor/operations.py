@@ -95,6 +95,9 @@ if TYPE_CHECKING:
 
 _MASK32 = 0xFFFFFFFF
 _BIG_ENDIAN = sys.byteorder == "big"
+# An SQE whose fields after user_data are all zero: the same layout, the rest as padding.
+_pack_send_sqe = abi.SQE_TO_USER_DATA.pack_into
+_UNCONFIRMED_SEND_FLAGS = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT | socket.MSG_WAITALL
 
 # --- capabilities ------------------------------------------------------------------
 
@@ -195,8 +198,19 @@ class Capabilities:
 class Operations:
     """The ``prepare_*`` half of `Ring`: one method per operation, one SQE each."""
 
-    __slots__ = ()  # Ring lists the attributes
+    if not TYPE_CHECKING:  # Ring lists the attributes (hidden from mypy, as in TransportBase)
+        __slots__ = ()
     capabilities: Capabilities
+    # What prepare_send_unconfirmed writes its SQE with, itself (see Ring).
+    _sqes: memoryview
+    _sqe_position: int
+    _sqes_size: int
+    _sq_unpublished: int
+    _sq_space: int
+    _unconfirmed_pins: list[bytes]
+
+    def _make_room(self) -> None:
+        raise NotImplementedError  # Ring's: submit early when the SQ is full
 
     def _queue(
         self,
@@ -327,6 +341,47 @@ class Operations:
             return
         address, length, keep = pin_span(buffer, offset, length)
         self._queue(user_data, abi.OP_SEND, fd, address, length, flags, keep)
+
+    def prepare_send_unconfirmed(self, user_data: int, fd: int, data: bytes) -> None:
+        """Send all of ``data`` now or report why not; success posts no completion.
+
+        The SQE carries ``IOSQE_CQE_SKIP_SUCCESS`` and ``MSG_DONTWAIT |
+        MSG_WAITALL``. ``MSG_DONTWAIT`` makes the kernel try the send exactly
+        once, inline, in the ``io_uring_enter`` that consumes the SQE (a socket
+        without room fails it with ``-EAGAIN`` instead of parking it on a poll);
+        ``MSG_WAITALL`` makes a send that took only part of ``data`` a failure,
+        whose completion reports how many bytes it did send (the kernel keeps
+        that count since 6.1). So when that enter returns the kernel is done
+        with ``data``, whatever happened, and a completion exists exactly when
+        something is left to send: the ring lets go of ``data`` then, and a
+        completion for ``user_data`` is ``-EAGAIN`` (nothing sent), the count
+        sent, or ``-errno``. Several of these may share a ``user_data``, one
+        per enter. `proactor.sending` builds on this; needs
+        ``capabilities.unconfirmed_send``.
+        """
+        if type(data) is not bytes or _BYTES_AT is None:
+            raise TypeError("an unconfirmed send takes bytes")
+        if not self._sq_space:
+            self._make_room()
+        position = self._sqe_position
+        _pack_send_sqe(
+            self._sqes,
+            position,
+            abi.OP_SEND,
+            abi.IOSQE_CQE_SKIP_SUCCESS,
+            0,
+            fd,
+            0,
+            id(data) + _BYTES_AT,
+            len(data),
+            _UNCONFIRMED_SEND_FLAGS,
+            user_data,
+        )
+        position += 64  # abi.SQE_SIZE
+        self._sqe_position = 0 if position == self._sqes_size else position
+        self._sq_unpublished += 1
+        self._sq_space -= 1
+        self._unconfirmed_pins.append(data)
 
     def prepare_sendmsg(
         self,

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 from ring_support import SETUP_MODES, open_ring
 
+from forkloop.proactor import kernel as kernel_module
 from forkloop.proactor import ring as ring_module
 from forkloop.proactor.ring import Ring
 
@@ -23,7 +24,7 @@ from forkloop.proactor.ring import Ring
 def ring(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ring]:
     flags = SETUP_MODES[request.param]
     if flags is not None:
-        monkeypatch.setattr(ring_module, "_SETUP_ATTEMPTS", (flags,))
+        monkeypatch.setattr(kernel_module, "_SETUP_ATTEMPTS", (flags,))
     ring = open_ring(256)
     assert ring.setup_flags == flags or flags is None
     try:

@@ -21,7 +21,7 @@ Completion = tuple[int, int, int]
 EXPECT_NO_IO_URING = os.environ.get("FORKLOOP_EXPECT_NO_IO_URING") == "1"
 # The ring setup modes the engine tests run in: the kernel's default (DEFER_TASKRUN
 # since 6.1), COOP_TASKRUN as on 5.19, and no setup flags at all as before 5.5; the
-# older modes by narrowing the flag sets Ring tries (ring._SETUP_ATTEMPTS).
+# older modes by narrowing the flag sets Ring tries (kernel._SETUP_ATTEMPTS).
 SETUP_MODES = {
     "deferred": None,
     "cooperative": abi.SETUP_SUBMIT_ALL | abi.SETUP_COOP_TASKRUN | abi.SETUP_TASKRUN_FLAG,

@@ -23,6 +23,7 @@ from completion_support import ENGINES, connected_pair, new_loop, open_fds, run_
 
 from forkloop import proactor
 from forkloop.proactor import abi, engine
+from forkloop.proactor import kernel as kernel_module
 from forkloop.proactor import ring as ring_module
 from forkloop.proactor.emulated import EmulatedRing
 from forkloop.proactor.ring import Ring
@@ -191,7 +192,7 @@ def test_the_loop_runs_on_rings_of_older_kernels(
     flags = 0
     if setup == "cooperative":
         flags = abi.SETUP_SUBMIT_ALL | abi.SETUP_COOP_TASKRUN | abi.SETUP_TASKRUN_FLAG
-    monkeypatch.setattr(ring_module, "_SETUP_ATTEMPTS", (flags,))
+    monkeypatch.setattr(kernel_module, "_SETUP_ATTEMPTS", (flags,))
     payload = os.urandom(1024 * 1024)
 
     async def main() -> tuple[int, bool, bool]:
@@ -288,14 +289,14 @@ def test_emulated_engine_is_used_when_forced(monkeypatch: pytest.MonkeyPatch) ->
 
 def refuse_io_uring_setup(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make io_uring_setup fail with EPERM, as a seccomp profile or io_uring_disabled does."""
-    real = ring_module._syscall
+    real = kernel_module._syscall
 
     def refusing(number: int, *args: int) -> int:
         if number == abi.NR_IO_URING_SETUP:
             return -errno.EPERM
         return real(number, *args)
 
-    monkeypatch.setattr(ring_module, "_syscall", refusing)
+    monkeypatch.setattr(kernel_module, "_syscall", refusing)
 
 
 def test_auto_falls_back_to_emulated_with_a_warning_when_io_uring_setup_fails(

@@ -11,10 +11,12 @@ import threading
 import time
 
 import pytest
+from ring_support import collect, open_ring
+
 from forkloop.proactor import abi
+from forkloop.proactor import kernel as kernel_module
 from forkloop.proactor import ring as ring_module
 from forkloop.proactor.ring import Ring, RingUnavailable, Wakeup
-from ring_support import collect, open_ring
 
 NETWORK_OPCODES = {
     abi.OP_NOP,
@@ -228,14 +230,14 @@ def test_a_span_outside_the_buffer_is_refused(ring: Ring) -> None:
 def test_a_failing_setup_raises_ring_unavailable_saying_why(
     monkeypatch: pytest.MonkeyPatch, code: int, phrase: str
 ) -> None:
-    real = ring_module._syscall
+    real = kernel_module._syscall
 
     def refusing(number: int, *args: int) -> int:
         if number == abi.NR_IO_URING_SETUP:
             return -code
         return real(number, *args)
 
-    monkeypatch.setattr(ring_module, "_syscall", refusing)
+    monkeypatch.setattr(kernel_module, "_syscall", refusing)
     fds_before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(RingUnavailable, match=phrase) as raised:
         Ring(64)
@@ -247,7 +249,7 @@ def test_a_failing_setup_raises_ring_unavailable_saying_why(
 def test_setup_falls_back_to_older_flags_when_the_kernel_rejects_newer_ones(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real = ring_module._syscall
+    real = kernel_module._syscall
 
     def old_kernel(number: int, *args: int) -> int:
         if number == abi.NR_IO_URING_SETUP:
@@ -256,7 +258,7 @@ def test_setup_falls_back_to_older_flags_when_the_kernel_rejects_newer_ones(
                 return -errno.EINVAL
         return real(number, *args)
 
-    monkeypatch.setattr(ring_module, "_syscall", old_kernel)
+    monkeypatch.setattr(kernel_module, "_syscall", old_kernel)
     with open_ring(32) as ring:
         assert not ring.capabilities.deferred_task_run
         assert ring.setup_flags & abi.SETUP_CQSIZE

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 from ring_support import SETUP_MODES, collect, open_ring
 
-from forkloop.proactor import ring as ring_module
+from forkloop.proactor import kernel as kernel_module
 from forkloop.proactor.emulated import EmulatedRing
 from forkloop.proactor.ring import Ring
 
@@ -37,7 +37,7 @@ def engine(
     else:
         flags = SETUP_MODES[request.param]
         if flags is not None:
-            monkeypatch.setattr(ring_module, "_SETUP_ATTEMPTS", (flags,))
+            monkeypatch.setattr(kernel_module, "_SETUP_ATTEMPTS", (flags,))
         made = open_ring(256)
     try:
         yield made
