@@ -16,7 +16,7 @@ worker crash loop.
 What is served is a front door (`server.frontdoor`): a forkloop `App` as it
 is, or an ASGI application (Starlette, FastAPI, a bare ``async def app(scope,
 receive, send)``, an ASGI 2 class) wrapped in `server.asgi.AsgiApp` with the
-``--lifespan`` and ``--root-path`` settings.
+``--lifespan``, ``--root-path`` and ``--ws`` settings.
 
 `load_app` turns every way an import can fail into one `AppLoadError` whose
 message is one line a user can act on: which module, which file and line,
@@ -102,15 +102,19 @@ def load_app(config: Config) -> App | AsgiApp | CachedAsgiApp:
         return target  # type: ignore[no-any-return]
     from .asgi import AsgiApp
 
-    asgi_app = AsgiApp(
-        target,
-        name=config.app,
-        root_path=config.root_path,
-        lifespan=config.lifespan,
-        disconnect_grace=config.disconnect_grace,
-        proxy_headers=config.proxy_headers,
-        forwarded_allow_ips=config.forwarded_allow_ips,
-    )
+    try:
+        asgi_app = AsgiApp(
+            target,
+            name=config.app,
+            root_path=config.root_path,
+            lifespan=config.lifespan,
+            disconnect_grace=config.disconnect_grace,
+            proxy_headers=config.proxy_headers,
+            forwarded_allow_ips=config.forwarded_allow_ips,
+            websocket=config.websocket,
+        )
+    except ValueError as exc:  # --ws websockets without the library
+        raise AppLoadError(str(exc)) from None
     if not config.cache:
         return asgi_app
     from .asgi_cache import CachedAsgiApp

@@ -33,7 +33,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from . import backends
-from .config import DEFAULT_BIND, DEFAULT_METRICS_BIND, Config, Limits
+from .config import DEFAULT_BIND, DEFAULT_METRICS_BIND, Config, Limits, WebSocketSettings
 from .listeners import parse_bind
 
 ENV_PREFIX = "FORKLOOP_"
@@ -103,6 +103,7 @@ _POSITIVE_LIMITS = {
 }
 
 _D = Config(workers=1)  # the defaults (the worker count's is the CPU count, said in its help)
+_WS = WebSocketSettings()
 
 OPTIONS: tuple[Option, ...] = (
     Option("bind", list, None, f"HOST:PORT, [IPv6]:PORT or unix:PATH; repeat for several "
@@ -141,6 +142,22 @@ OPTIONS: tuple[Option, ...] = (
            "(default %(default)s)", minimum=1, metavar="BYTES"),
     Option("cache_prefix", list, None, "cache only paths under this prefix; repeat for several "
            "(default /)", metavar="PREFIX"),
+    Option("ws", str, _WS.library, "WebSockets for an ASGI app: auto (the websockets library "
+           "if installed), none (upgrades are declined: the app sees HTTP), websockets "
+           "(default auto)", choices=("auto", "none", "websockets")),
+    Option("ws_max_size", int, _WS.max_size, "largest incoming WebSocket message in bytes; a "
+           "bigger one closes the connection with 1009 (default %(default)s)", minimum=1,
+           metavar="BYTES"),
+    Option("ws_max_queue", int, _WS.max_queue, "WebSocket messages received and not yet taken "
+           "by the app; beyond it the connection stops reading (default %(default)s)",
+           minimum=1, metavar="MESSAGES"),
+    Option("ws_ping_interval", float, _WS.ping_interval, "seconds between the server's "
+           "WebSocket pings (0: none; default %(default)s)", minimum=0, metavar="SECONDS"),
+    Option("ws_ping_timeout", float, _WS.ping_timeout, "seconds a WebSocket ping waits for its "
+           "pong before the connection closes with 1011 (0: forever; default %(default)s)",
+           minimum=0, metavar="SECONDS"),
+    Option("ws_per_message_deflate", bool, _WS.per_message_deflate, "permessage-deflate "
+           "compression of WebSocket messages, with small windows (default on)"),
     Option("loop", str, _D.loop, "event loop backend; auto is uvloop if installed, else asyncio "
            "(default auto)", choices=("auto", *backends.names())),
     Option("proactor_engine", str, None, "engine of the proactor loop: io_uring, or completions "
@@ -379,6 +396,14 @@ def resolve(
         cache=value("cache"),
         cache_size=value("cache_size"),
         cache_prefixes=_prefixes(value("cache_prefix"), merged),
+        websocket=WebSocketSettings(
+            library=value("ws"),
+            max_size=value("ws_max_size"),
+            max_queue=value("ws_max_queue"),
+            ping_interval=value("ws_ping_interval"),
+            ping_timeout=value("ws_ping_timeout"),
+            per_message_deflate=value("ws_per_message_deflate"),
+        ),
         binds=_binds(merged),
         backlog=value("backlog"),
         reuse_port=value("reuse_port"),
