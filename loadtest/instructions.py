@@ -4,6 +4,8 @@
     python -m forkloop.loadtest.instructions                        # asyncio, uvloop, reactor
     python -m forkloop.loadtest.instructions --loops reactor --requests 20000
     python -m forkloop.loadtest.instructions --full        # the whole server, not the bare protocol
+    python -m forkloop.loadtest.instructions --loops uvloop --uvicorn \\
+        --app forkloop.loadtest.asgi_apps:hello            # an ASGI app, against uvicorn
 
 Each loop serves the bare httptools protocol (`loadtest.raw`), or with
 ``--full`` forkloop's whole server (one worker, no master, the demo app's
@@ -120,21 +122,46 @@ def drive(port: int, requests: int) -> None:
             connection.close()
 
 
-def server_command(loop: str, port: int, full: bool) -> list[str]:
-    if not full:
+def server_command(loop: str, port: int, full: bool, app: str | None = None) -> list[str]:
+    """The server a column counts: the bare protocol, or forkloop's whole server
+    (one process, no access log, no metrics) serving ``app`` (the demo app's ``/``)."""
+    if not full and app is None:
         return [python(), "-m", "forkloop.loadtest.raw", "--loop", loop, "--port", str(port)]
     return [
-        python(), "-m", "forkloop", "--no-master", "--loop", loop, "--bind", f"127.0.0.1:{port}",
-        "--no-access-log", "--log-level", "warning",
+        python(), "-m", "forkloop", *([app] if app else []), "--no-master", "--loop", loop,
+        "--bind", f"127.0.0.1:{port}", "--no-access-log", "--metrics-bind", "off",
+        "--log-level", "warning",
     ]  # fmt: skip
 
 
-def count(loop: str, requests: int, workdir: Path, full: bool = False) -> collections.Counter[str]:
+def uvicorn_command(app: str, port: int) -> list[str]:
+    """uvicorn as `forkloop bench` runs it: uvloop, httptools, no access log."""
+    return [
+        python(), "-m", "uvicorn", app, "--port", str(port), "--loop", "uvloop",
+        "--http", "httptools", "--no-access-log", "--log-level", "warning",
+    ]  # fmt: skip
+
+
+def count(
+    loop: str,
+    requests: int,
+    workdir: Path,
+    full: bool = False,
+    app: str | None = None,
+    peer: bool = False,
+) -> collections.Counter[str]:
+    """Instructions by function over ``requests`` requests to one server under callgrind:
+    forkloop on ``loop`` (see `server_command`), or uvicorn serving ``app`` (``peer``)."""
     port = free_port()
     dump = workdir / f"callgrind.{loop}"
+    if peer:
+        assert app is not None
+        served = uvicorn_command(app, port)
+    else:
+        served = server_command(loop, port, full, app)
     command = [
         "valgrind", "--tool=callgrind", f"--callgrind-out-file={dump}", "--dump-instr=no",
-        *server_command(loop, port, full),
+        *served,
     ]  # fmt: skip
     server = ServerProcess(f"{loop} under callgrind", command, port).start(timeout=180.0)
     try:
@@ -178,17 +205,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--full", action="store_true", help="count forkloop's whole server, not the bare protocol"
     )
+    parser.add_argument(
+        "--app",
+        help="serve this module:attribute with forkloop's whole server (an App or an ASGI app "
+        "answering GET / with Hello, World!), e.g. forkloop.loadtest.asgi_apps:hello",
+    )
+    parser.add_argument(
+        "--uvicorn", action="store_true", help="a column more: uvicorn serving --app (an ASGI app)"
+    )
     args = parser.parse_args(argv)
+    if args.uvicorn and not args.app:
+        parser.error("--uvicorn needs --app (the ASGI app it serves)")
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install valgrind")
     per_request: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="forkloop-callgrind-") as workdir:
-        for loop in args.loops.split(","):
-            costs = count(loop, args.requests, Path(workdir), args.full)
-            per_request[loop] = {g: c / args.requests for g, c in grouped(costs).items()}
-            total = sum(per_request[loop].values())
-            print(f"{loop}: {total:,.0f} instructions per request", flush=True)
+        columns = [(loop, False) for loop in args.loops.split(",")]
+        if args.uvicorn:
+            columns.append(("uvicorn", True))
+        for name, peer in columns:
+            costs = count(name, args.requests, Path(workdir), args.full, args.app, peer)
+            per_request[name] = {g: c / args.requests for g, c in grouped(costs).items()}
+            total = sum(per_request[name].values())
+            print(f"{name}: {total:,.0f} instructions per request", flush=True)
     print()
     print(table(per_request))
 
