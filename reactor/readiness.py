@@ -18,7 +18,10 @@ own.
   call at once, and only if it would block, register a retry with the poller
   and return a future that the retry resolves. A cancelled future
   unregisters the retry; a retry replaced by another operation on the same fd
-  is left alone.
+  is left alone. Each try looks the socket's method up anew (``sock.recv``,
+  not a method bound when the operation began), as stdlib asyncio does, so a
+  method replaced while the operation waits (a test double's) is the one the
+  next try calls.
 * ``sock_sendfile`` uses ``os.sendfile`` and waits for writability between
   chunks; file objects without an fd fall back to reads in the executor and
   ``sock_sendall``.
@@ -145,16 +148,13 @@ class ReadinessOperations(LoopPart):
     # socket operations -----------------------------------------------------------------
 
     def _when_ready(
-        self,
-        sock: socket.socket,
-        writable: bool,
-        operation: Callable[[*Ts], T],
-        *args: *Ts,
+        self, sock: socket.socket, writable: bool, operation: Callable[[], T]
     ) -> asyncio.Future[T]:
-        """A future for ``operation(*args)``, retried whenever ``sock`` is ready.
+        """A future for ``operation()``, retried whenever ``sock`` is ready.
 
         The operation signals "not yet" by raising BlockingIOError, as the
-        socket calls themselves do.
+        socket calls themselves do. It names the socket's method in its body
+        (``lambda: sock.recv(n)``), so every try looks the method up again.
         """
         fd = sock.fileno()
         self._ensure_fd_no_transport(fd)
@@ -167,7 +167,7 @@ class ReadinessOperations(LoopPart):
                 clear(fd, attempt)
                 return
             try:
-                result = operation(*args)
+                result = operation()
             except (BlockingIOError, InterruptedError):
                 return
             except (SystemExit, KeyboardInterrupt):
@@ -198,7 +198,7 @@ class ReadinessOperations(LoopPart):
             return sock.recv(nbytes)
         except (BlockingIOError, InterruptedError):
             pass
-        return await self._when_ready(sock, False, sock.recv, nbytes)
+        return await self._when_ready(sock, False, lambda: sock.recv(nbytes))
 
     async def sock_recv_into(self, sock: socket.socket, buf: WriteableBuffer) -> int:
         self._check_socket(sock)
@@ -206,7 +206,7 @@ class ReadinessOperations(LoopPart):
             return sock.recv_into(buf)
         except (BlockingIOError, InterruptedError):
             pass
-        return await self._when_ready(sock, False, sock.recv_into, buf)
+        return await self._when_ready(sock, False, lambda: sock.recv_into(buf))
 
     async def sock_recvfrom(self, sock: socket.socket, bufsize: int) -> tuple[bytes, SocketAddress]:
         self._check_socket(sock)
@@ -214,7 +214,7 @@ class ReadinessOperations(LoopPart):
             return sock.recvfrom(bufsize)
         except (BlockingIOError, InterruptedError):
             pass
-        return await self._when_ready(sock, False, sock.recvfrom, bufsize)
+        return await self._when_ready(sock, False, lambda: sock.recvfrom(bufsize))
 
     async def sock_recvfrom_into(
         self, sock: socket.socket, buf: WriteableBuffer, nbytes: int = 0
@@ -224,7 +224,7 @@ class ReadinessOperations(LoopPart):
             return sock.recvfrom_into(buf, nbytes)
         except (BlockingIOError, InterruptedError):
             pass
-        return await self._when_ready(sock, False, sock.recvfrom_into, buf, nbytes)
+        return await self._when_ready(sock, False, lambda: sock.recvfrom_into(buf, nbytes))
 
     async def sock_sendto(
         self, sock: socket.socket, data: ReadableBuffer, address: SocketAddress
@@ -234,7 +234,7 @@ class ReadinessOperations(LoopPart):
             return sock.sendto(data, address)
         except (BlockingIOError, InterruptedError):
             pass
-        return await self._when_ready(sock, True, sock.sendto, data, address)
+        return await self._when_ready(sock, True, lambda: sock.sendto(data, address))
 
     async def sock_sendall(self, sock: socket.socket, data: ReadableBuffer) -> None:
         self._check_socket(sock)
@@ -291,7 +291,7 @@ class ReadinessOperations(LoopPart):
         try:
             conn, address = sock.accept()
         except (BlockingIOError, InterruptedError):
-            conn, address = await self._when_ready(sock, False, sock.accept)
+            conn, address = await self._when_ready(sock, False, lambda: sock.accept())
         conn.setblocking(False)
         return conn, address
 

@@ -364,6 +364,43 @@ def test_a_single_issuer_ring_refuses_a_second_thread() -> None:
         assert collect(ring, 1) == [(2, 0, 0)], "the issuer still submits what was queued"
 
 
+def test_a_single_issuer_ring_enters_by_its_registered_fd_and_gives_the_slot_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    flags_seen: list[tuple[int, int]] = []
+    real = ring_module._enter
+
+    def recording(fd: int, to_submit: int, min_complete: int, flags: int, *rest: object) -> int:
+        flags_seen.append((fd, flags))
+        return real(fd, to_submit, min_complete, flags, *rest)
+
+    ring = open_ring(16)
+    if not ring.setup_flags & abi.SETUP_SINGLE_ISSUER:
+        ring.close()
+        pytest.skip("this kernel has no single-issuer ring (before 6.0): nothing registers")
+    monkeypatch.setattr(ring_module, "_enter", recording)
+    ring.prepare_nop(1)
+    assert collect(ring, 1) == [(1, 0, 0)]
+    assert ring.registered_ring_fd
+    assert flags_seen and all(
+        flags & abi.ENTER_REGISTERED_RING and fd != ring.fileno() for fd, flags in flags_seen
+    ), "every enter names the ring by its registered slot"
+    slot = flags_seen[0][0]
+    ring.close()
+    # The slot is free again: a new ring registered by this thread may take it.
+    with open_ring(16) as another:
+        another.prepare_nop(2)
+        assert collect(another, 1) == [(2, 0, 0)]
+        assert another._enter_fd == slot
+
+
+def test_a_ring_without_single_issuer_enters_by_its_fd() -> None:
+    with open_ring(16, single_issuer=False) as ring:
+        ring.prepare_nop(1)
+        assert collect(ring, 1) == [(1, 0, 0)]
+        assert not ring.registered_ring_fd and ring._enter_fd == ring.fileno()
+
+
 def test_a_ring_created_in_one_thread_can_be_driven_by_another() -> None:
     ring = open_ring(16)
     results: list[object] = []
