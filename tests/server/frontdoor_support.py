@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 
 from forkloop.loadtest.servers import descendants, free_port
-from tests.server.master_support import alive, wait_for
+from tests.server.master_support import alive, parent_of, stop_tree, wait_for
 
 USER_SERVER_PY = (
     'raise SystemExit("the user\'s own server.py was imported: forkloop collided with it")\n'
@@ -178,7 +178,9 @@ class Served:
             return ""
 
     def workers(self) -> set[int]:
-        return {pid for pid in descendants(self.pid)[1:] if alive(pid) and _parent(pid) == self.pid}
+        return {
+            pid for pid in descendants(self.pid)[1:] if alive(pid) and parent_of(pid) == self.pid
+        }
 
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
@@ -197,20 +199,8 @@ class Served:
             connection.close()
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        tree = descendants(self.pid)
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in tree:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        if self.process.poll() is None:
-            self.process.wait(5)
+        if self.process is not None:
+            stop_tree(self.process, signal.SIGINT)
 
 
 class InFlight:
@@ -259,11 +249,3 @@ def refused(port: int) -> bool:
 
 def wait_for_line(served: Served, text: str, timeout: float = 15) -> bool:
     return wait_for(lambda: text in served.log(), timeout)
-
-
-def _parent(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return int(stat.read().rpartition(")")[2].split()[1])
-    except OSError:
-        return -1

@@ -83,7 +83,9 @@ class MasterUnderTest:
 
     def workers(self) -> set[int]:
         """Live worker processes: the master's children (an upgraded master's excluded)."""
-        return {pid for pid in descendants(self.pid)[1:] if _parent(pid) == self.pid and alive(pid)}
+        return {
+            pid for pid in descendants(self.pid)[1:] if parent_of(pid) == self.pid and alive(pid)
+        }
 
     def ready_workers(self) -> set[int]:
         return self.workers()
@@ -109,22 +111,28 @@ class MasterUnderTest:
     def stop(self) -> None:
         if self.process is None:
             return
-        tree = descendants(self.pid)
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in tree:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        if self.process.poll() is None:
-            self.process.wait(5)
+        stop_tree(self.process, signal.SIGTERM)
         self.log.close()
 
 
-def _parent(pid: int) -> int:
+def stop_tree(process: subprocess.Popen, signum: int) -> None:
+    """Send ``signum`` to a server's master, give it 10 s, then SIGKILL whatever is
+    left of the tree it had when asked to stop."""
+    tree = descendants(process.pid)
+    if process.poll() is None:
+        process.send_signal(signum)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in tree:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    if process.poll() is None:
+        process.wait(5)
+
+
+def parent_of(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return int(stat.read().rpartition(")")[2].split()[1])

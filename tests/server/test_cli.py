@@ -12,11 +12,7 @@ import pytest
 
 from forkloop.loadtest.servers import ServerProcess, free_port, wait_until_answering
 from forkloop.server import backends
-
-
-def _parent_of(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as stat:
-        return int(stat.read().rpartition(")")[2].split()[1])
+from tests.server.master_support import parent_of
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -43,7 +39,7 @@ def test_python_dash_m_forkloop_serves_the_default_app_and_stops_on_sigterm(back
         status, body = _get(port, "/stats")
         snapshot = json.loads(body)
         assert status == 200
-        assert _parent_of(snapshot["pid"]) == server.process.pid  # a worker of this master
+        assert parent_of(snapshot["pid"]) == server.process.pid  # a worker of this master
         assert snapshot["server"]["workers"] == 2
         assert snapshot["requests"] >= 1
         assert _get(port, "/healthz") == (200, b"ok\n")

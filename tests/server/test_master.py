@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.server.master_support import LoadLoop, MasterUnderTest, _parent, alive, wait_for
+from tests.server.master_support import LoadLoop, MasterUnderTest, alive, parent_of, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -247,7 +247,7 @@ def signal_worker(pid: int, signum: int) -> None:
 def children_of(pid: int) -> set[int]:
     from forkloop.loadtest.servers import descendants
 
-    return {child for child in descendants(pid)[1:] if alive(child) and _parent(child) == pid}
+    return {child for child in descendants(pid)[1:] if alive(child) and parent_of(child) == pid}
 
 
 def wait_for_new_master(master: MasterUnderTest) -> int:
