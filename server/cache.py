@@ -33,6 +33,18 @@ response's ``Vary`` named. Then:
   ``hit_for_miss`` seconds, during which requests skip single-flight (Varnish's
   hit-for-miss) and get ``BYPASS``. Other methods get ``BYPASS`` too.
 
+Levels
+------
+This cache is a worker's first level: a hit here costs no IPC. When the
+server runs a shared tier (``--shared-cache on``: `server.shared_cache`, a
+connection to the cache process the master supervises), a miss's single
+leader in this worker asks it first: an entry another worker filled is a
+``HIT`` here (and kept locally); a key another worker is filling makes this
+worker wait for that fill, notified when it ends; otherwise this worker holds
+the server's one lease for the key, computes, and shares the result. A
+request never knows how many levels there are; the counters do
+(``shared_hits``, ``shared_coalesced``, ``takeovers``, ``fallbacks``).
+
 Freshness comes from the handler's ``Cache-Control`` (``s-maxage`` over
 ``max-age``; ``stale-while-revalidate`` and ``stale-if-error`` likewise) or
 else from the route's policy. Storage is an LRU bounded by total bytes.
@@ -61,6 +73,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
+from . import shared_cache
 from .http import Request, Response, as_response, content_type_line, encode_header
 from .singleflight import SingleFlight
 
@@ -99,6 +112,13 @@ class CacheStats:
     refreshes: int = 0
     evictions: int = 0
     lock_timeouts: int = 0
+    # the server-wide tier (server.shared_cache): hits found there, fills another
+    # worker did while this one waited, fills taken over from a worker that left or
+    # died, and fills done alone because the tier was unavailable
+    shared_hits: int = 0
+    shared_coalesced: int = 0
+    takeovers: int = 0
+    fallbacks: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -140,6 +160,13 @@ class _Variants:
     vary: tuple[str, ...] = ()
     entries: dict[tuple[str | None, ...], Entry] = field(default_factory=dict)
     uncacheable_until: float = 0.0
+
+
+@dataclass(frozen=True)
+class _FromSharedTier:
+    """A fill answered by the server-wide tier: another worker computed it."""
+
+    entry: Entry
 
 
 @dataclass(frozen=True)
@@ -220,7 +247,7 @@ class ResponseCache:
         self, url: str, request: Request, handler: Handler, policy: CachePolicy
     ) -> Response:
         if not policy.single_flight:
-            value = await self._fill(url, request, handler, policy)
+            value = await self._compute_and_store(url, request, handler, policy)
             self.stats.misses += 1
             if isinstance(value, _Uncacheable):
                 return _with_cache_status(value.response, "MISS")
@@ -252,6 +279,10 @@ class ResponseCache:
             if stale is not None:
                 return stale
             raise
+        if isinstance(result.value, _FromSharedTier):
+            self.stats.coalesced += result.coalesced
+            self.stats.hits += 1
+            return result.value.entry.response("HIT", self.clock())
         value = result.value
         if isinstance(value, _Uncacheable):
             if result.coalesced:  # never share what was not meant to be shared
@@ -270,9 +301,52 @@ class ResponseCache:
         return value.response("MISS", self.clock())
 
     async def _fill(
+        self,
+        url: str,
+        request: Request,
+        handler: Handler,
+        policy: CachePolicy,
+    ) -> Entry | _Uncacheable | _FromSharedTier:
+        """Fill the key once for the server: from the shared tier, or by running the
+        handler once and storing what it gave, if it may be stored."""
+        tier = shared_cache.current()
+        key = self._flight_key(url, request)
+        lease: shared_cache.Lease | None = None
+        if tier is not None and key[1] == ():  # entries with Vary stay local (for now)
+            got = await tier.acquire(url.encode(), policy.lock_timeout)
+            if isinstance(got, shared_cache.Hit):
+                if got.waited:
+                    self.stats.shared_coalesced += 1
+                    self.stats.coalesced += 1
+                else:
+                    self.stats.shared_hits += 1
+                self._keep(url, key[1], (), got.entry)
+                return _FromSharedTier(got.entry)
+            if isinstance(got, shared_cache.Lease):
+                lease = got
+                self.stats.takeovers += got.took_over
+            elif got is shared_cache.FALLBACK:
+                self.stats.fallbacks += 1
+        try:
+            value = await self._compute_and_store(url, request, handler, policy)
+        except Exception:
+            if lease is not None:
+                lease.fail()  # waiters elsewhere compute for themselves
+            raise
+        except BaseException:
+            if lease is not None:
+                lease.release()  # cancelled: the fill passes to a waiter elsewhere
+            raise
+        if lease is not None:
+            if isinstance(value, Entry) and _shareable(value):
+                lease.store(value)
+            else:  # not shareable (uncacheable, an error, a Vary): waiters compute alone
+                lease.fail()
+        return value
+
+    async def _compute_and_store(
         self, url: str, request: Request, handler: Handler, policy: CachePolicy
     ) -> Entry | _Uncacheable:
-        """Run the handler once and store what it gave, if it may be stored."""
         started = self.clock()
         self.stats.computations += 1
         response = await _call(handler, request)
@@ -334,13 +408,17 @@ class ResponseCache:
         )
         if "*" in vary:
             return
+        self._keep(url, _vary_key(request, vary), vary, entry)
+
+    def _keep(
+        self, url: str, key: tuple[str | None, ...], vary: tuple[str, ...], entry: Entry
+    ) -> None:
         variants = self._urls.get(url)
         if variants is None or variants.vary != vary:
             if variants is not None:
                 self._forget_url(url)
             variants = self._urls[url] = _Variants(vary)
         variants.uncacheable_until = 0.0
-        key = _vary_key(request, vary)
         old = variants.entries.get(key)
         if old is not None:
             self.size -= old.size
@@ -434,6 +512,15 @@ async def _call(handler: Handler, request: Request) -> Response:
 
 def inspect_awaitable(value: Any) -> bool:
     return hasattr(value, "__await__")
+
+
+def _shareable(entry: Entry) -> bool:
+    """Stored here, and the same for every request of its URL (no Vary, yet)."""
+    return (
+        entry.status < 500
+        and entry.size > 0
+        and not any(name.lower() == "vary" for name, _ in entry.headers)
+    )
 
 
 def _with_cache_status(response: Response, cache_status: str) -> Response:

@@ -118,6 +118,9 @@ class Config:
     cache: bool = False
     cache_size: int = 64 * 1024 * 1024  # bytes, an LRU
     cache_prefixes: tuple[str, ...] = ("/",)
+    # the server-wide cache tier: a cache process the master forks (server.cache_process)
+    shared_cache: bool = False
+    shared_cache_size: int = 64 * 1024 * 1024  # bytes, an LRU
     # ---- where
     binds: tuple[str, ...] = (DEFAULT_BIND,)
     backlog: int = 2048

@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 
 from . import backends
 from .apploader import AppLoadError
+from .cache_process import CacheProcessKeeper
 from .config import Config
 from .listeners import (
     UPGRADE_FDS_ENV,
@@ -102,6 +103,7 @@ class Supervision:
     master_pid: int
     heartbeat_interval: float
     max_requests: int  # 0: never retire
+    shared_cache: str | None = None  # the cache process's socket, when there is one
 
 
 @dataclass
@@ -174,6 +176,7 @@ class Master:
         self.upgrade_pid: int | None = None
         self.exit_code = 0
         self.failure = ""  # why the master gave up, when it did
+        self.cache_process = CacheProcessKeeper(self.config) if self.config.shared_cache else None
         self.unix_addresses = [
             address
             for address in map(parse_bind, self.config.binds)
@@ -207,6 +210,8 @@ class Master:
                 if self.stopping:
                     self._escalate_shutdown()
                 else:
+                    if self.cache_process is not None:
+                        self.cache_process.keep_running(self._close_in_child)
                     self.murder_workers()
                     self.manage_workers()
                     self.open_gate_when_ready()
@@ -216,6 +221,8 @@ class Master:
                 self._sleep(wakeup_read)
         finally:
             signal.set_wakeup_fd(-1)
+            if self.cache_process is not None:
+                self.cache_process.stop()
             self._close_listeners()
             if self.upgrade_pid is None:  # an upgraded master owns the socket files now
                 remove_unix_sockets(self.unix_addresses)
@@ -322,6 +329,8 @@ class Master:
                 signal.signal(signum, _stop_while_booting)
             for fd in (*self.wakeup_fds, self.boot_errors.read_fd):
                 os.close(fd)
+            if self.cache_process is not None:
+                self.cache_process.close_listener()
             supervision = Supervision(
                 self.scoreboard,
                 slot,
@@ -329,6 +338,7 @@ class Master:
                 os.getppid(),
                 min(1.0, self.config.worker_timeout / 2),
                 max_requests,
+                self.cache_process.path if self.cache_process is not None else None,
             )
             self.scoreboard.claim(slot, os.getpid(), generation)
             _set_process_title(f"forkloop: worker process #{slot}")
@@ -363,6 +373,8 @@ class Master:
                 return
             if pid == self.upgrade_pid:
                 self._upgrade_failed(status)
+                continue
+            if self.cache_process is not None and self.cache_process.reaped(pid, status):
                 continue
             record = self.workers.pop(pid, None)
             if record is None:
@@ -471,7 +483,17 @@ class Master:
                 "reload failed: cannot read the configuration (%s); keeping the old workers", exc
             )
             return
-        bound = ("binds", "reuse_port", "metrics_bind", "backlog", "chdir", "app_dir", "pid_file")
+        bound = (
+            "binds",
+            "reuse_port",
+            "metrics_bind",
+            "backlog",
+            "chdir",
+            "app_dir",
+            "pid_file",
+            "shared_cache",  # the cache process outlives reloads: its entries stay
+            "shared_cache_size",
+        )
         changed = [name for name in bound if getattr(config, name) != getattr(self.config, name)]
         if changed:
             log.warning(
@@ -610,6 +632,18 @@ class Master:
         record.stopping = True
         record.why = why
         self._signal_worker(record, signal.SIGQUIT)
+
+    def _close_in_child(self) -> None:
+        """In a forked child that is not a worker: the master's descriptors go."""
+        signal.set_wakeup_fd(-1)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        for fd in (*self.wakeup_fds, self.boot_errors.read_fd, self.boot_errors.write_fd):
+            os.close(fd)
+        for sock in self.sockets:
+            sock.close()
+        if self.metrics_socket is not None:
+            self.metrics_socket.close()
 
     def _signal_worker(self, record: WorkerRecord, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):

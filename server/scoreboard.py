@@ -55,6 +55,10 @@ CACHE_COUNTERS = (
     "cache_bypass",
     "cache_coalesced",
     "cache_computations",
+    "cache_shared_hits",
+    "cache_shared_coalesced",
+    "cache_takeovers",
+    "cache_fallbacks",
 )
 CANCEL_REASONS = ("disconnect", "deadline", "shutdown")
 CANCEL_COUNTERS = tuple(f"cancelled_{reason}" for reason in CANCEL_REASONS)

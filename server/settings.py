@@ -142,6 +142,11 @@ OPTIONS: tuple[Option, ...] = (
            "(default %(default)s)", minimum=1, metavar="BYTES"),
     Option("cache_prefix", list, None, "cache only paths under this prefix; repeat for several "
            "(default /)", metavar="PREFIX"),
+    Option("shared_cache", str, "off", "on: one fill per key for the whole server, and a cache "
+           "tier every worker sees, held by a cache process the master supervises (default off)",
+           choices=("on", "off")),
+    Option("shared_cache_size", int, _D.shared_cache_size, "bytes the shared cache tier may "
+           "hold, LRU (default %(default)s)", minimum=1, metavar="BYTES"),
     Option("ws", str, _WS.library, "WebSockets for an ASGI app: auto (the websockets library "
            "if installed), none (upgrades are declined: the app sees HTTP), websockets "
            "(default auto)", choices=("auto", "none", "websockets")),
@@ -396,6 +401,8 @@ def resolve(
         cache=value("cache"),
         cache_size=value("cache_size"),
         cache_prefixes=_prefixes(value("cache_prefix"), merged),
+        shared_cache=value("shared_cache") == "on",
+        shared_cache_size=value("shared_cache_size"),
         websocket=WebSocketSettings(
             library=value("ws"),
             max_size=value("ws_max_size"),

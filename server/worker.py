@@ -36,7 +36,7 @@ import signal
 import socket
 from typing import TYPE_CHECKING
 
-from . import backends
+from . import backends, shared_cache
 from .apploader import load_app
 from .config import Config
 from .listeners import bind, describe, parse_bind
@@ -44,6 +44,7 @@ from .logs import AccessLog, LoopErrorReporter
 from .metrics import MeteredFrontDoor, RequestMetrics, metrics_app
 from .scoreboard import READY, STOPPING
 from .service import HttpService, tls_context
+from .shared_cache import SharedTier
 
 if TYPE_CHECKING:
     from .frontdoor import FrontDoor
@@ -53,6 +54,7 @@ log = logging.getLogger("forkloop")
 
 STOP_SIGNALS = (signal.SIGQUIT, signal.SIGTERM, signal.SIGINT)
 GATE_POLL_SECONDS = 0.01
+MAX_SHARED_ENTRY = 8 * 1024 * 1024  # bytes: a larger response stays in the worker's cache
 
 
 def bind_all(config: Config, listen: bool = True) -> list[socket.socket]:
@@ -121,6 +123,7 @@ class Worker:
             )
         front = self.front = MeteredFrontDoor(app, config.health_path)
         service = self.service = HttpService(front, config, access_log)
+        await self._connect_shared_cache()
         await front.startup()  # an ASGI lifespan: part of booting, before the worker is ready
         supervision = self.supervision
         if supervision is not None:
@@ -135,6 +138,17 @@ class Worker:
         finally:
             for signum in (*STOP_SIGNALS, signal.SIGUSR1):
                 loop.remove_signal_handler(signum)
+
+    async def _connect_shared_cache(self) -> None:
+        """The server-wide cache tier, when the master runs a cache process: connected at
+        boot; if it cannot be reached, this worker fills alone until it can."""
+        path = self.supervision.shared_cache if self.supervision is not None else None
+        if path is None:
+            return
+        max_entry = max(1, min(self.config.shared_cache_size // 8, MAX_SHARED_ENTRY))
+        tier = SharedTier(path, max_entry)
+        shared_cache.install(tier)
+        await tier.connect()
 
     async def _start_serving(self, service: HttpService, backend_name: str) -> None:
         if not self.sockets:  # --reuse-port: each worker binds its own

@@ -1,0 +1,351 @@
+"""The cache process: the server-wide cache tier and its one-fill-per-key leases.
+
+The master forks it before the first worker (as nginx forks its cache
+manager) and restarts it when it dies; it outlives reloads (HUP), so new
+workers see the old workers' entries. It serves no HTTP. It listens on a Unix
+socket; every worker keeps one connection to it (`server.shared_cache` is the
+worker's side and defines the wire format).
+
+State, and who owns it
+----------------------
+- ``entries``: an LRU of encoded entries bounded by ``max_bytes`` in total (the
+  key and a fixed overhead counted with each), each with the time it stops being
+  fresh. The process never decodes an entry: it stores bytes and one number.
+- ``flights``: for each key being filled, the *holder* (the connection and
+  request id that owns the lease) and the *waiters* (connection, request id),
+  in arrival order.
+
+Rules
+-----
+1. GET of a fresh entry: ``HIT`` at once. Of a key being filled: ``WAIT`` at
+   once (so the worker knows the process is alive), then one push later. Else
+   the asker becomes the holder: ``FILL``.
+2. STORE by the holder: the entry is kept (if it fits) and every waiter gets
+   ``HIT`` with it, in the same step; the flight ends. A STORE from anyone else
+   only keeps the entry.
+3. FAIL by the holder: every waiter gets ``ALONE`` (computes for itself: an
+   exception or an unshareable answer is not shared); the flight ends.
+4. RELEASE by the holder (its requests left), or the holder's connection
+   closing (the worker exited or was killed): the lease passes at once to the
+   first waiter (``FILL``); with no waiter the flight ends. RELEASE by a waiter
+   removes it; a closing connection removes all of its waiters.
+5. Nothing here waits on a worker: every step is a reaction to one frame or
+   one closed connection, and every answer is written before the next frame is
+   read. A slow or stopped worker delays nobody but itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import tempfile
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .shared_cache import (
+    ALONE_ANSWER,
+    EXPIRY,
+    FAIL,
+    FILL,
+    GET,
+    HIT,
+    RELEASE,
+    STORE,
+    WAIT,
+    frame,
+    parse_frames,
+)
+
+if TYPE_CHECKING:
+    from .config import Config
+
+log = logging.getLogger("forkloop.cache")
+
+ENTRY_OVERHEAD = 128  # bytes counted per entry beyond its key and encoded value
+
+
+@dataclass
+class _Flight:
+    holder: tuple[_Connection, int]
+    waiters: deque[tuple[_Connection, int]] = field(default_factory=deque)
+
+
+@dataclass
+class StoreStats:
+    hits: int = 0
+    fills: int = 0
+    waits: int = 0
+    takeovers: int = 0
+    stores: int = 0
+    evictions: int = 0
+    too_big: int = 0
+
+
+class SharedStore:
+    """Entries and flights: everything the cache process knows, with no I/O."""
+
+    def __init__(self, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self.size = 0
+        self.entries: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
+        self.flights: dict[bytes, _Flight] = {}
+        self.stats = StoreStats()
+
+    def get(self, connection: _Connection, request_id: int, key: bytes) -> None:
+        stored = self.entries.get(key)
+        if stored is not None:
+            fresh_until, blob = stored
+            if self.clock() < fresh_until:
+                self.entries.move_to_end(key)
+                self.stats.hits += 1
+                connection.send(HIT, request_id, blob)
+                return
+        flight = self.flights.get(key)
+        if flight is not None:
+            flight.waiters.append((connection, request_id))
+            self.stats.waits += 1
+            connection.send(WAIT, request_id)
+            return
+        self.flights[key] = _Flight((connection, request_id))
+        self.stats.fills += 1
+        connection.send(FILL, request_id)
+
+    def store(self, connection: _Connection, request_id: int, key: bytes, blob: bytes) -> None:
+        self._keep(key, blob)
+        flight = self.flights.get(key)
+        if flight is not None and flight.holder == (connection, request_id):
+            del self.flights[key]
+            for waiter, waiter_id in flight.waiters:
+                waiter.send(HIT, waiter_id, blob)
+
+    def fail(self, connection: _Connection, request_id: int, key: bytes) -> None:
+        flight = self.flights.get(key)
+        if flight is not None and flight.holder == (connection, request_id):
+            del self.flights[key]
+            for waiter, waiter_id in flight.waiters:
+                waiter.send(ALONE_ANSWER, waiter_id)
+
+    def release(self, connection: _Connection, request_id: int, key: bytes) -> None:
+        flight = self.flights.get(key)
+        if flight is None:
+            return
+        if flight.holder == (connection, request_id):
+            self._pass_lease(key, flight)
+        else:
+            with contextlib.suppress(ValueError):
+                flight.waiters.remove((connection, request_id))
+
+    def forget_connection(self, connection: _Connection) -> None:
+        """A worker's connection closed: its waiters leave, its leases pass on."""
+        for key, flight in list(self.flights.items()):
+            flight.waiters = deque(w for w in flight.waiters if w[0] is not connection)
+            if flight.holder[0] is connection:
+                self._pass_lease(key, flight)
+
+    def _pass_lease(self, key: bytes, flight: _Flight) -> None:
+        if not flight.waiters:
+            del self.flights[key]
+            return
+        flight.holder = flight.waiters.popleft()
+        self.stats.takeovers += 1
+        connection, request_id = flight.holder
+        connection.send(FILL, request_id)
+
+    def _keep(self, key: bytes, blob: bytes) -> None:
+        size = len(key) + len(blob) + ENTRY_OVERHEAD
+        if size > self.max_bytes:
+            self.stats.too_big += 1
+            return
+        (fresh_until,) = EXPIRY.unpack_from(blob)
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.size -= len(key) + len(old[1]) + ENTRY_OVERHEAD
+        self.entries[key] = (fresh_until, blob)
+        self.size += size
+        self.stats.stores += 1
+        while self.size > self.max_bytes:
+            oldest, (_, oldest_blob) = self.entries.popitem(last=False)
+            self.size -= len(oldest) + len(oldest_blob) + ENTRY_OVERHEAD
+            self.stats.evictions += 1
+
+
+class _Connection(asyncio.Protocol):
+    """One worker's connection."""
+
+    def __init__(self, store: SharedStore) -> None:
+        self.store = store
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def send(self, operation: int, request_id: int, payload: bytes = b"") -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame(operation, request_id, b"", payload))
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        try:
+            frames = parse_frames(self.buffer)
+        except ValueError as exc:
+            log.error("cache process: closing a worker's connection: %s", exc)
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        store = self.store
+        for operation, request_id, key, payload in frames:
+            if operation == GET:
+                store.get(self, request_id, key)
+            elif operation == STORE:
+                store.store(self, request_id, key, payload)
+            elif operation == FAIL:
+                store.fail(self, request_id, key)
+            elif operation == RELEASE:
+                store.release(self, request_id, key)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.store.forget_connection(self)
+
+
+RESTART_DELAY = 0.1  # seconds before restarting a cache process that died; doubles, up to 5
+
+
+class CacheProcessKeeper:
+    """The master's side: bind the socket once, fork the cache process, restart it.
+
+    The master binds and keeps the listening socket, so it outlives every cache
+    process: a worker that connects while the cache process is being restarted
+    waits in the listen queue rather than being refused, and a reload (HUP)
+    keeps the process, and so its entries."""
+
+    def __init__(self, config: Config) -> None:
+        self.max_bytes = config.shared_cache_size
+        self.directory = tempfile.mkdtemp(prefix="forkloop-cache-")
+        self.path = os.path.join(self.directory, "cache.sock")
+        self.listener: socket.socket | None = listen(self.path)
+        self.pid: int | None = None
+        self.started = 0.0
+        self.next_start = 0.0
+        self.failures = 0
+
+    def keep_running(self, close_in_child: Callable[[], None]) -> None:
+        """Start the cache process if it is not running (and its back-off allows)."""
+        if self.pid is not None or self.listener is None or time.monotonic() < self.next_start:
+            return
+        self.started = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                close_in_child()
+                code = run(self.listener, self.max_bytes)
+            except BaseException:  # noqa: BLE001 - never return into the master's loop
+                log.exception("cache process %d failed", os.getpid())
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.pid = pid
+
+    def reaped(self, pid: int, status: int) -> bool:
+        """True when ``pid`` was the cache process (which the next turn restarts)."""
+        if pid != self.pid:
+            return False
+        self.pid = None
+        code = os.waitstatus_to_exitcode(status)
+        how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        if self.listener is None:
+            return True  # stopping
+        lived = time.monotonic() - self.started
+        self.failures = 0 if lived > 10 else self.failures + 1
+        delay = min(RESTART_DELAY * 2 ** max(self.failures - 1, 0), 5.0) if self.failures else 0
+        self.next_start = time.monotonic() + delay
+        log.warning(
+            "cache process %d died unexpectedly (%s); restarting it%s",
+            pid,
+            how,
+            f" in {delay:.1f}s" if delay else "",
+        )
+        return True
+
+    def close_listener(self) -> None:
+        """In a worker: the listening socket is the cache process's, not the worker's."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+    def stop(self) -> None:
+        """Stop the cache process (bounded wait) and remove its socket."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        pid, self.pid = self.pid, None
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                with contextlib.suppress(ChildProcessError):
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        break
+                time.sleep(0.01)
+            else:
+                with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.directory)
+
+
+def listen(path: str) -> socket.socket:
+    """The cache process's socket, bound by the master (so workers can connect at once)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(1024)
+    return sock
+
+
+async def serve(sock: socket.socket, max_bytes: int) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    store = SharedStore(max_bytes)
+    server = await loop.create_unix_server(lambda: _Connection(store), sock=sock)
+    log.info("cache process %d serving the shared cache (%d bytes)", os.getpid(), max_bytes)
+    await stop.wait()
+    server.close()
+    log.info("cache process %d stopped", os.getpid())
+
+
+def run(sock: socket.socket, max_bytes: int) -> int:
+    """The cache process's life, in the child the master forked."""
+    _exit_with_parent()
+    asyncio.run(serve(sock, max_bytes))
+    return 0
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _exit_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass

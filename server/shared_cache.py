@@ -1,0 +1,357 @@
+"""The server-wide cache tier, worker side: one fill per key for the whole server.
+
+Each worker's `ResponseCache` is the first level (a hit there costs no IPC and
+no system call). Behind it, this module is the second: a connection from the
+worker to the cache process (`server.cache_process`), which the master forks
+and supervises, over a Unix socket. The response cache never knows how many
+levels there are: when its own single-flight leader has to fill a key, it
+asks `current()` for the tier and calls `SharedTier.acquire`, which says one of
+
+- ``Hit(entry)``: another worker filled the key (now or earlier): serve it,
+  keep a local copy; no computation here;
+- ``Lease``: this worker owns the fill for the whole server. It computes and
+  then calls exactly one of `Lease.store` (the result is shareable), or
+  `Lease.fail` (it raised, or is not to be shared: waiters elsewhere compute for
+  themselves), or leaves (cancellation: `Lease.release`, the fill passes to a
+  waiter in another worker);
+- ``ALONE``: compute here, under this worker's own single-flight (the tier is
+  unreachable or hung, or the fill elsewhere failed).
+
+Invariants
+----------
+1. Per worker, at most one request per key is in flight to the cache process:
+   the local single-flight group is in front, so the cache process counts
+   workers, not requests, and a worker's local followers are served by its
+   leader's result.
+2. Who owns a fill: the cache process grants one lease per key; the lease
+   belongs to the worker's *connection*. A waiter learns of the result by a push
+   on its connection (the answer to its GET, delayed): nothing polls.
+3. A worker killed mid-fill closes its connection (the kernel does it, even
+   on ``kill -9``); the cache process then grants the lease to the next waiter
+   at once. There is no lock age to wait out: the owner is known dead.
+4. The tier never makes a request fail. Every GET is acknowledged (``WAIT``,
+   or its answer) within `ACK_TIMEOUT`; no acknowledgement, a closed or refused
+   connection: the tier is *unavailable*; it says so in one logged error,
+   answers ``ALONE`` to everything (per-worker single-flight, as without the
+   tier), and tries to reconnect at most every `RECONNECT_INTERVAL` (the master
+   restarts a cache process that died). A waiter waits at most the route's
+   ``lock_timeout`` for a fill elsewhere, then computes alone.
+5. Freshness comes with the entry: the cache process serves only entries still
+   fresh (``CLOCK_MONOTONIC`` is one clock for every process of the machine), so
+   a stale local entry's refresh is itself one fill per server.
+
+Wire format (both ways): ``!IBI`` = length of what follows the length, an
+operation, a request id; then for operations on a key, ``!H`` key length, the
+key, and the payload. An entry travels as ``!I`` metadata length, JSON
+metadata, then the body.
+
+Not yet: entries whose response has ``Vary`` stay local (their waiters
+elsewhere compute alone), and so do hit-for-miss marks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .cache import Entry
+
+log = logging.getLogger("forkloop.cache")
+
+HEADER = struct.Struct("!IBI")  # length of the rest, operation, request id
+KEY_LENGTH = struct.Struct("!H")
+META_LENGTH = struct.Struct("!I")
+EXPIRY = struct.Struct("!d")
+MAX_FRAME = 64 * 1024 * 1024
+
+# worker -> cache process
+GET, STORE, FAIL, RELEASE = 1, 2, 3, 4
+# cache process -> worker
+HIT, FILL, WAIT, ALONE_ANSWER = 10, 11, 12, 13
+
+ACK_TIMEOUT = 1.0  # seconds a GET may go unacknowledged before the tier counts as hung
+RECONNECT_INTERVAL = 0.25
+
+
+def frame(operation: int, request_id: int, key: bytes = b"", payload: bytes = b"") -> bytes:
+    body = KEY_LENGTH.pack(len(key)) + key + payload if key or payload else b""
+    return HEADER.pack(HEADER.size - 4 + len(body), operation, request_id) + body
+
+
+def parse_frames(buffer: bytearray) -> list[tuple[int, int, bytes, bytes]]:
+    """Cut every whole frame off the front of ``buffer``: (operation, id, key, payload)."""
+    frames = []
+    while len(buffer) >= HEADER.size:
+        length, operation, request_id = HEADER.unpack_from(buffer)
+        if length > MAX_FRAME:
+            raise ValueError(f"a frame of {length} bytes is larger than {MAX_FRAME}")
+        end = 4 + length
+        if len(buffer) < end:
+            break
+        key = payload = b""
+        if end > HEADER.size:
+            (key_length,) = KEY_LENGTH.unpack_from(buffer, HEADER.size)
+            start = HEADER.size + KEY_LENGTH.size
+            key = bytes(buffer[start : start + key_length])
+            payload = bytes(buffer[start + key_length : end])
+        del buffer[:end]
+        frames.append((operation, request_id, key, payload))
+    return frames
+
+
+def encode_entry(entry: Entry) -> bytes:
+    meta = json.dumps(
+        [
+            entry.status,
+            entry.headers,
+            entry.content_type,
+            entry.stored_at,
+            entry.fresh_until,
+            entry.stale_while_revalidate_until,
+            entry.stale_if_error_until,
+            entry.compute_seconds,
+        ]
+    ).encode()
+    return EXPIRY.pack(entry.fresh_until) + META_LENGTH.pack(len(meta)) + meta + entry.body
+
+
+def decode_entry(blob: bytes) -> Entry:
+    from .cache import Entry
+
+    (length,) = META_LENGTH.unpack_from(blob, EXPIRY.size)
+    start = EXPIRY.size + META_LENGTH.size
+    status, headers, content_type, stored, fresh, swr, sie, took = json.loads(
+        blob[start : start + length]
+    )
+    body = blob[start + length :]
+    return Entry(
+        status, [tuple(h) for h in headers], content_type, body, stored, fresh, swr, sie, took
+    )
+
+
+@dataclass(frozen=True)
+class Hit:
+    entry: Entry
+    waited: bool  # the key was being filled by another worker: this request was coalesced
+
+
+class _Alone:
+    """Compute in this worker: ALONE (the fill elsewhere failed, or waiting for it
+    took longer than the route's lock timeout) or FALLBACK (the tier is unavailable)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+ALONE = _Alone("ALONE")
+FALLBACK = _Alone("FALLBACK")
+
+
+@dataclass
+class SharedStats:
+    shared_hits: int = 0  # GETs answered with an entry at once
+    shared_coalesced: int = 0  # GETs that waited for another worker's fill and got its entry
+    shared_fills: int = 0  # leases granted to this worker
+    shared_takeovers: int = 0  # leases granted after waiting: a filler elsewhere left or died
+    shared_fallbacks: int = 0  # GETs answered ALONE because the tier was unavailable
+    shared_alone: int = 0  # GETs answered ALONE because the fill elsewhere failed
+    shared_unavailable: int = 0  # times the tier was found unavailable
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class Lease:
+    """This worker owns the fill of ``key`` for the server: end it exactly once."""
+
+    def __init__(self, tier: SharedTier, key: bytes, request_id: int, took_over: bool) -> None:
+        self.tier = tier
+        self.key = key
+        self.request_id = request_id
+        self.took_over = took_over
+        self.ended = False
+
+    def store(self, entry: Entry) -> None:
+        blob = encode_entry(entry)
+        if len(blob) > self.tier.max_entry_bytes:
+            self.fail()  # too big to share: it stays in this worker's cache
+            return
+        self._end(STORE, blob)
+
+    def fail(self) -> None:
+        self._end(FAIL)
+
+    def release(self) -> None:
+        self._end(RELEASE)
+
+    def _end(self, operation: int, payload: bytes = b"") -> None:
+        if not self.ended:
+            self.ended = True
+            self.tier.send(operation, self.request_id, self.key, payload)
+
+
+class _Client(asyncio.Protocol):
+    def __init__(self, tier: SharedTier) -> None:
+        self.tier = tier
+        self.buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        try:
+            frames = parse_frames(self.buffer)
+        except ValueError as exc:
+            self.tier.unavailable(f"the cache process sent a bad frame ({exc})")
+            return
+        for operation, request_id, _key, payload in frames:
+            self.tier.answer(request_id, operation, payload)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.tier.unavailable("the connection to the cache process closed")
+
+
+class SharedTier:
+    """This worker's connection to the cache process (the server-wide level)."""
+
+    def __init__(
+        self, path: str, max_entry_bytes: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.path = path
+        self.max_entry_bytes = max_entry_bytes
+        self.clock = clock
+        self.stats = SharedStats()
+        self.transport: asyncio.Transport | None = None
+        self._answers: dict[int, asyncio.Queue[tuple[int, bytes]]] = {}
+        self._next_id = 1
+        self._last_attempt = -RECONNECT_INTERVAL
+        self._connecting: asyncio.Task[bool] | None = None
+        self._reported = False  # one logged error per outage
+
+    async def connect(self) -> bool:
+        self._last_attempt = self.clock()
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_unix_connection(lambda: _Client(self), self.path)
+        except OSError as exc:
+            self.unavailable(f"cannot connect to the cache process at {self.path} ({exc})")
+            return False
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self._reported:
+            log.info("worker reconnected to the shared cache at %s", self.path)
+        self._reported = False
+        return True
+
+    @property
+    def available(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def unavailable(self, why: str) -> None:
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            transport.abort()
+        for answers in self._answers.values():
+            answers.put_nowait((ALONE_ANSWER, b""))
+        if not self._reported:
+            self._reported = True
+            self.stats.shared_unavailable += 1
+            log.error("shared cache unavailable: %s; each worker fills for itself meanwhile", why)
+
+    def send(self, operation: int, request_id: int, key: bytes, payload: bytes = b"") -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame(operation, request_id, key, payload))
+
+    def answer(self, request_id: int, operation: int, payload: bytes) -> None:
+        answers = self._answers.get(request_id)
+        if answers is not None:
+            answers.put_nowait((operation, payload))
+
+    def _reconnect_soon(self) -> None:
+        if self._connecting is None and self.clock() - self._last_attempt >= RECONNECT_INTERVAL:
+            self._last_attempt = self.clock()
+            task = asyncio.get_running_loop().create_task(self.connect())
+            self._connecting = task
+            task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[Any]) -> None:
+        self._connecting = None
+
+    async def acquire(self, key: bytes, wait_timeout: float) -> Hit | Lease | _Alone:
+        """Ask the server-wide tier for ``key``: its entry, the fill's lease, or ALONE."""
+        if not self.available:
+            self._reconnect_soon()
+            self.stats.shared_fallbacks += 1
+            return FALLBACK
+        request_id = self._next_id
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
+        answers: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        self._answers[request_id] = answers
+        waited = False
+        granted = False
+        try:
+            self.send(GET, request_id, key)
+            try:
+                async with asyncio.timeout(ACK_TIMEOUT):
+                    operation, payload = await answers.get()
+            except TimeoutError:
+                self.unavailable(f"the cache process did not answer within {ACK_TIMEOUT}s")
+                self.stats.shared_fallbacks += 1
+                return FALLBACK
+            if operation == WAIT:
+                waited = True
+                try:
+                    async with asyncio.timeout(wait_timeout or None):
+                        operation, payload = await answers.get()
+                except TimeoutError:
+                    self.stats.shared_alone += 1
+                    return ALONE
+            if operation == HIT:
+                if waited:
+                    self.stats.shared_coalesced += 1
+                else:
+                    self.stats.shared_hits += 1
+                return Hit(decode_entry(payload), waited)
+            if operation == FILL:
+                granted = True
+                self.stats.shared_fills += 1
+                if waited:
+                    self.stats.shared_takeovers += 1
+                return Lease(self, key, request_id, waited)
+            if self.available:
+                self.stats.shared_alone += 1
+                return ALONE
+            self.stats.shared_fallbacks += 1
+            return FALLBACK
+        finally:
+            del self._answers[request_id]
+            if waited and not granted:
+                # gone before an answer (cancelled, timed out): not a waiter any more; a
+                # lease granted meanwhile passes on (the cache process ignores a stray one)
+                self.send(RELEASE, request_id, key)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+
+_tier: SharedTier | None = None
+
+
+def install(tier: SharedTier | None) -> None:
+    """Make ``tier`` this process's server-wide level (the worker does, at boot)."""
+    global _tier
+    _tier = tier
+
+
+def current() -> SharedTier | None:
+    return _tier
