@@ -212,6 +212,7 @@ class ProvidedBuffers:
         self._arena_address = address_of_mapping(self._arena)
         self._lent = bytearray(count)  # 1 while the application holds the buffer
         self._slot_buffer = [-1] * count  # which buffer's entry each ring slot holds now
+        self._in_id_order = True  # slot i holds buffer i, as bundles need (see _write_entry)
         self._lent_count = 0
         self._tail = 0
         for buffer_id in range(count):
@@ -259,15 +260,38 @@ class ProvidedBuffers:
         slot this buffer was taken from, which still holds its entry (see
         `_write_entry` for when entries must be rewritten).
         """
-        if self._lent_count:
-            return self._consume_while_lent(cqe_flags, length)
-        start = (cqe_flags >> _BUFFER_SHIFT) * self.size
+        size = self.size
+        if self._lent_count or length > size:
+            return self._consume_bundle_or_lent(cqe_flags, length)
+        start = (cqe_flags >> _BUFFER_SHIFT) * size
         tail = self._tail + 1
         if tail == 0x10000:
             tail = 0
         self._tail = tail
         self._tail_word[0] = tail  # the release store: the entry is in place already
         return self._arena[start : start + length]
+
+    def _consume_bundle_or_lent(self, cqe_flags: int, length: int) -> bytes:
+        if self._lent_count or not self._in_id_order:
+            if length > self.size:
+                raise RuntimeError(
+                    "a bundle of buffers arrived while the ring holds them out of id order; "
+                    "take() and recycle() do not mix with bundles"
+                )
+            return self._consume_while_lent(cqe_flags, length)
+        # A bundle: the buffers after the one named are the next ones in ring order,
+        # which while nothing is lent are the next buffer ids, so the bytes lie one after
+        # another in the arena (in two pieces if they run past its end).
+        start = (cqe_flags >> _BUFFER_SHIFT) * self.size
+        end = start + length
+        arena_size = self.count * self.size
+        if end <= arena_size:
+            data = self._arena[start:end]
+        else:
+            data = self._arena[start:arena_size] + self._arena[: end - arena_size]
+        self._tail = tail = (self._tail - (-length // self.size)) & 0xFFFF  # ceil(length/size)
+        self._tail_word[0] = tail
+        return data
 
     def _consume_while_lent(self, cqe_flags: int, length: int) -> bytes:
         """`consume` while the application holds buffers: publish this one's entry now."""
@@ -326,6 +350,8 @@ class ProvidedBuffers:
             buffer_id,
         )
         self._slot_buffer[slot] = buffer_id
+        if slot != buffer_id:
+            self._in_id_order = False
 
     def close(self) -> None:
         """Unregister the group, then free its memory (views still held keep the arena alive)."""

@@ -456,7 +456,14 @@ class EmulatedRing:
     prepare_read = prepare_recv
 
     def prepare_recv_provided(
-        self, user_data: int, fd: int, group_id: int, *, multishot: bool = True, flags: int = 0
+        self,
+        user_data: int,
+        fd: int,
+        group_id: int,
+        *,
+        multishot: bool = True,
+        bundle: bool = False,
+        flags: int = 0,
     ) -> None:
         buffers = self._buffer_groups[group_id]
         self._queue(_ReceiveProvided(self, user_data, fd, buffers, multishot))

@@ -102,6 +102,8 @@ from ..reactor.subprocesses import Subprocesses
 from . import abi
 from .abi import Completion
 from .engine import (
+    BUNDLE_BUFFER_COUNT,
+    BUNDLE_BUFFER_SIZE,
     RECEIVE_BUFFER_COUNT,
     RECEIVE_BUFFER_GROUP,
     RECEIVE_BUFFER_SIZE,
@@ -164,6 +166,7 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, Datagrams):
         self._acceptors: dict[int, Acceptor] = {}
         self._receive_buffers: ReceiveBuffers | None = None
         self._multishot_recv = False
+        self._receive_bundles = False
         self._poller = PollWatches(self)
         try:
             self._choose_receive_mode()
@@ -175,13 +178,18 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, Datagrams):
         logger.debug("%s", ring.capabilities.describe())
 
     def _choose_receive_mode(self) -> None:
-        """Provided buffers (multishot recv where the kernel has it), else a buffer per transport."""
+        """Provided buffers (multishot recv where the kernel has it, in bundles where it has
+        those), else a buffer per transport. `proactor.engine` explains the sizes."""
         capabilities = self._ring.capabilities
         if capabilities.buffer_rings:
-            self._receive_buffers = self._ring.provide_buffers(
-                RECEIVE_BUFFER_COUNT, RECEIVE_BUFFER_SIZE, RECEIVE_BUFFER_GROUP
-            )
             self._multishot_recv = capabilities.multishot_recv
+            self._receive_bundles = capabilities.multishot_recv and capabilities.receive_bundles
+            count, size = (
+                (BUNDLE_BUFFER_COUNT, BUNDLE_BUFFER_SIZE)
+                if self._receive_bundles
+                else (RECEIVE_BUFFER_COUNT, RECEIVE_BUFFER_SIZE)
+            )
+            self._receive_buffers = self._ring.provide_buffers(count, size, RECEIVE_BUFFER_GROUP)
 
     @property
     def _accept_wakes_one(self) -> bool:

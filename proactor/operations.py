@@ -276,19 +276,33 @@ class Operations:
         self._queue(user_data, abi.OP_RECV, fd, address, length, flags, keep)
 
     def prepare_recv_provided(
-        self, user_data: int, fd: int, group_id: int, *, multishot: bool = True, flags: int = 0
+        self,
+        user_data: int,
+        fd: int,
+        group_id: int,
+        *,
+        multishot: bool = True,
+        bundle: bool = False,
+        flags: int = 0,
     ) -> None:
         """Receive into a buffer the kernel picks from group ``group_id`` (see `ProvidedBuffers`).
 
         Multishot (6.0) keeps posting CQEs with ``IORING_CQE_F_MORE``; it ends
         with ``-ENOBUFS`` when the group runs dry, ``0`` at end of stream, or an
         error. Each CQE with ``IORING_CQE_F_BUFFER`` names a buffer to recycle.
+        With ``bundle`` (6.10) one CQE may fill several buffers: the one it
+        names and those after it in ring order, all full but the last; ``res``
+        counts the bytes of all of them.
         """
         ioprio = 0
         if multishot:
             if not self.capabilities.multishot_recv:
                 raise _unsupported("multishot recv needs kernel 6.0; arm one recv at a time")
             ioprio = abi.RECV_MULTISHOT
+        if bundle:
+            if not self.capabilities.receive_bundles:
+                raise _unsupported("recv bundles need kernel 6.10; receive a buffer per CQE")
+            ioprio |= abi.RECVSEND_BUNDLE
         self._queue(
             user_data,
             abi.OP_RECV,

@@ -9,9 +9,9 @@ dispatch.
 Reading
 -------
 While the transport reads, one receive is armed. With provided buffers (one
-group per loop, `proactor.engine.RECEIVE_BUFFER_COUNT` buffers) it is a
-multishot recv: it stays armed across completions, each carrying a buffer the
-kernel filled, whose bytes are copied out (``consume``) and handed to
+group per loop, sized in `proactor.engine`) it is a multishot recv: it stays
+armed across completions, each carrying a buffer the kernel filled (or, with
+bundles, several in a row), whose bytes are copied out (``consume``) and handed to
 ``data_received`` (or copied into ``get_buffer()`` for a BufferedProtocol).
 The buffer goes back to the kernel in the same breath. The recv ends, and is
 re-armed if the transport still reads, when a completion comes without
@@ -95,7 +95,7 @@ class StreamTransport(Sending, asyncio.Transport):
     # with more than 30 attributes in their dict, and these are read on every completion.
     __slots__ = (
         *("_loop", "_ring", "_handlers", "_new_user_data", "_buffers", "_consume"),
-        *("_multishot", "_sock", "_fd", "_protocol", "_protocol_connected"),
+        *("_multishot", "_bundles", "_sock", "_fd", "_protocol", "_protocol_connected"),
         *("_buffered_protocol", "_server", "_recv_user_data", "_recv_cancelled"),
         *("_own_buffer", "_reading_paused", "_eof", "_held", "_flush_scheduled"),
         *("_send_user_data", "_sent_handler", "_sending", "_send_remaining"),
@@ -125,6 +125,7 @@ class StreamTransport(Sending, asyncio.Transport):
             _no_provided_buffers if self._buffers is None else self._buffers.consume
         )
         self._multishot = loop._multishot_recv
+        self._bundles = loop._receive_bundles
         self._sock = sock
         self._fd = sock.fileno()
         shown = TransportSocket(sock)  # as in asyncio: no close() under the ring's feet
@@ -235,7 +236,11 @@ class StreamTransport(Sending, asyncio.Transport):
         buffers = self._buffers
         if buffers is not None:
             self._ring.prepare_recv_provided(
-                user_data, self._fd, buffers.group_id, multishot=self._multishot
+                user_data,
+                self._fd,
+                buffers.group_id,
+                multishot=self._multishot,
+                bundle=self._bundles,
             )
         else:
             if self._own_buffer is None:

@@ -78,15 +78,18 @@ def record_results(monkeypatch: pytest.MonkeyPatch, method: str) -> list[tuple[A
     return calls
 
 
-RECEIVE_MODES = ["multishot", "single-shot provided", "own buffer"]
+RECEIVE_MODES = ["bundles", "multishot", "single-shot provided", "own buffer"]
 
 
 def force_receive_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """Make new loops receive as ``mode`` says (``bundles`` where the kernel has them)."""
     real = loop_module.EventLoop._choose_receive_mode
 
     def choose(self: proactor.EventLoop) -> None:
         if mode == "own buffer":
             return
+        if mode != "bundles":
+            monkeypatch.setattr(type(self._ring.capabilities), "receive_bundles", False)
         real(self)
         if mode == "single-shot provided":
             self._multishot_recv = False

@@ -8,10 +8,11 @@ import os
 import socket
 
 import pytest
+from ring_support import collect, open_ring, run_until
+
 from forkloop.proactor import abi
 from forkloop.proactor.buffers import Pinned, pin
 from forkloop.proactor.ring import Ring
-from ring_support import collect, open_ring, run_until
 
 MORE = abi.CQE_F_MORE
 HAS_BUFFER = abi.CQE_F_BUFFER
@@ -221,3 +222,32 @@ def test_a_pinned_buffer_is_reused_for_every_receive(
     assert collect(ring, 1) == [(2, 4, 0)]
     client.settimeout(5)
     assert client.recv(16) == b"ello"
+
+
+def test_a_bundle_fills_several_buffers_with_one_completion(
+    ring: Ring, connection: tuple[socket.socket, socket.socket]
+) -> None:
+    if not ring.capabilities.receive_bundles:
+        pytest.skip("this kernel has no recv bundles (before 6.10)")
+    client, server = connection
+    buffers = ring.provide_buffers(count=8, size=64)  # the arena wraps every 512 bytes
+    payload = os.urandom(64 * 1024)
+    received = bytearray()
+    sizes: list[int] = []
+    ring.prepare_recv_provided(1, server.fileno(), buffers.group_id, bundle=True)
+
+    def on_completion(completion: tuple[int, int, int]) -> None:
+        _, result, flags = completion
+        if flags & HAS_BUFFER:
+            sizes.append(result)
+            received.extend(buffers.consume(flags, result))
+        if not flags & MORE:
+            assert result in (-errno.ENOBUFS, 0) or result > 0, completion
+            ring.prepare_recv_provided(1, server.fileno(), buffers.group_id, bundle=True)
+
+    for offset in range(0, len(payload), 4096):
+        client.send(payload[offset : offset + 4096])
+        run_until(ring, lambda end=offset + 4096: len(received) >= end, on_completion)
+    assert received == payload
+    assert max(sizes) > 64, "no completion carried more than one buffer"
+    assert buffers.lent == 0
