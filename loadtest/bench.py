@@ -15,6 +15,12 @@ forkloop and on uvicorn, granian and hypercorn (`loadtest.asgi_bench`).
 loop's own cost can be told apart from the server's. ``--pipeline 16`` sends
 16 requests per write (wrk with a Lua script).
 
+``--connections 1,50,256,1000`` measures at each of those connection counts in
+the same run, and prints a table per count. Each round runs every count on
+every server, in an order that alternates from round to round (servers and
+counts alike), so the comparison at one count is made in the same stretch of
+time as at the others.
+
 wrk is not a Python package: ``apt-get install wrk`` (Debian/Ubuntu) or
 ``brew install wrk``.
 """
@@ -25,6 +31,7 @@ import argparse
 import math
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -95,7 +102,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes per server")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
-    parser.add_argument("--connections", type=int, default=50, help="wrk connections")
+    parser.add_argument(
+        "--connections",
+        dest="connection_counts",
+        type=connection_counts,
+        default=[50],
+        metavar="LIST",
+        help="wrk connections, or a comma-separated list of counts: a table for each (default: 50)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--pipeline", type=int, default=1, help="requests per write (wrk Lua)")
     parser.add_argument("--path", default="/", help="URL path to request")
@@ -103,6 +117,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from . import asgi_bench  # it builds on this module's measurements
 
     asgi_bench.add_arguments(parser)
+
+
+def connection_counts(text: str) -> list[int]:
+    """``"1,50,256"`` -> ``[1, 50, 256]``; each a positive count, none twice."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"connection counts are whole numbers separated by commas, not {text!r}"
+        ) from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"connection counts must be 1 or more, not {text!r}")
+    if len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"a connection count is listed twice in {text!r}")
+    return counts
+
+
+def allow_open_files(needed: int) -> None:
+    """Raise this process's soft RLIMIT_NOFILE (and its children's: the servers, wrk)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def server_commands(args: argparse.Namespace) -> list[ServerProcess]:
@@ -127,8 +164,16 @@ def server_commands(args: argparse.Namespace) -> list[ServerProcess]:
     return servers
 
 
-def run_wrk(args: argparse.Namespace, port: int, duration: float, script: str | None) -> dict:
-    command = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{duration:g}s", "--latency"]
+def run_wrk(
+    args: argparse.Namespace,
+    port: int,
+    duration: float,
+    script: str | None,
+    connections: int | None = None,
+) -> dict[str, float]:
+    connections = args.connections if connections is None else connections
+    threads = min(args.threads, connections)  # wrk wants a connection per thread at least
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--latency"]
     if script is not None:
         command += ["-s", script]
     command.append(f"http://127.0.0.1:{port}{args.path}")
@@ -167,13 +212,17 @@ def parse_wrk(output: str) -> dict[str, float]:
     }
 
 
-def format_table(results: dict[str, Measurement], args: argparse.Namespace) -> str:
+def format_table(
+    results: dict[str, Measurement], args: argparse.Namespace, connections: int | None = None
+) -> str:
     """The results as a Markdown table; the columns against the peer only when it ran."""
+    connections = args.connections if connections is None else connections
+    threads = min(args.threads, connections)
     peer = results.get(PEER)
     compared = peer is not None and peer.requests > 0 and bool(peer.rates)
     against = f" user vs {PEER} | req/s vs {PEER} |" if compared else ""
     lines = [
-        f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s x {args.rounds} rounds, "
+        f"wrk -t{threads} -c{connections} -d{args.duration:g}s x {args.rounds} rounds, "
         f"pipeline {args.pipeline}, {args.workers} worker(s), path {args.path}, "
         f"{os.cpu_count()} cores, Python {sys.version.split()[0]}",
         "",
@@ -185,7 +234,7 @@ def format_table(results: dict[str, Measurement], args: argparse.Namespace) -> s
         rate = statistics.median(result.rates)
         user, system = result.user_us(), result.system_us()
         ratios = ""
-        if compared:
+        if compared and peer is not None:
             ratios = (
                 f" {user / peer.user_us():.2f}x | {rate / statistics.median(peer.rates):.2f}x |"
             )
@@ -204,7 +253,12 @@ def median_ms(values: list[float]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    counts: list[int] = args.connection_counts
+    args.connections = counts[0]  # the one count of a single table, and of --asgi
     if args.asgi:
+        if len(counts) > 1:
+            print("forkloop bench --asgi takes one connection count", file=sys.stderr)
+            return 2
         from . import asgi_bench
 
         return asgi_bench.main(args)
@@ -219,28 +273,32 @@ def main(args: argparse.Namespace) -> int:
         handle.write(_PIPELINE_SCRIPT)
         handle.close()
         script = handle.name
+    allow_open_files(2 * max(counts) + 256)  # wrk's and the server's ends, and then some
     servers = server_commands(args)
-    results = {server.name: Measurement() for server in servers}
+    results = {count: {server.name: Measurement() for server in servers} for count in counts}
     try:
         for server in servers:
             server.start()
-            run_wrk(args, server.port, 1.0, script)  # warm-up, not counted
+            for count in counts:
+                run_wrk(args, server.port, 1.0, script, count)  # warm-up, not counted
         for round_number in range(args.rounds):
-            order = servers if round_number % 2 == 0 else servers[::-1]
-            for server in order:
-                before = server.cpu()
-                run = run_wrk(args, server.port, args.duration, script)
-                results[server.name].add(run, server.cpu() - before)
-                print(
-                    f"round {round_number + 1}: {server.name}: {run['rate']:,.0f} req/s",
-                    file=sys.stderr,
-                )
+            forward = round_number % 2 == 0
+            for count in counts if forward else counts[::-1]:
+                for server in servers if forward else servers[::-1]:
+                    before = server.cpu()
+                    run = run_wrk(args, server.port, args.duration, script, count)
+                    results[count][server.name].add(run, server.cpu() - before)
+                    print(
+                        f"round {round_number + 1}, {count} connections: {server.name}: "
+                        f"{run['rate']:,.0f} req/s",
+                        file=sys.stderr,
+                    )
     finally:
         for server in servers:
             server.stop()
         if script is not None:
             os.unlink(script)
-    table = format_table(results, args)
+    table = "\n\n".join(format_table(results[count], args, count) for count in counts)
     print(table)
     if args.output:
         with open(args.output, "w") as output:
