@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .app import App
     from .asgi import AsgiApp
     from .asgi_cache import CachedAsgiApp
+    from .proxy import ProxyFrontDoor
 
 
 class AppLoadError(ImportError):
@@ -87,8 +88,10 @@ def check_importable(config: Config) -> None:
         raise AppLoadError(_not_found(config.app, module_name, module_name))
 
 
-def load_app(config: Config) -> App | AsgiApp | CachedAsgiApp:
+def load_app(config: Config) -> App | AsgiApp | CachedAsgiApp | ProxyFrontDoor:
     """The app ``config`` names (the demo app when none), or an `AppLoadError`."""
+    if config.upstreams:
+        return _proxy(config)
     if config.app is None:
         from .demo import app
 
@@ -121,6 +124,19 @@ def load_app(config: Config) -> App | AsgiApp | CachedAsgiApp:
     from .cache import ResponseCache
 
     return CachedAsgiApp(asgi_app, ResponseCache(config.cache_size), config.cache_prefixes)
+
+
+def _proxy(config: Config) -> ProxyFrontDoor:
+    from .proxy import ProxyFrontDoor
+    from .upstream import UpstreamPool, UpstreamSettings
+
+    settings = UpstreamSettings(
+        connect_timeout=config.proxy_connect_timeout,
+        send_timeout=config.proxy_send_timeout,
+        read_timeout=config.proxy_read_timeout,
+        keepalive=config.proxy_keepalive,
+    )
+    return ProxyFrontDoor(UpstreamPool(list(config.upstreams), settings))
 
 
 def import_app(spec: str, factory: bool = False, asgi: bool = False) -> Any:

@@ -321,12 +321,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
         return run_serve(argv[1:])
+    if is_proxy_command(argv):
+        return run_serve(proxy_argv(argv))
     parser = argparse.ArgumentParser(
         prog="forkloop", description="HTTP/1.1 server and event-loop toolkit"
     )
     parser.add_argument("--version", action="version", version=version())
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the HTTP server (forkloop serve --help)")
+    commands.add_parser(
+        "proxy", help="forkloop proxy URL [serve options]: a reverse proxy to URL"
+    ).add_argument("url", help="the upstream, http://HOST:PORT")
     for name, (signum, description) in SIGNAL_COMMANDS.items():
         command = commands.add_parser(
             name, help=f"send {signal.Signals(signum).name} to the master: {description}"
@@ -347,5 +352,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m forkloop``: the same as ``forkloop serve``."""
-    return run_serve(list(sys.argv[1:] if argv is None else argv))
+    """``python -m forkloop``: the same as ``forkloop serve`` (and ``... proxy URL``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_serve(proxy_argv(argv) if is_proxy_command(argv) else argv)
+
+
+def is_proxy_command(argv: list[str]) -> bool:
+    return argv[:1] == ["proxy"] and len(argv) > 1 and not argv[1].startswith("-")
+
+
+def proxy_argv(argv: list[str]) -> list[str]:
+    """``proxy URL OPTIONS`` is ``serve --upstream URL OPTIONS``."""
+    return ["--upstream", argv[1], *argv[2:]]

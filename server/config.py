@@ -114,6 +114,12 @@ class Config:
     # trust X-Forwarded-For/-Proto from these peers (uvicorn's --proxy-headers)
     proxy_headers: bool = False
     forwarded_allow_ips: str = "127.0.0.1"  # comma-separated addresses, or *
+    # forkloop proxy: every request goes to these upstreams (round-robin, passive health)
+    upstreams: tuple[str, ...] = ()
+    proxy_connect_timeout: float = 5.0
+    proxy_read_timeout: float = 60.0
+    proxy_send_timeout: float = 60.0
+    proxy_keepalive: int = 32  # idle upstream connections kept per address, per worker
     # the response cache in front of an ASGI app (server.asgi_cache), for these path prefixes
     cache: bool = False
     cache_size: int = 64 * 1024 * 1024  # bytes, an LRU

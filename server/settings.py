@@ -136,6 +136,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("forwarded_allow_ips", str, _D.forwarded_allow_ips, "comma-separated peer addresses "
            "whose proxy headers are trusted, or * (default 127.0.0.1)", metavar="IPS",
            env=("FORWARDED_ALLOW_IPS",)),
+    Option("upstream", list, None, "proxy every request to this http://HOST:PORT; repeat for "
+           "round-robin over several (forkloop proxy URL is the same) (default none)",
+           metavar="URL"),
+    Option("proxy_connect_timeout", float, _D.proxy_connect_timeout, "seconds to connect to an "
+           "upstream; then 504, and the address is skipped for a while (default %(default)s)",
+           minimum=0),
+    Option("proxy_read_timeout", float, _D.proxy_read_timeout, "seconds between two reads of "
+           "an upstream's answer; then 504 (default %(default)s)", minimum=0),
+    Option("proxy_send_timeout", float, _D.proxy_send_timeout, "seconds between two writes of "
+           "a request to an upstream; then 504 (default %(default)s)", minimum=0),
+    Option("proxy_keepalive", int, _D.proxy_keepalive, "idle upstream connections kept per "
+           "address, per worker (nginx keepalive) (default %(default)s)", minimum=0),
     Option("cache", bool, False, "put the response cache in front of an ASGI app: what it marks "
            "public with a max-age is stored, concurrent misses call it once (default off)"),
     Option("cache_size", int, _D.cache_size, "bytes the response cache may hold, LRU "
@@ -398,6 +410,11 @@ def resolve(
         disconnect_grace=_grace(value("disconnect_grace"), merged),
         proxy_headers=value("proxy_headers"),
         forwarded_allow_ips=value("forwarded_allow_ips"),
+        upstreams=_upstreams(value("upstream"), merged),
+        proxy_connect_timeout=value("proxy_connect_timeout"),
+        proxy_read_timeout=value("proxy_read_timeout"),
+        proxy_send_timeout=value("proxy_send_timeout"),
+        proxy_keepalive=value("proxy_keepalive"),
         cache=value("cache"),
         cache_size=value("cache_size"),
         cache_prefixes=_prefixes(value("cache_prefix"), merged),
@@ -457,6 +474,18 @@ def _binds(merged: dict[str, tuple[Any, str]]) -> tuple[str, ...]:
     if "uds" in merged:
         binds.append("unix:" + merged["uds"][0])
     return tuple(binds) or (DEFAULT_BIND,)
+
+
+def _upstreams(urls: list[str] | None, merged: dict[str, tuple[Any, str]]) -> tuple[str, ...]:
+    """--upstream: http://HOST:PORT, each checked now (a typo is a usage error)."""
+    from .upstream import parse_upstream
+
+    for url in urls or ():
+        try:
+            parse_upstream(url)
+        except ValueError as exc:
+            raise SettingError(f"{merged['upstream'][1]}: {exc}") from None
+    return tuple(urls or ())
 
 
 def _prefixes(prefixes: list[str] | None, merged: dict[str, tuple[Any, str]]) -> tuple[str, ...]:

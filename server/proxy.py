@@ -1,0 +1,215 @@
+"""forkloop as a reverse proxy: `ProxyFrontDoor` (nginx's ``proxy_pass``).
+
+    forkloop proxy http://127.0.0.1:9000 --bind 127.0.0.1:8080 --workers 4
+
+A front door like `App` and `AsgiApp`: each request resolves to one
+`DirectRoute` whose handler sends it upstream (`server.upstream`) and relays
+the answer through the connection's responder. Everything the server
+guarantees about what it reads (the framing checks, the limits, the
+hostile-input table) happens before a request gets here, so a smuggled request
+never reaches the upstream: the proxy re-frames every request it forwards
+(Content-Length as read, or chunked), it never forwards bytes as received.
+
+What is forwarded (RFC 9110 7.6)
+--------------------------------
+* Hop-by-hop fields are removed both ways: Connection and every field it
+  names, Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding,
+  Upgrade, Proxy-Authenticate, Proxy-Authorization.
+* Added to the request: ``X-Forwarded-For`` (the client appended to what came
+  in), ``X-Forwarded-Proto``, ``X-Forwarded-Host`` and ``Via: 1.1 forkloop``;
+  the client's Host is kept. ``Via`` is added to the answer too.
+* Bodies stream both ways with backpressure: the upload is read from the client
+  as the upstream takes it, the answer written to the client as it comes, the
+  upstream connection pausing while the client is slow (`server.upstream`
+  keeps at most a high-water mark of the answer).
+
+Failures: an upstream that refuses, resets or answers badly is a 502, one that
+does not answer in time a 504, each with the reason logged; an answer that
+breaks after its head was relayed ends by closing the client's connection.
+A client that leaves closes the upstream connection at once: the upstream
+stops working for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from .frontdoor import DirectRoute, Responder
+from .http import Request, Response, error_response
+from .request_body import BodyFailed
+from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
+
+log = logging.getLogger("forkloop.proxy")
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# the server frames and dates its own answers; these come from the upstream's answer
+_SERVER_OWNED = frozenset({b"content-length", b"date", b"server"})
+
+
+class ProxyFrontDoor:
+    """Every request, sent to the upstream pool; see the module's docstring."""
+
+    cache_stats: dict[str, int] | None = None
+    streams_bodies = True  # uploads are forwarded as they arrive
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.route = DirectRoute(self._serve)
+
+    def resolve(self, request: Request) -> DirectRoute:
+        return self.route
+
+    async def shutdown(self) -> None:
+        self.pool.close()
+
+    async def _serve(self, request: Request, connection: Responder) -> None:
+        head_lines, body, chunked = self._upstream_request(request, connection)
+        try:
+            answer = await self.pool.request(
+                request.method, request.target, head_lines, body, chunked
+            )
+        except UpstreamError as error:
+            log.warning("%s %s: %d: %s", request.method, request.path, error.status, error.reason)
+            if not connection.client_gone:
+                connection.send_response(request, error_response(error.status, error.reason))
+            return
+        except BodyFailed:
+            return  # the client left mid-upload, or its body was refused: the connection answers
+        await self._relay(request, answer, connection)
+
+    def _upstream_request(
+        self, request: Request, connection: Responder
+    ) -> tuple[bytes, AsyncIterator[bytes] | None, bool]:
+        """The header lines to send upstream, the body to stream, and whether it is chunked."""
+        named = _named_by_connection(request.raw_headers)
+        lines = []
+        forwarded_for = b""
+        length: bytes | None = None
+        chunked = False
+        host = b""
+        for name, value in request.raw_headers:
+            lowered = name.lower()
+            if lowered == b"transfer-encoding":
+                chunked = True
+                continue
+            if lowered in HOP_BY_HOP or lowered in named:
+                continue
+            if lowered == b"x-forwarded-for":
+                forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
+                continue
+            if lowered == b"content-length":
+                length = value
+                continue
+            if lowered == b"host":
+                host = value
+            lines.append(b"%s: %s\r\n" % (name, value))
+        client = request.client[0].encode() if request.client else b"unix"
+        forwarded_for = forwarded_for + b", " + client if forwarded_for else client
+        scheme = connection.endpoint[0].encode()
+        lines.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (forwarded_for, scheme))
+        if host:
+            lines.append(b"X-Forwarded-Host: %s\r\n" % host)
+        lines.append(b"Via: 1.1 forkloop\r\n")
+        body: AsyncIterator[bytes] | None = None
+        if chunked:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+            body = _body_pieces(request, connection)
+        elif length is not None and length != b"0":
+            lines.append(b"Content-Length: %s\r\n" % length)
+            body = _body_pieces(request, connection)
+        elif request.method in ("POST", "PUT", "PATCH"):
+            lines.append(b"Content-Length: 0\r\n")
+        return b"".join(lines), body, chunked
+
+    async def _relay(
+        self, request: Request, answer: UpstreamResponse, connection: Responder
+    ) -> None:
+        """The upstream's answer, through the client's connection, piece by piece."""
+        named = _named_by_connection(answer.headers)
+        headers = []
+        declared: str | None = None
+        for name, value in answer.headers:
+            lowered = name.lower()
+            if lowered == b"content-length":
+                declared = value.decode("latin-1")
+            if lowered in HOP_BY_HOP or lowered in named or lowered in _SERVER_OWNED:
+                continue
+            headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        headers.append(("Via", "1.1 forkloop"))
+        if declared is not None and request.method != "HEAD":
+            headers.append(("Content-Length", declared))  # the stream checks it is kept
+        response = Response(b"", answer.status, headers, content_type=None)
+        failure = answer.connection.failure
+        if failure is not None:  # broken before its head went out: never relayed
+            log.warning("%s %s: 502: %s", request.method, request.path, failure.reason)
+            connection.send_response(request, error_response(502, failure.reason))
+            return
+        if answer.connection.complete and not answer.connection.pieces:
+            connection.send_response(request, response)  # no body: nothing to stream
+            answer.release()
+            return
+        stream = connection.begin_stream(request, response)
+        if stream is None:  # its head could not be sent: a 500 went out
+            answer.abort()
+            return
+        try:
+            more = True
+            while more:
+                data, more = await answer.read()
+                if data and not await stream.write(data):
+                    answer.abort()  # the client is gone: so is the upstream request
+                    return
+        except UpstreamError as error:
+            log.warning("%s %s: the answer broke: %s", request.method, request.path, error.reason)
+            connection.cut_stream(stream)
+            return
+        except asyncio.CancelledError:
+            answer.abort()
+            connection.cut_stream(stream)
+            raise
+        except RuntimeError as error:  # its length does not match what it declared
+            log.warning("%s %s: %s", request.method, request.path, error)
+            answer.abort()
+            connection.cut_stream(stream)
+            return
+        connection.finish_stream(stream)
+        answer.release()
+
+
+def _named_by_connection(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The fields a Connection header names: hop-by-hop too (RFC 9110 7.6.1)."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b",") if token.strip())
+    return frozenset(named)
+
+
+async def _body_pieces(request: Request, connection: Responder) -> AsyncIterator[bytes]:
+    """The request body as it arrives (or whole, when it came whole); a client that
+    waits for 100 Continue gets it once the upstream takes the body."""
+    streamed = request.streamed_body
+    if streamed is None:
+        yield await request.body()
+        return
+    if streamed.take_continue():
+        connection.send_continue()
+    more = True
+    while more:
+        data, more = await streamed.read()
+        if data:
+            yield data

@@ -1,0 +1,290 @@
+"""forkloop as a reverse proxy in front of a real upstream, on every backend.
+
+The upstream is a small raw-socket HTTP server (stdlib asyncio, in a thread of
+its own) that records what reaches it and can be slow, close its keep-alive
+connections, frame its answers badly or stream a large body: every rule is
+checked by what the upstream saw and what the client got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import pytest
+
+from forkloop.server.proxy import ProxyFrontDoor
+from forkloop.server.upstream import UpstreamPool, UpstreamSettings
+from tests.server.frontdoor_support import Served, UserFolder
+from tests.server.master_support import wait_for
+from tests.server.support import RawClient, running_server, send_raw
+
+
+@dataclass
+class Seen:
+    """What reached the upstream."""
+
+    heads: list[bytes] = field(default_factory=list)
+    bodies: dict[bytes, bytes] = field(default_factory=dict)
+    connections: int = 0
+    aborted: list[bytes] = field(default_factory=list)  # /slow requests whose client closed
+    huge_written: int = 0
+
+
+class Upstream:
+    """A raw HTTP/1.1 server for the proxy to talk to; behaviour by path."""
+
+    def __init__(self) -> None:
+        self.seen = Seen()
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Upstream:
+        self._thread.start()
+        assert self._ready.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        server = self.loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", 0, limit=1 << 20)
+        )
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self.loop.run_forever()
+        server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.seen.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.seen.heads.append(head)
+                target = head.split(b" ")[1]
+                lowered = head.lower()
+                body = b""
+                if b"transfer-encoding: chunked" in lowered:
+                    while True:
+                        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+                        chunk = await reader.readexactly(size + 2)
+                        if size == 0:
+                            break
+                        body += chunk[:-2]
+                elif b"content-length:" in lowered:
+                    length = int(lowered.split(b"content-length:")[1].split(b"\r\n")[0])
+                    body = await reader.readexactly(length)
+                self.seen.bodies[target] = body
+                if not await self._answer(target, body, reader, writer):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _answer(self, target: bytes, body: bytes, reader, writer) -> bool:
+        """Write the answer to ``target``; False to close the connection after it."""
+        path = target.split(b"?")[0]
+        if path == b"/slow":
+            try:
+                await asyncio.wait_for(reader.read(1), 5)  # the proxy closes: EOF
+                self.seen.aborted.append(target)
+            except TimeoutError:
+                pass
+            return False
+        if path == b"/both-framing":
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n0\r\n\r\n"
+            )
+            return False
+        if path == b"/bad-chunk":
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nbad\r\n")
+            return False
+        if path == b"/close":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nclosed")
+            return False
+        if path == b"/huge":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (64 << 20))
+            for _ in range(1024):
+                writer.write(b"x" * 65536)
+                self.seen.huge_written += 65536
+                await writer.drain()
+            return False
+        if path == b"/echo":
+            answer = body
+        else:
+            answer = b"hello from upstream"
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: keep-alive, X-Hop\r\n"
+            b"Keep-Alive: timeout=5\r\nX-Hop: secret\r\nX-Kept: yes\r\n\r\n%b"
+            % (len(answer), answer)
+        )
+        await writer.drain()
+        return True
+
+
+@contextmanager
+def proxy_to(backend, port: int, **settings) -> Iterator:
+    pool = UpstreamPool([f"http://127.0.0.1:{port}"], UpstreamSettings(**settings))
+    with running_server(backend, ProxyFrontDoor(pool), request_timeout=0) as server:
+        yield server
+
+
+def test_headers_are_forwarded_by_the_rules_both_ways(backend):
+    with Upstream() as upstream, proxy_to(backend, upstream.port) as proxy:
+        with RawClient(proxy.port) as client:
+            client.request(
+                "GET",
+                "/hello",
+                [
+                    ("Connection", "X-Secret"),
+                    ("X-Secret", "hop"),
+                    ("Keep-Alive", "timeout=1"),
+                    ("Proxy-Authorization", "Basic abc"),
+                    ("X-Forwarded-For", "198.51.100.1"),
+                    ("X-End", "kept"),
+                ],
+            )
+            reply = client.read_reply()
+    assert reply.status == 200 and reply.body == b"hello from upstream"
+    assert reply.header("x-kept") == "yes" and reply.header("via") == "1.1 forkloop"
+    assert reply.header("x-hop") is None and reply.header("keep-alive") is None
+    head = upstream.seen.heads[0].lower()
+    assert b"x-end: kept" in head and b"host: test" in head
+    for gone in (b"x-secret", b"keep-alive", b"proxy-authorization", b"connection:"):
+        assert gone not in head, gone
+    assert b"x-forwarded-for: 198.51.100.1, 127.0.0.1" in head
+    assert b"x-forwarded-proto: http" in head and b"x-forwarded-host: test" in head
+    assert b"via: 1.1 forkloop" in head
+
+
+def test_keep_alive_connections_to_the_upstream_are_reused(backend):
+    with Upstream() as upstream, proxy_to(backend, upstream.port) as proxy:
+        with RawClient(proxy.port) as client:
+            for _ in range(10):
+                client.request("GET", "/hello")
+                assert client.read_reply().status == 200
+    assert upstream.seen.connections == 1
+
+
+def test_request_bodies_reach_the_upstream_whole(backend):
+    with Upstream() as upstream, proxy_to(backend, upstream.port) as proxy:
+        with RawClient(proxy.port) as client:
+            client.request("POST", "/echo", body=b"a" * 100_000)
+            assert client.read_reply().body == b"a" * 100_000
+            client.send(
+                b"POST /echo?chunked HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+            )
+            assert client.read_reply().body == b"hello world"
+
+
+def test_upstream_failures_are_502_and_504_and_never_relayed(backend):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nobody = closed.getsockname()[1]  # bound, not listening: refused
+    with proxy_to(backend, nobody) as proxy:
+        with RawClient(proxy.port) as client:
+            client.request("GET", "/")
+            reply = client.read_reply()
+            assert reply.status == 502 and b"refused the connection" in reply.body
+    with Upstream() as upstream, proxy_to(backend, upstream.port, read_timeout=0.3) as proxy:
+        with RawClient(proxy.port) as client:
+            client.request("GET", "/slow")
+            assert client.read_reply().status == 504
+        for path in ("/both-framing", "/bad-chunk"):
+            with RawClient(proxy.port) as client:
+                client.request("GET", path)
+                reply = client.read_reply()
+                assert reply.status == 502, (path, reply.body)
+                assert b"hello" not in reply.body and b"bad" not in reply.body
+
+
+def test_an_upstream_closing_its_idle_connection_costs_no_request(backend):
+    with Upstream() as upstream, proxy_to(backend, upstream.port) as proxy:
+        with RawClient(proxy.port) as client:
+            client.request("GET", "/hello")
+            assert client.read_reply().status == 200
+            client.request("GET", "/close")
+            assert client.read_reply().body == b"closed"
+            for _ in range(3):
+                client.request("GET", "/hello")
+                assert client.read_reply().status == 200
+    assert upstream.seen.connections == 2
+
+
+def test_the_client_leaving_closes_the_upstream_request(backend):
+    with Upstream() as upstream, proxy_to(backend, upstream.port) as proxy:
+        client = RawClient(proxy.port)
+        client.request("GET", "/slow?leaving")
+        assert wait_for(lambda: any(b"/slow?leaving" in h for h in upstream.seen.heads), 5)
+        client.close()
+        assert wait_for(lambda: upstream.seen.aborted == [b"/slow?leaving"], 5)
+
+
+def test_a_slow_client_holds_the_upstream_back(backend):
+    with Upstream() as upstream, proxy_to(backend, upstream.port) as proxy:
+        sock = socket.create_connection(("127.0.0.1", proxy.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(b"GET /huge HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert wait_for(lambda: upstream.seen.huge_written > 0, 5)
+        wait_for(lambda: False, 1.0)  # the client reads nothing for a second
+
+        def held_by_the_proxy() -> int:
+            pool = proxy.service.app.pool
+            upstream_side = sum(c.waiting for c in pool.busy)
+            client_side = sum(
+                c.transport.get_write_buffer_size()
+                for c in proxy.service.connections
+                if c.transport is not None
+            )
+            return upstream_side + client_side
+
+        held = proxy.call(held_by_the_proxy)
+        # kernel socket buffers hold some megabytes; the proxy itself two high-water
+        # marks and a read or two on each side, of the 64 MiB answer
+        assert held <= 2 << 20, f"the proxy holds {held} bytes"
+        assert upstream.seen.huge_written < 32 << 20, upstream.seen.huge_written
+        sock.close()
+
+
+def test_a_smuggling_attempt_never_reaches_the_upstream(backend):
+    with Upstream() as upstream, proxy_to(backend, upstream.port) as proxy:
+        raw = send_raw(
+            proxy.port,
+            b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 30\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n",
+        )
+    assert raw.startswith(b"HTTP/1.1 400 ")
+    assert upstream.seen.heads == []
+
+
+def test_forkloop_proxy_command_serves_through_the_upstream(tmp_path):
+    folder = UserFolder(tmp_path / "project")
+    with Upstream() as upstream:
+        served = Served(
+            folder.root, "proxy", f"http://127.0.0.1:{upstream.port}", "--workers", "2"
+        ).start()
+        try:
+            assert served.get("/hello") == (200, b"hello from upstream")
+        finally:
+            served.stop()
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1:21", "http://127.0.0.1:99999", "http://h:1/x"])
+def test_a_bad_upstream_url_is_a_one_line_usage_error(tmp_path, url):
+    from tests.server.frontdoor_support import last_error_line, run_forkloop
+
+    result = run_forkloop("proxy", url, "--check-config", cwd=tmp_path)
+    assert result.returncode == 2
+    assert last_error_line(result).startswith("forkloop: --upstream: upstream ")
