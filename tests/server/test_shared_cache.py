@@ -1,0 +1,277 @@
+"""The shared cache tier: one fill per key for the whole server, across pre-forked workers.
+
+Real processes: a master with 4 workers and its cache process (``--shared-cache
+on``), real signals (``kill -9`` of the filling worker, of the cache process,
+SIGSTOP), and a stampede of concurrent cold requests spread by the kernel over
+every worker. Fills are counted by the test app (`tests.server.apps.fills`),
+which appends a line per computation to a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from forkloop.server.cache_process import SharedStore
+from forkloop.server.shared_cache import ALONE_ANSWER, FILL, HIT, WAIT
+from tests.server.master_support import MasterUnderTest, alive, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+WORKERS = 4
+
+
+class SharedCacheServer(MasterUnderTest):
+    def __init__(self, backend: str, tmp_path: Path, *options: str) -> None:
+        self.fills_path = tmp_path / "fills"
+        self.fills_path.touch()
+        super().__init__(
+            backend,
+            tmp_path,
+            "--workers",
+            str(WORKERS),
+            "--shared-cache",
+            "on",
+            "--no-access-log",
+            *options,
+            app="tests.server.apps.fills:app",
+            env={"FORKLOOP_TEST_FILLS": str(self.fills_path)},
+        )
+
+    def cache_processes(self) -> list[int]:
+        """Every cache process the master started, in order (from its log lines)."""
+        return [int(pid) for pid in re.findall(r"cache process (\d+) serving", self.full_log())]
+
+    def full_log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def http_workers(self) -> set[int]:
+        return self.workers() - set(self.cache_processes())
+
+    def fills(self, key: str) -> list[int]:
+        """The pids that computed ``key``, in order."""
+        lines = self.fills_path.read_text().splitlines()
+        return [int(pid) for pid, _, k in (line.partition(" ") for line in lines) if k == key]
+
+
+@pytest.fixture
+def server(tmp_path):
+    servers: list[SharedCacheServer] = []
+
+    def start(backend: str, *options: str) -> SharedCacheServer:
+        started = SharedCacheServer(backend, tmp_path, *options)
+        servers.append(started)
+        started.start()
+        assert wait_for(lambda: len(started.http_workers()) == WORKERS, 10), started.tail()
+        return started
+
+    yield start
+    for started in servers:
+        started.stop()
+
+
+async def _one(port: int, path: str) -> tuple[int, str]:
+    """(status, X-Cache) of one GET on a connection of its own; (0, error) if it failed."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError as exc:
+        return 0, f"connect: {exc}"
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        answer = await reader.read()
+    except OSError as exc:
+        return 0, f"read: {exc}"
+    finally:
+        writer.close()
+    if not answer.startswith(b"HTTP/1.1 "):
+        return 0, f"no answer ({answer[:40]!r})"
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1")
+    found = re.search(r"(?im)^x-cache: *(\w+)", head)
+    return int(head[9:12]), found.group(1) if found else ""
+
+
+def stampede(port: int, path: str, count: int, timeout: float = 30) -> list[tuple[int, str]]:
+    async def run() -> list[tuple[int, str]]:
+        async with asyncio.timeout(timeout):
+            return list(await asyncio.gather(*(_one(port, path) for _ in range(count))))
+
+    return asyncio.run(run())
+
+
+def test_a_stampede_over_every_worker_computes_once(server, backend):
+    master = server(backend.backend)
+    answers = stampede(master.port, "/fill/cold?ms=200", 1000)
+    assert [a for a in answers if a[0] != 200] == []
+    statuses = [cache for _, cache in answers]
+    assert statuses.count("MISS") == 1, sorted(set(statuses))
+    assert statuses.count("HIT") == 999
+    assert len(master.fills("cold")) == 1
+    # the other workers did wait for it: some requests landed there
+    stats = master.get("/stats")
+    assert stats[0] == 200
+
+
+def test_a_value_filled_by_one_worker_is_a_hit_in_every_other(server):
+    master = server("asyncio")
+    assert stampede(master.port, "/fill/once?ms=10", 1) == [(200, "MISS")]
+    answers = stampede(master.port, "/fill/once?ms=10", 200)
+    assert {a for a in answers} == {(200, "HIT")}
+    assert len(master.fills("once")) == 1
+
+
+def test_killing_the_filling_worker_hands_the_fill_over_at_once(server):
+    master = server("asyncio")
+    results: list[list[tuple[int, str]]] = []
+    thread = threading.Thread(
+        target=lambda: results.append(stampede(master.port, "/fill/victim?ms=3000", 200))
+    )
+    thread.start()
+    assert wait_for(lambda: len(master.fills("victim")) == 1, 10)
+    victim = master.fills("victim")[0]
+    killed = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    # a waiting worker takes the fill over: no lock age to wait out
+    assert wait_for(lambda: len(master.fills("victim")) == 2, 2), master.tail()
+    assert time.monotonic() - killed < 1.0
+    thread.join(30)
+    answers = results[0]
+    assert master.fills("victim")[1] != victim
+    # only the connections the killed worker held go unanswered (the kernel spreads
+    # accepts unevenly: that may be most of them); every other request gets its 200,
+    # filled by the worker that took over
+    failed = [a for a in answers if a[0] != 200]
+    assert all(status == 0 for status, _ in failed), failed[:5]
+    served = [cache for status, cache in answers if status == 200]
+    assert served and served.count("MISS") == 1, served
+    assert len(master.fills("victim")) == 2
+
+
+def test_killing_the_cache_process_fails_no_request_and_it_comes_back(server):
+    master = server("asyncio")
+    first = master.cache_processes()[0]
+    os.kill(first, signal.SIGKILL)
+    answers = stampede(master.port, "/fill/during?ms=100", 200)
+    assert {status for status, _ in answers} == {200}
+    assert wait_for(lambda: len(master.cache_processes()) == 2, 5), master.tail()
+    assert alive(master.cache_processes()[1])
+    assert "shared cache unavailable" in master.full_log()
+    # back: workers reconnect, and a stampede computes once again
+    keys = iter(range(100))
+
+    def one_fill_for_a_fresh_key() -> bool:
+        key = f"after{next(keys)}"
+        stampede(master.port, f"/fill/{key}?ms=100", 100)
+        return len(master.fills(key)) == 1
+
+    assert wait_for(one_fill_for_a_fresh_key, 10, interval=0.1), master.tail()
+
+
+def test_a_stopped_cache_process_fails_no_request(server):
+    master = server("asyncio")
+    cache_pid = master.cache_processes()[0]
+    os.kill(cache_pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        answers = stampede(master.port, "/fill/hung?ms=100", 100)
+        assert {status for status, _ in answers} == {200}
+        assert time.monotonic() - started < 10
+    finally:
+        os.kill(cache_pid, signal.SIGCONT)
+    keys = iter(range(100))
+
+    def one_fill_for_a_fresh_key() -> bool:
+        key = f"resumed{next(keys)}"
+        stampede(master.port, f"/fill/{key}?ms=100", 100)
+        return len(master.fills(key)) == 1
+
+    assert wait_for(one_fill_for_a_fresh_key, 10, interval=0.1), master.tail()
+
+
+def test_reload_keeps_the_shared_entries(server):
+    master = server("asyncio")
+    assert stampede(master.port, "/fill/kept?ms=10", 1) == [(200, "MISS")]
+    old = master.http_workers()
+    master.signal(signal.SIGHUP)
+    assert wait_for(
+        lambda: master.http_workers().isdisjoint(old) and len(master.http_workers()) == WORKERS,
+        15,
+    ), master.tail()
+    # new workers, empty local caches: the entry comes from the shared tier
+    answers = stampede(master.port, "/fill/kept?ms=10", 50)
+    assert {a for a in answers} == {(200, "HIT")}
+    assert len(master.fills("kept")) == 1
+    assert len(master.cache_processes()) == 1
+
+
+# ---------------------------------------------------------------------- the store, in-process
+
+
+class RecordingConnection:
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, int, bytes]] = []
+
+    def send(self, operation: int, request_id: int, payload: bytes = b"") -> None:
+        self.sent.append((operation, request_id, payload))
+
+
+def _blob(fresh_until: float, size: int = 10) -> bytes:
+    import struct
+
+    return struct.pack("!d", fresh_until) + b"x" * size
+
+
+def test_store_grants_one_lease_and_pushes_the_entry_to_every_waiter():
+    store = SharedStore(1 << 20)
+    a, b, c = RecordingConnection(), RecordingConnection(), RecordingConnection()
+    store.get(a, 1, b"k")  # type: ignore[arg-type]
+    store.get(b, 7, b"k")  # type: ignore[arg-type]
+    store.get(c, 9, b"k")  # type: ignore[arg-type]
+    assert a.sent == [(FILL, 1, b"")]
+    assert b.sent == [(WAIT, 7, b"")] and c.sent == [(WAIT, 9, b"")]
+    blob = _blob(time.monotonic() + 60)
+    store.store(a, 1, b"k", blob)  # type: ignore[arg-type]
+    assert b.sent[-1] == (HIT, 7, blob) and c.sent[-1] == (HIT, 9, blob)
+    store.get(c, 10, b"k")  # type: ignore[arg-type]
+    assert c.sent[-1] == (HIT, 10, blob)
+
+
+def test_store_passes_the_lease_of_a_closed_connection_to_the_first_waiter():
+    store = SharedStore(1 << 20)
+    a, b, c = RecordingConnection(), RecordingConnection(), RecordingConnection()
+    for connection, request_id in ((a, 1), (b, 2), (c, 3)):
+        store.get(connection, request_id, b"k")  # type: ignore[arg-type]
+    store.forget_connection(a)  # type: ignore[arg-type]
+    assert b.sent[-1] == (FILL, 2, b"")
+    store.fail(b, 2, b"k")  # type: ignore[arg-type]
+    assert c.sent[-1] == (ALONE_ANSWER, 3, b"")
+    assert store.flights == {}
+
+
+def test_store_forgets_a_fill_when_every_waiter_has_left():
+    store = SharedStore(1 << 20)
+    a, b = RecordingConnection(), RecordingConnection()
+    store.get(a, 1, b"k")  # type: ignore[arg-type]
+    store.get(b, 2, b"k")  # type: ignore[arg-type]
+    store.release(b, 2, b"k")  # type: ignore[arg-type]
+    store.release(a, 1, b"k")  # type: ignore[arg-type]
+    assert store.flights == {}
+    assert b.sent == [(WAIT, 2, b"")]
+
+
+def test_store_stays_within_its_byte_bound_under_a_flood_of_distinct_keys():
+    store = SharedStore(100_000)
+    writer = RecordingConnection()
+    for number in range(5_000):
+        key = f"key{number}".encode()
+        store.get(writer, number, key)  # type: ignore[arg-type]
+        store.store(writer, number, key, _blob(time.monotonic() + 60, 1000))  # type: ignore[arg-type]
+        assert store.size <= 100_000
+    assert store.stats.evictions > 4_000
+    assert store.flights == {}
