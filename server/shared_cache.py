@@ -58,7 +58,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .cache import Entry
@@ -244,8 +244,7 @@ class SharedTier:
         except OSError as exc:
             self.unavailable(f"cannot connect to the cache process at {self.path} ({exc})")
             return False
-        # uvloop's transports implement the contract without subclassing asyncio's
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = transport  # uvloop's is not an asyncio.Transport subclass: no isinstance
         if self._reported:
             log.info("worker reconnected to the shared cache at %s", self.path)
         self._reported = False
