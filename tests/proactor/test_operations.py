@@ -9,9 +9,10 @@ import select
 import socket
 
 import pytest
+from ring_support import by_user_data, collect, run_until
+
 from forkloop.proactor import abi
 from forkloop.proactor.ring import Ring
-from ring_support import by_user_data, collect, run_until
 
 MORE = abi.CQE_F_MORE
 

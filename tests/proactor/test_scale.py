@@ -14,8 +14,9 @@ import errno
 import os
 import socket
 
-from forkloop.proactor import abi
 from ring_support import open_ring, run_until
+
+from forkloop.proactor import abi
 
 CONNECTIONS = 10_000
 AT_ONCE = 250

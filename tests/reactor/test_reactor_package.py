@@ -6,9 +6,9 @@ import asyncio
 import socket
 
 import pytest
-from forkloop.server import backends
 
 from forkloop import reactor
+from forkloop.server import backends
 from tests.loops.loop_support import Echo, Recorder, port_of
 
 

@@ -6,6 +6,7 @@ import selectors
 import socket
 
 import pytest
+
 from forkloop.reactor.poller import EpollPoller, SelectorPoller, new_poller
 
 

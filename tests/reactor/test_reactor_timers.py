@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from forkloop.reactor.timers import COMPACT_MINIMUM_SIZE, TimerQueue
-
 from forkloop import reactor
+from forkloop.reactor.timers import COMPACT_MINIMUM_SIZE, TimerQueue
 
 
 def _run(main):

@@ -126,6 +126,28 @@ def test_a_value_filled_by_one_worker_is_a_hit_in_every_other(server):
     assert len(master.fills("once")) == 1
 
 
+def test_a_stale_entry_is_refreshed_once_for_the_whole_server(server):
+    master = server("asyncio")
+    answers = stampede(master.port, "/swr/stale?ms=200", 400)
+    assert {status for status, _ in answers} == {200}
+    assert len(master.fills("stale")) == 1
+    # max-age=1: once a request is answered STALE, the entry is stale in every worker
+    assert wait_for(
+        lambda: stampede(master.port, "/swr/stale?ms=200", 1)[0][1] in ("STALE", "UPDATING"),
+        5,
+        interval=0.1,
+    )
+    answers = stampede(master.port, "/swr/stale?ms=200", 1000)
+    assert {status for status, _ in answers} == {200}
+    assert {cache for _, cache in answers} <= {"STALE", "UPDATING", "HIT"}
+    assert wait_for(lambda: len(master.fills("stale")) == 2, 5)
+    # refreshed everywhere now: every worker's hits are fresh, and nothing refreshes again
+    assert wait_for(
+        lambda: {c for _, c in stampede(master.port, "/swr/stale?ms=200", 200)} == {"HIT"}, 5
+    )
+    assert len(master.fills("stale")) == 2
+
+
 def test_killing_the_filling_worker_hands_the_fill_over_at_once(server):
     master = server("asyncio")
     results: list[list[tuple[int, str]]] = []

@@ -26,6 +26,17 @@ async def fill(request: Request) -> Response:
     return Response(f"value of {key}\n", headers={"Cache-Control": "max-age=60"})
 
 
+@app.get("/swr/{key}", cache=CachePolicy(ttl=1, stale_while_revalidate=60))
+async def refreshed(request: Request) -> Response:
+    key = request.params["key"]
+    with open(os.environ["FORKLOOP_TEST_FILLS"], "a") as fills:
+        fills.write(f"{os.getpid()} {key}\n")
+    await asyncio.sleep(int(request.query_param("ms", "200")) / 1000)
+    return Response(
+        f"value of {key}\n", headers={"Cache-Control": "max-age=1, stale-while-revalidate=60"}
+    )
+
+
 @app.get("/stats")
 def stats(request: Request) -> Response:
     return Response.json(request.server_stats())
