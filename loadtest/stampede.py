@@ -1,11 +1,14 @@
 """Stampede benchmark: 1,000 concurrent cold requests for one key, single-flight on and off.
 
     python -m forkloop.loadtest.stampede [--requests 1000] [--compute-ms 200] [--loop uvloop]
+                                         [--workers 1,4] [--shared-cache off,on]
 
-One worker serves this module's app. For each mode, the script opens
+For each worker count and shared-cache setting, a server runs this module's
+app (with ``--shared-cache on`` a cache process makes one fill per key for
+the whole server, `server.shared_cache`). For each mode, the script opens
 ``--requests`` connections, sends one request for the same cold key on each
-at once, and reports how many computations the server ran (from ``/stats``)
-and the latency every client saw. With single-flight on, the handler runs
+at once, and reports how many computations the server ran (from ``/stats``,
+summed over the workers) and the latency every client saw. With single-flight on, the handler runs
 once and everyone waits for it; off, every request computes.
 
 Then it compares the server's CPU per request for a cache hit against the
@@ -102,66 +105,118 @@ def wrk_cpu(server: ServerProcess, path: str, seconds: int) -> tuple[float, floa
     return spent.user / requests * 1e6, spent.system / requests * 1e6, rate
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--compute-ms", type=int, default=200)
-    parser.add_argument("--loop", default="uvloop")
-    parser.add_argument("--wrk-seconds", type=int, default=5)
-    args = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(
-        resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * args.requests + 256)), hard)
-    )
-    port = free_port()
-    command = [
+def server_command(port: int, loop: str, workers: int, shared: str) -> list[str]:
+    return [
         python(),
         "-m",
         "forkloop",
         "forkloop.loadtest.stampede:app",
         "--bind",
         f"127.0.0.1:{port}",
-    ]
-    command += [
         "--workers",
-        "1",
+        str(workers),
+        "--shared-cache",
+        shared,
         "--loop",
-        args.loop,
+        loop,
         "--log-level",
         "warning",
         "--backlog",
         "4096",
+        "--no-access-log",
     ]
-    rows = []
-    with ServerProcess("stampede", command, port) as server:
-        for mode, prefix in (("on", "/sf"), ("off", "/nosf")):
-            before = get_json(port, "/stats")["cache"].get("computations", 0)
+
+
+def settled_totals(port: int, answered: int, timeout: float = 5.0) -> dict[str, int]:
+    """The server's cache counters once every worker has published the stampede's."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = get_json(port, "/stats")
+        totals: dict[str, int] = stats.get("server") or {
+            f"cache_{name}": value for name, value in stats["cache"].items()
+        }
+        if totals.get("cache_hits", 0) + totals.get("cache_misses", 0) >= answered:
+            return totals
+        if time.monotonic() > deadline:
+            return totals
+        time.sleep(0.1)  # workers publish their counters on their heartbeat
+
+
+def run_stampedes(args: argparse.Namespace, workers: int, shared: str) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = []
+    port = free_port()
+    modes = (("on", "/sf"), ("off", "/nosf")) if shared == "off" else (("on", "/sf"),)
+    with ServerProcess("stampede", server_command(port, args.loop, workers, shared), port):
+        answered = 0
+        for mode, prefix in modes:
+            before = settled_totals(port, answered).get("cache_computations", 0)
             path = f"{prefix}/cold-{mode}?ms={args.compute_ms}"
             latencies = sorted(asyncio.run(stampede(port, path, args.requests)))
-            time.sleep(0.6)  # let the worker publish its counters
-            computations = get_json(port, "/stats")["cache"]["computations"] - before
+            answered += len(latencies)
+            computations = settled_totals(port, answered)["cache_computations"] - before
             p50 = statistics.median(latencies) * 1000
             p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
-            rows.append((mode, len(latencies), computations, p50, p99, latencies[-1] * 1000))
-        hit_note = ""
-        if shutil.which("wrk"):
-            get_json(port, "/stats")
-            asyncio.run(stampede(port, "/sf/warm?ms=0", 1))
-            hit = wrk_cpu(server, "/sf/warm?ms=0", args.wrk_seconds)
-            hello_cost = wrk_cpu(server, "/", args.wrk_seconds)
-            hit_note = (
-                "\n| path | user µs/req | sys µs/req | req/s |\n|---|---:|---:|---:|\n"
-                f"| cache hit `/sf/warm` | {hit[0]:.2f} | {hit[1]:.2f} | {hit[2]:,.0f} |\n"
-                f"| hello `/` | {hello_cost[0]:.2f} | {hello_cost[1]:.2f} | {hello_cost[2]:,.0f} |"
+            rows.append(
+                (
+                    workers,
+                    shared,
+                    mode,
+                    len(latencies),
+                    computations,
+                    p50,
+                    p99,
+                    latencies[-1] * 1000,
+                )
             )
+    return rows
+
+
+def hit_costs(args: argparse.Namespace) -> str:
+    """CPU per request of a cache hit against the hello-world handler (1 worker, wrk)."""
+    port = free_port()
+    with ServerProcess("stampede", server_command(port, args.loop, 1, "off"), port) as server:
+        asyncio.run(stampede(port, "/sf/warm?ms=0", 1))
+        hit = wrk_cpu(server, "/sf/warm?ms=0", args.wrk_seconds)
+        hello_cost = wrk_cpu(server, "/", args.wrk_seconds)
+    return (
+        "\n| path | user µs/req | sys µs/req | req/s |\n|---|---:|---:|---:|\n"
+        f"| cache hit `/sf/warm` | {hit[0]:.2f} | {hit[1]:.2f} | {hit[2]:,.0f} |\n"
+        f"| hello `/` | {hello_cost[0]:.2f} | {hello_cost[1]:.2f} | {hello_cost[2]:,.0f} |"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--compute-ms", type=int, default=200)
+    parser.add_argument("--loop", default="uvloop")
+    parser.add_argument("--workers", default="1,4", help="worker counts to run, comma-separated")
+    parser.add_argument("--shared-cache", default="off,on", help="off, on or off,on")
+    parser.add_argument("--wrk-seconds", type=int, default=5)
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(
+        resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * args.requests + 256)), hard)
+    )
+    rows = []
+    for workers in (int(n) for n in args.workers.split(",")):
+        for shared in args.shared_cache.split(","):
+            rows += run_stampedes(args, workers, shared)
+    hit_note = hit_costs(args) if shutil.which("wrk") else ""
     print(
         f"{args.requests} concurrent cold requests for one key, compute {args.compute_ms} ms, "
-        f"1 worker, loop {args.loop}, Python {sys.version.split()[0]}\n"
+        f"loop {args.loop}, Python {sys.version.split()[0]}\n"
     )
-    print("| single-flight | requests | computations | p50 ms | p99 ms | max ms |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for mode, count, computations, p50, p99, worst in rows:
-        print(f"| {mode} | {count} | {computations} | {p50:.0f} | {p99:.0f} | {worst:.0f} |")
+    print(
+        "| workers | shared cache | single-flight | requests | computations "
+        "| p50 ms | p99 ms | max ms |"
+    )
+    print("|---:|---|---|---:|---:|---:|---:|---:|")
+    for workers, shared, mode, count, computations, p50, p99, worst in rows:
+        print(
+            f"| {workers} | {shared} | {mode} | {count} | {computations} "
+            f"| {p50:.0f} | {p99:.0f} | {worst:.0f} |"
+        )
     print(hit_note)
     return 0
 
