@@ -373,18 +373,20 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, Datagrams):
         *,
         fallback: bool = True,
     ) -> int:
-        """Send a file over a stream transport: read in chunks, written through the transport."""
+        """Send a file over a stream transport: with sendfile(2) when it is a regular file
+        (`proactor.sending`), else read in chunks and written through the transport."""
         stream = sendfile_transport(
             transport,
             StreamTransport,
             "the proactor sends files only over its own stream transports",
         )
-        if not fallback:
-            raise asyncio.SendfileNotAvailableError(
-                "the proactor sends files by reading them; there is no zero-copy path"
-            )
         check_sendfile_params(stream.get_extra_info("socket"), file, offset, count)
         await stream._wait_until_drained()
+        try:
+            return await stream._send_file(file, offset, count)
+        except asyncio.SendfileNotAvailableError:
+            if not fallback:
+                raise
         file.seek(offset)
         total = 0
         while count is None or total < count:

@@ -85,11 +85,13 @@ it stopped.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import io
 import os
 from collections.abc import Callable
 from os import write as write_fd
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from ..reactor.loop import logger
 from ..reactor.transport_base import LOST_WRITE_LOG_THRESHOLD, StreamTransportBase
@@ -98,6 +100,9 @@ from .engine import CompletionEngine
 if TYPE_CHECKING:
     from .loop import CompletionHandler, EventLoop
 
+# _send_user_data while _send_file runs: writes are refused, as asyncio refuses them.
+SENDING_FILE = -1
+SENDFILE_MAX_CHUNK = 1 << 30
 # Writes smaller than this, queued behind a send in flight, are joined into one buffer;
 # larger ones go out as one sendmsg without a copy.
 JOIN_LIMIT = 64 * 1024
@@ -189,6 +194,8 @@ class Sending(StreamTransportBase):
 
     def _queue_behind(self, data: bytes) -> None:
         """A send is outstanding: ``data`` waits for it (and for what was queued before)."""
+        if self._send_user_data == SENDING_FILE:
+            raise RuntimeError("unable to write; sendfile is in progress")
         self._pending.append(data)
         self._pending_size += len(data)
         if not self._send_user_data:
@@ -375,7 +382,8 @@ class Sending(StreamTransportBase):
     def _abandon_writes(self) -> None:
         if self._send_user_data:
             self._write_abandoned = True
-            self._loop._cancel_operation(self._send_user_data)
+            if self._send_user_data != SENDING_FILE:  # _send_file sees it and stops
+                self._loop._cancel_operation(self._send_user_data)
         self._pending.clear()
         self._pending_size = self._send_remaining = 0
         self._unconfirmed = b""  # it cannot be called back; its completion will be ignored
@@ -386,3 +394,70 @@ class Sending(StreamTransportBase):
         if self._unconfirmed_at >= self._loop._confirmed_through:
             size += len(self._unconfirmed)
         return size
+
+    # sending a file (loop.sendfile) ---------------------------------------------------
+
+    async def _send_file(self, file: IO[bytes], offset: int, count: int | None) -> int:
+        """Send part of a regular file with sendfile(2): from the page cache, no copy here.
+
+        Called with nothing else being sent (the loop waits for that). Each
+        ``sendfile`` takes what the socket's buffer has room for; when it has
+        none, the transport waits for writability with a poll on the engine.
+        Writes meanwhile raise RuntimeError, as asyncio's do; ``close()`` waits
+        for the file, ``abort()`` ends it with ConnectionError. Raises
+        `asyncio.SendfileNotAvailableError` before sending anything when the
+        file cannot be sent so (not a regular file, or the kernel refuses).
+        """
+        try:
+            file_fd = file.fileno()
+            size = os.fstat(file_fd).st_size
+        except (AttributeError, io.UnsupportedOperation, OSError) as exc:
+            raise asyncio.SendfileNotAvailableError("not a regular file") from exc
+        end = offset + count if count else size
+        position = offset
+        self._send_user_data = SENDING_FILE
+        try:
+            while position < end:
+                if self._write_abandoned:
+                    raise ConnectionError("the transport was aborted while a file was being sent")
+                try:
+                    sent = os.sendfile(
+                        self._fd, file_fd, position, min(end - position, SENDFILE_MAX_CHUNK)
+                    )
+                except (BlockingIOError, InterruptedError):
+                    await self._until_writable()
+                    continue
+                except OSError as exc:
+                    if position == offset and exc.errno in (errno.EINVAL, errno.ENOSYS):
+                        raise asyncio.SendfileNotAvailableError("sendfile(2) refused") from exc
+                    self._fatal_error(exc, "Fatal write error on socket transport")
+                    raise
+                if not sent:
+                    break  # the file ended early
+                position += sent
+        finally:
+            self._send_user_data = 0
+            if position > offset:
+                file.seek(position)
+            if self._write_abandoned:
+                self._release()
+            else:
+                self._all_sent()
+        return position - offset
+
+    async def _until_writable(self) -> None:
+        """Wait for room in the socket's buffer (or for ``abort()``, which wakes drain waiters)."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        poller = self._loop._poller
+        fd = self._fd
+
+        def writable() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        poller.set_writer(fd, writable)
+        self._drain_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            poller.clear_writer(fd, writable)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import os
 from typing import Any
 
@@ -28,6 +29,7 @@ from forkloop.proactor import loop as loop_module
 from forkloop.proactor.emulated import EmulatedRing
 from forkloop.proactor.ring import Ring
 from forkloop.proactor.transports import StreamTransport
+from tests.waiting import until
 
 # receiving ------------------------------------------------------------------------------
 
@@ -242,3 +244,57 @@ def test_loop_sendfile_sends_a_file_over_a_transport(engine_name: str, tmp_path:
         return sent, received == content[1000:501_000], position
 
     assert run_on(engine_name, main) == (500_000, True, 501_000)
+
+
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_loop_sendfile_sends_a_large_file_to_a_slow_reader_without_copying_it(
+    engine_name: str, tmp_path: Any
+) -> None:
+    content = os.urandom(6 * 1024 * 1024)  # more than the socket buffers hold
+    path = tmp_path / "payload.bin"
+    path.write_bytes(content)
+
+    class Unreadable(io.FileIO):
+        def read(self, size: int = -1) -> bytes:
+            raise AssertionError("the file was read into Python instead of sent by the kernel")
+
+        readinto = read  # type: ignore[assignment]
+
+    async def main() -> tuple[int, bool]:
+        loop = asyncio.get_running_loop()
+        server_side, client, server = await connected_pair()
+        writer = server_side.transport
+        client.transport.pause_reading()
+        with Unreadable(path, "rb") as file:
+            sending = asyncio.ensure_future(loop.sendfile(writer, file, fallback=False))
+            fd = writer.get_extra_info("socket").fileno()
+            await until(lambda: loop._poller.writer_of(fd) is not None)  # full: waits for room
+            with pytest.raises(RuntimeError, match="sendfile is in progress"):
+                writer.write(b"too early")
+            client.transport.resume_reading()
+            sent = await sending
+        writer.write(b"after")  # in order, behind the file
+        received = await client.received(len(content) + 5)
+        client.transport.close()
+        server.close()
+        return sent, received == content + b"after"
+
+    assert run_on(engine_name, main, timeout=60) == (len(content), True)
+
+
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_loop_sendfile_of_a_file_without_an_fd_reads_it_or_refuses_without_fallback(
+    engine_name: str,
+) -> None:
+    async def main() -> tuple[int, bytes]:
+        loop = asyncio.get_running_loop()
+        server_side, client, server = await connected_pair()
+        with pytest.raises(asyncio.SendfileNotAvailableError):
+            await loop.sendfile(server_side.transport, io.BytesIO(b"x" * 100), fallback=False)
+        sent = await loop.sendfile(server_side.transport, io.BytesIO(b"y" * 100_000))
+        received = await client.received(100_000)
+        client.transport.close()
+        server.close()
+        return sent, received
+
+    assert run_on(engine_name, main) == (100_000, b"y" * 100_000)
