@@ -70,6 +70,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import urlencode
 
@@ -183,10 +184,14 @@ class ResponseCache:
     """An LRU of responses bounded by bytes, shared by every cached route of an app."""
 
     def __init__(
-        self, max_bytes: int = 64 * 1024 * 1024, clock: Callable[[], float] = time.monotonic
+        self,
+        max_bytes: int = 64 * 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
+        shared_tier: Callable[[], shared_cache.SharedTier | None] = shared_cache.current,
     ):
         self.max_bytes = max_bytes
         self.clock = clock
+        self.shared_tier = shared_tier  # the server-wide level, when the worker has one
         self.size = 0
         self.stats = CacheStats()
         self._urls: OrderedDict[str, _Variants] = OrderedDict()
@@ -309,7 +314,7 @@ class ResponseCache:
     ) -> Entry | _Uncacheable | _FromSharedTier:
         """Fill the key once for the server: from the shared tier, or by running the
         handler once and storing what it gave, if it may be stored."""
-        tier = shared_cache.current()
+        tier = self.shared_tier()
         key = self._flight_key(url, request)
         lease: shared_cache.Lease | None = None
         if tier is not None and key[1] == ():  # entries with Vary stay local (for now)
@@ -327,22 +332,36 @@ class ResponseCache:
                 self.stats.takeovers += got.took_over
             elif got is shared_cache.FALLBACK:
                 self.stats.fallbacks += 1
+        if lease is None:
+            return await self._compute_and_store(url, request, handler, policy)
+        return await self._fill_for_the_server(url, request, handler, policy, lease)
+
+    async def _fill_for_the_server(
+        self,
+        url: str,
+        request: Request,
+        handler: Handler,
+        policy: CachePolicy,
+        lease: shared_cache.Lease,
+    ) -> Entry | _Uncacheable:
+        """Compute under the server's lease and share the result. When this worker's
+        own requests all leave while other workers wait, the computation runs on for
+        them; it is cancelled when they have all left too (`server.shared_cache`)."""
+        work = asyncio.get_running_loop().create_task(
+            self._compute_and_store(url, request, handler, policy)
+        )
+        work.add_done_callback(partial(_end_lease, lease))
         try:
-            value = await self._compute_and_store(url, request, handler, policy)
-        except Exception:
-            if lease is not None:
-                lease.fail()  # waiters elsewhere compute for themselves
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if not work.done():
+                if lease.others_waiting:
+                    lease.on_abandoned = work.cancel
+                    self._background.add(work)
+                    work.add_done_callback(self._background.discard)
+                else:
+                    work.cancel()
             raise
-        except BaseException:
-            if lease is not None:
-                lease.release()  # cancelled: the fill passes to a waiter elsewhere
-            raise
-        if lease is not None:
-            if isinstance(value, Entry) and _shareable(value):
-                lease.store(value)
-            else:  # not shareable (uncacheable, an error, a Vary): waiters compute alone
-                lease.fail()
-        return value
 
     async def _compute_and_store(
         self, url: str, request: Request, handler: Handler, policy: CachePolicy
@@ -512,6 +531,20 @@ async def _call(handler: Handler, request: Request) -> Response:
 
 def inspect_awaitable(value: Any) -> bool:
     return hasattr(value, "__await__")
+
+
+def _end_lease(lease: shared_cache.Lease, work: asyncio.Task[Entry | _Uncacheable]) -> None:
+    """Share what the work gave, or say why not (a lease always ends exactly once)."""
+    if work.cancelled():
+        lease.release()  # the fill passes to a waiter elsewhere, if one is left
+    elif work.exception() is not None:
+        lease.fail()  # waiters elsewhere compute for themselves
+    else:
+        value = work.result()
+        if isinstance(value, Entry) and _shareable(value):
+            lease.store(value)
+        else:  # not shareable (uncacheable, an error, a Vary): waiters compute alone
+            lease.fail()
 
 
 def _shareable(entry: Entry) -> bool:

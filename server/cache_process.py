@@ -29,7 +29,10 @@ Rules
    closing (the worker exited or was killed): the lease passes at once to the
    first waiter (``FILL``); with no waiter the flight ends. RELEASE by a waiter
    removes it; a closing connection removes all of its waiters.
-5. Nothing here waits on a worker: every step is a reaction to one frame or
+5. Whenever a flight's waiters change, its holder is told how many there are
+   (``WAITERS``, after its ``FILL``): that is how a fill is cancelled exactly when
+   every waiter in every worker has left (`server.shared_cache`, rule 6).
+6. Nothing here waits on a worker: every step is a reaction to one frame or
    one closed connection, and every answer is written before the next frame is
    read. A slow or stopped worker delays nobody but itself.
 """
@@ -52,6 +55,7 @@ from typing import TYPE_CHECKING, cast
 
 from .shared_cache import (
     ALONE_ANSWER,
+    COUNT,
     EXPIRY,
     FAIL,
     FILL,
@@ -60,6 +64,7 @@ from .shared_cache import (
     RELEASE,
     STORE,
     WAIT,
+    WAITERS,
     frame,
     parse_frames,
 )
@@ -114,6 +119,7 @@ class SharedStore:
             flight.waiters.append((connection, request_id))
             self.stats.waits += 1
             connection.send(WAIT, request_id)
+            self._tell_holder(flight)
             return
         self.flights[key] = _Flight((connection, request_id))
         self.stats.fills += 1
@@ -143,13 +149,17 @@ class SharedStore:
         else:
             with contextlib.suppress(ValueError):
                 flight.waiters.remove((connection, request_id))
+                self._tell_holder(flight)
 
     def forget_connection(self, connection: _Connection) -> None:
         """A worker's connection closed: its waiters leave, its leases pass on."""
         for key, flight in list(self.flights.items()):
+            waiting = len(flight.waiters)
             flight.waiters = deque(w for w in flight.waiters if w[0] is not connection)
             if flight.holder[0] is connection:
                 self._pass_lease(key, flight)
+            elif len(flight.waiters) != waiting:
+                self._tell_holder(flight)
 
     def _pass_lease(self, key: bytes, flight: _Flight) -> None:
         if not flight.waiters:
@@ -159,6 +169,13 @@ class SharedStore:
         self.stats.takeovers += 1
         connection, request_id = flight.holder
         connection.send(FILL, request_id)
+        self._tell_holder(flight)
+
+    def _tell_holder(self, flight: _Flight) -> None:
+        """The holder learns how many wait on its fill: it finishes a fill its own
+        requests left while another worker still waits, and cancels it when nobody does."""
+        connection, request_id = flight.holder
+        connection.send(WAITERS, request_id, COUNT.pack(len(flight.waiters)))
 
     def _keep(self, key: bytes, blob: bytes) -> None:
         size = len(key) + len(blob) + ENTRY_OVERHEAD

@@ -36,7 +36,12 @@ Invariants
    tier), and tries to reconnect at most every `RECONNECT_INTERVAL` (the master
    restarts a cache process that died). A waiter waits at most the route's
    ``lock_timeout`` for a fill elsewhere, then computes alone.
-5. Freshness comes with the entry: the cache process serves only entries still
+5. Who cancels a fill: the holder, when its own requests have all left *and*
+   no worker waits (the cache process tells the holder each change in its
+   waiter count). While others wait, the holder's fill runs on without its own
+   requests and is shared when it ends; when the last of them leaves, it is
+   cancelled. A route with ``finish_abandoned_fills`` always finishes.
+6. Freshness comes with the entry: the cache process serves only entries still
    fresh (``CLOCK_MONOTONIC`` is one clock for every process of the machine), so
    a stale local entry's refresh is itself one fill per server.
 
@@ -74,7 +79,8 @@ MAX_FRAME = 64 * 1024 * 1024
 # worker -> cache process
 GET, STORE, FAIL, RELEASE = 1, 2, 3, 4
 # cache process -> worker
-HIT, FILL, WAIT, ALONE_ANSWER = 10, 11, 12, 13
+HIT, FILL, WAIT, ALONE_ANSWER, WAITERS = 10, 11, 12, 13, 14
+COUNT = struct.Struct("!I")
 
 ACK_TIMEOUT = 1.0  # seconds a GET may go unacknowledged before the tier counts as hung
 RECONNECT_INTERVAL = 0.25
@@ -180,6 +186,15 @@ class Lease:
         self.request_id = request_id
         self.took_over = took_over
         self.ended = False
+        # set while the fill runs on for waiters elsewhere after this worker's own requests
+        # left: called when they have all left too
+        self.on_abandoned: Callable[[], object] | None = None
+        tier.leases[request_id] = self
+
+    @property
+    def others_waiting(self) -> int:
+        """Requests (one per worker) waiting in other workers for this fill."""
+        return self.tier.waiting.get(self.request_id, 0)
 
     def store(self, entry: Entry) -> None:
         blob = encode_entry(entry)
@@ -197,6 +212,9 @@ class Lease:
     def _end(self, operation: int, payload: bytes = b"") -> None:
         if not self.ended:
             self.ended = True
+            self.on_abandoned = None
+            self.tier.leases.pop(self.request_id, None)
+            self.tier.waiting.pop(self.request_id, None)
             self.tier.send(operation, self.request_id, self.key, payload)
 
 
@@ -231,6 +249,8 @@ class SharedTier:
         self.stats = SharedStats()
         self.transport: asyncio.Transport | None = None
         self._answers: dict[int, asyncio.Queue[tuple[int, bytes]]] = {}
+        self.leases: dict[int, Lease] = {}  # by request id: the fills this worker holds
+        self.waiting: dict[int, int] = {}  # lease's request id -> waiters in other workers
         self._next_id = 1
         self._last_attempt = -RECONNECT_INTERVAL
         self._connecting: asyncio.Task[bool] | None = None
@@ -260,6 +280,12 @@ class SharedTier:
             transport.abort()
         for answers in self._answers.values():
             answers.put_nowait((ALONE_ANSWER, b""))
+        for lease in list(self.leases.values()):  # nobody elsewhere can be waiting now
+            self.waiting[lease.request_id] = 0
+            if lease.on_abandoned is not None:
+                abandoned = lease.on_abandoned
+                lease.release()
+                abandoned()
         if not self._reported:
             self._reported = True
             self.stats.shared_unavailable += 1
@@ -270,9 +296,22 @@ class SharedTier:
             self.transport.write(frame(operation, request_id, key, payload))
 
     def answer(self, request_id: int, operation: int, payload: bytes) -> None:
+        if operation == WAITERS:
+            self._count_waiters(request_id, COUNT.unpack(payload)[0])
+            return
         answers = self._answers.get(request_id)
         if answers is not None:
             answers.put_nowait((operation, payload))
+
+    def _count_waiters(self, request_id: int, count: int) -> None:
+        lease = self.leases.get(request_id)
+        if lease is None and request_id not in self._answers:
+            return  # a lease that has ended meanwhile
+        self.waiting[request_id] = count
+        if count == 0 and lease is not None and lease.on_abandoned is not None:
+            abandoned = lease.on_abandoned
+            lease.release()
+            abandoned()
 
     def _reconnect_soon(self) -> None:
         if self._connecting is None and self.clock() - self._last_attempt >= RECONNECT_INTERVAL:
@@ -295,7 +334,7 @@ class SharedTier:
         answers: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         self._answers[request_id] = answers
         waited = False
-        granted = False
+        settled = False  # an answer was taken: whatever it was, the cache process knows
         try:
             self.send(GET, request_id, key)
             try:
@@ -313,6 +352,7 @@ class SharedTier:
                 except TimeoutError:
                     self.stats.shared_alone += 1
                     return ALONE
+            settled = True
             if operation == HIT:
                 if waited:
                     self.stats.shared_coalesced += 1
@@ -320,7 +360,7 @@ class SharedTier:
                     self.stats.shared_hits += 1
                 return Hit(decode_entry(payload), waited)
             if operation == FILL:
-                granted = True
+                self.waiting.setdefault(request_id, 0)
                 self.stats.shared_fills += 1
                 if waited:
                     self.stats.shared_takeovers += 1
@@ -332,9 +372,10 @@ class SharedTier:
             return FALLBACK
         finally:
             del self._answers[request_id]
-            if waited and not granted:
-                # gone before an answer (cancelled, timed out): not a waiter any more; a
-                # lease granted meanwhile passes on (the cache process ignores a stray one)
+            if not settled:
+                # gone before an answer was taken (cancelled, timed out): not a waiter any
+                # more, and a lease granted meanwhile passes on (a stray release is ignored)
+                self.waiting.pop(request_id, None)
                 self.send(RELEASE, request_id, key)
 
     def close(self) -> None:

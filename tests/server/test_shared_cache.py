@@ -10,17 +10,30 @@ which appends a line per computation to a file.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from forkloop.server.cache import CachePolicy, ResponseCache
 from forkloop.server.cache_process import SharedStore
-from forkloop.server.shared_cache import ALONE_ANSWER, FILL, HIT, WAIT
+from forkloop.server.cache_process import _Connection as CacheConnection
+from forkloop.server.http import Request, Response
+from forkloop.server.shared_cache import (
+    ALONE_ANSWER,
+    COUNT,
+    FILL,
+    HIT,
+    WAIT,
+    WAITERS,
+    SharedTier,
+)
 from tests.server.master_support import MasterUnderTest, alive, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -236,11 +249,17 @@ def test_reload_keeps_the_shared_entries(server):
 
 
 class RecordingConnection:
+    """Records the answers the store sends; the holder's waiter counts apart."""
+
     def __init__(self) -> None:
         self.sent: list[tuple[int, int, bytes]] = []
+        self.waiter_counts: list[int] = []
 
     def send(self, operation: int, request_id: int, payload: bytes = b"") -> None:
-        self.sent.append((operation, request_id, payload))
+        if operation == WAITERS:
+            self.waiter_counts.append(COUNT.unpack(payload)[0])
+        else:
+            self.sent.append((operation, request_id, payload))
 
 
 def _blob(fresh_until: float, size: int = 10) -> bytes:
@@ -282,6 +301,7 @@ def test_store_forgets_a_fill_when_every_waiter_has_left():
     store.get(a, 1, b"k")  # type: ignore[arg-type]
     store.get(b, 2, b"k")  # type: ignore[arg-type]
     store.release(b, 2, b"k")  # type: ignore[arg-type]
+    assert a.waiter_counts == [1, 0]  # the holder knows nobody else waits now
     store.release(a, 1, b"k")  # type: ignore[arg-type]
     assert store.flights == {}
     assert b.sent == [(WAIT, 2, b"")]
@@ -297,3 +317,99 @@ def test_store_stays_within_its_byte_bound_under_a_flood_of_distinct_keys():
         assert store.size <= 100_000
     assert store.stats.evictions > 4_000
     assert store.flights == {}
+
+
+# ------------------------------------------- two workers' caches and a cache process, in-process
+
+
+class Fill:
+    """A handler that counts its starts, ends and cancellations, and ends when told."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.finished = 0
+        self.cancelled = 0
+        self.release = asyncio.Event()
+
+    async def __call__(self, request: Request) -> Response:
+        self.started += 1
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        self.finished += 1
+        return Response("value\n", headers={"Cache-Control": "max-age=60"})
+
+
+async def two_workers(tmp_path: Path) -> tuple[ResponseCache, ResponseCache, SharedStore, object]:
+    """Two workers' caches, each with its own connection to one cache process's store."""
+    store = SharedStore(1 << 20)
+    path = str(tmp_path / "cache.sock")
+    server = await asyncio.get_running_loop().create_unix_server(
+        lambda: CacheConnection(store), path
+    )
+    caches = []
+    for _ in range(2):
+        tier = SharedTier(path, 1 << 16)
+        assert await tier.connect()
+        caches.append(ResponseCache(shared_tier=lambda tier=tier: tier))
+    return caches[0], caches[1], store, server
+
+
+def get(cache: ResponseCache, handler: Fill) -> asyncio.Task[Response]:
+    async def serve() -> Response:
+        answer = cache.serve(make_request("/k"), handler, CachePolicy(ttl=60))
+        return await answer if inspect.isawaitable(answer) else answer
+
+    return asyncio.get_running_loop().create_task(serve())
+
+
+def make_request(target: str) -> Request:
+    return Request("GET", target.encode(), "1.1", [], ("127.0.0.1", 1), True)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+def test_the_filler_whose_requests_left_finishes_for_the_waiters_in_another_worker(tmp_path):
+    async def scenario() -> None:
+        first, second, store, server = await two_workers(tmp_path)
+        handler = Fill()
+        filler = get(first, handler)
+        await until(lambda: handler.started == 1)
+        waiter = get(second, handler)
+        await until(lambda: any(f.waiters for f in store.flights.values()))
+        filler.cancel()  # the filling worker's only request leaves
+        await asyncio.sleep(0)
+        handler.release.set()
+        answer = await asyncio.wait_for(waiter, 5)
+        assert answer.status == 200 and answer.header("x-cache") == "HIT"
+        assert (handler.started, handler.finished, handler.cancelled) == (1, 1, 0)
+        assert first.stats.computations == 1 and second.stats.computations == 0
+        server.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_fill_is_cancelled_when_every_waiter_in_every_worker_has_left(tmp_path):
+    async def scenario() -> None:
+        first, second, store, server = await two_workers(tmp_path)
+        handler = Fill()
+        filler = get(first, handler)
+        await until(lambda: handler.started == 1)
+        waiter = get(second, handler)
+        await until(lambda: any(f.waiters for f in store.flights.values()))
+        filler.cancel()
+        await asyncio.sleep(0.05)
+        assert handler.cancelled == 0  # a worker still waits: the fill runs on
+        waiter.cancel()
+        await until(lambda: handler.cancelled == 1)
+        await until(lambda: not store.flights)
+        assert handler.finished == 0
+        server.close()
+
+    asyncio.run(scenario())
