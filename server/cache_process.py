@@ -1,7 +1,8 @@
 """The cache process: the server-wide cache tier and its one-fill-per-key leases.
 
 The master forks it before the first worker (as nginx forks its cache
-manager) and restarts it when it dies; it outlives reloads (HUP), so new
+manager) and restarts it when it dies, or kills it first when its loop has
+not beaten its shared-memory heartbeat for `HANG_TIMEOUT` seconds; it outlives reloads (HUP), so new
 workers see the old workers' entries. It serves no HTTP. It listens on a Unix
 socket; every worker keeps one connection to it (`server.shared_cache` is the
 worker's side and defines the wire format).
@@ -43,9 +44,11 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import mmap
 import os
 import signal
 import socket
+import struct
 import tempfile
 import time
 from collections import OrderedDict, deque
@@ -236,6 +239,25 @@ class _Connection(asyncio.Protocol):
 
 
 RESTART_DELAY = 0.1  # seconds before restarting a cache process that died; doubles, up to 5
+BEAT_INTERVAL = 0.25  # seconds between the cache process's heartbeats
+HANG_TIMEOUT = 3.0  # a cache process whose loop has not beaten this long is killed
+
+
+class Heartbeat:
+    """One shared-memory clock reading: the cache process writes it, the master reads it."""
+
+    CLOCK = struct.Struct("d")
+
+    def __init__(self) -> None:
+        self.memory = mmap.mmap(-1, self.CLOCK.size)  # anonymous, shared across fork
+        self.beat()
+
+    def beat(self) -> None:
+        self.CLOCK.pack_into(self.memory, 0, time.monotonic())
+
+    def age(self) -> float:
+        (last,) = self.CLOCK.unpack_from(self.memory, 0)
+        return time.monotonic() - float(last)
 
 
 class CacheProcessKeeper:
@@ -255,18 +277,33 @@ class CacheProcessKeeper:
         self.started = 0.0
         self.next_start = 0.0
         self.failures = 0
+        self.heartbeat = Heartbeat()
+        self.killed = False  # SIGKILL sent for a missed heartbeat
 
     def keep_running(self, close_in_child: Callable[[], None]) -> None:
-        """Start the cache process if it is not running (and its back-off allows)."""
-        if self.pid is not None or self.listener is None or time.monotonic() < self.next_start:
+        """Start the cache process if it is not running (and its back-off allows); kill
+        it if it hangs (the next turn after its reaping starts another)."""
+        if self.pid is not None:
+            age = self.heartbeat.age()
+            if age > HANG_TIMEOUT and not self.killed:
+                log.error(
+                    "cache process %d missed its heartbeat for %.1fs: killing it", self.pid, age
+                )
+                self.killed = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+            return
+        if self.listener is None or time.monotonic() < self.next_start:
             return
         self.started = time.monotonic()
+        self.killed = False
+        self.heartbeat.beat()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 close_in_child()
-                code = run(self.listener, self.max_bytes)
+                code = run(self.listener, self.max_bytes, self.heartbeat)
             except BaseException:  # noqa: BLE001 - never return into the master's loop
                 log.exception("cache process %d failed", os.getpid())
             finally:
@@ -336,8 +373,14 @@ def listen(path: str) -> socket.socket:
     return sock
 
 
-async def serve(sock: socket.socket, max_bytes: int) -> None:
+async def serve(sock: socket.socket, max_bytes: int, heartbeat: Heartbeat) -> None:
     loop = asyncio.get_running_loop()
+
+    def beat() -> None:
+        heartbeat.beat()
+        loop.call_later(BEAT_INTERVAL, beat)
+
+    beat()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -349,10 +392,10 @@ async def serve(sock: socket.socket, max_bytes: int) -> None:
     log.info("cache process %d stopped", os.getpid())
 
 
-def run(sock: socket.socket, max_bytes: int) -> int:
+def run(sock: socket.socket, max_bytes: int, heartbeat: Heartbeat) -> int:
     """The cache process's life, in the child the master forked."""
     _exit_with_parent()
-    asyncio.run(serve(sock, max_bytes))
+    asyncio.run(serve(sock, max_bytes, heartbeat))
     return 0
 
 

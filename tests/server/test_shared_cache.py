@@ -10,6 +10,7 @@ which appends a line per computation to a file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import re
@@ -208,7 +209,7 @@ def test_killing_the_cache_process_fails_no_request_and_it_comes_back(server):
     assert wait_for(one_fill_for_a_fresh_key, 10, interval=0.1), master.tail()
 
 
-def test_a_stopped_cache_process_fails_no_request(server):
+def test_a_stopped_cache_process_fails_no_request_and_is_replaced(server):
     master = server("asyncio")
     cache_pid = master.cache_processes()[0]
     os.kill(cache_pid, signal.SIGSTOP)
@@ -217,8 +218,12 @@ def test_a_stopped_cache_process_fails_no_request(server):
         answers = stampede(master.port, "/fill/hung?ms=100", 100)
         assert {status for status, _ in answers} == {200}
         assert time.monotonic() - started < 10
+        # the master sees the missed heartbeat, kills it and starts another
+        assert wait_for(lambda: len(master.cache_processes()) == 2, 10), master.tail()
+        assert "missed its heartbeat" in master.full_log()
     finally:
-        os.kill(cache_pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(cache_pid, signal.SIGCONT)
     keys = iter(range(100))
 
     def one_fill_for_a_fresh_key() -> bool:
