@@ -487,6 +487,19 @@ class EmulatedRing:
             data = view[offset : len(view) if length is None else offset + length]
         self._queue(_Send(self, user_data, fd, [data]))
 
+    def prepare_send_zero_copy(
+        self,
+        user_data: int,
+        fd: int,
+        buffer: OutgoingBuffer,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        flags: int = 0,
+    ) -> None:
+        """A plain send: one completion, without ``F_MORE``, so no notification follows."""
+        self.prepare_send(user_data, fd, buffer, offset=offset, length=length, flags=flags)
+
     def prepare_send_unconfirmed(self, user_data: int, fd: int, data: bytes) -> None:
         """As `proactor.ring.Ring.prepare_send_unconfirmed`: tried once when submitted; a
         completion only when not everything was sent (the count, ``-EAGAIN`` or ``-errno``)."""

@@ -236,6 +236,19 @@ class CompletionEngine(Protocol):
 
     def provide_buffers(self, count: int, size: int, group_id: int = 0) -> ReceiveBuffers: ...
 
+    def prepare_send_zero_copy(
+        self,
+        user_data: int,
+        fd: int,
+        buffer: OutgoingBuffer,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        flags: int = ...,
+    ) -> None:
+        """A send from the buffer's own pages (``capabilities.zero_copy_send``); its
+        buffer is held until a notification completion (``IORING_CQE_F_NOTIF``)."""
+
     def prepare_send_unconfirmed(self, user_data: int, fd: int, data: bytes) -> None:
         """Send all of ``data`` when submitted, or post a completion saying how much went out.
 

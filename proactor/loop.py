@@ -290,15 +290,16 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, Datagrams):
         found = None
         later = []
         for entry in ring.completions():
-            if entry[0] == user_data and found is None and not entry[2] & _MORE:
-                found = entry
+            if entry[0] == user_data and found is None:
+                found = entry  # a zero-copy send's notification may follow (F_MORE)
             else:
                 later.append(entry)
         if later:
             self._undelivered = (self._undelivered or []) + later
         if found is None:
             return None
-        del self._handlers[user_data]
+        if not found[2] & _MORE:
+            del self._handlers[user_data]
         return found[1], found[2]
 
     def _watch_readable(self, fd: int, callback: Callable[[], object]) -> None:

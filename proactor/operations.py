@@ -356,6 +356,30 @@ class Operations:
         address, length, keep = pin_span(buffer, offset, length)
         self._queue(user_data, abi.OP_SEND, fd, address, length, flags, keep)
 
+    def prepare_send_zero_copy(
+        self,
+        user_data: int,
+        fd: int,
+        buffer: OutgoingBuffer,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        flags: int = socket.MSG_NOSIGNAL,
+    ) -> None:
+        """`prepare_send` without the copy into the socket (``SEND_ZC``, 6.0).
+
+        The kernel sends from ``buffer``'s own pages, so it needs them until the
+        data has left: the first CQE carries the count sent and, when a
+        notification follows, ``IORING_CQE_F_MORE``; the notification is a
+        second CQE with ``IORING_CQE_F_NOTIF``, posted when the pages are free.
+        The ring holds ``buffer`` until then. (To a peer on this host the kernel
+        copies after all, at delivery.)
+        """
+        if not self.capabilities.zero_copy_send:
+            raise _unsupported("zero-copy send needs kernel 6.0; send with prepare_send")
+        address, length, keep = pin_span(buffer, offset, length)
+        self._queue(user_data, abi.OP_SEND_ZC, fd, address, length, flags, keep)
+
     def prepare_send_unconfirmed(self, user_data: int, fd: int, data: bytes) -> None:
         """Send all of ``data`` now or report why not; success posts no completion.
 

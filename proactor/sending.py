@@ -88,18 +88,27 @@ from __future__ import annotations
 import asyncio
 import errno
 import io
+import ipaddress
 import os
+import socket
+import sys
 from collections.abc import Callable
 from os import write as write_fd
 from typing import IO, TYPE_CHECKING
 
 from ..reactor.loop import logger
 from ..reactor.transport_base import LOST_WRITE_LOG_THRESHOLD, StreamTransportBase
+from . import abi
 from .engine import CompletionEngine
 
 if TYPE_CHECKING:
     from .loop import CompletionHandler, EventLoop
 
+# Ordinary sends of at least this many bytes go zero-copy where the engine can (SEND_ZC)
+# and the peer is on another host; see the README's Benchmark section for how it was set.
+ZERO_COPY_SEND_FROM = 64 * 1024
+NEVER = sys.maxsize
+_NOTIF = abi.CQE_F_NOTIF
 # _send_user_data while _send_file runs: writes are refused, as asyncio refuses them.
 SENDING_FILE = -1
 SENDFILE_MAX_CHUNK = 1 << 30
@@ -145,6 +154,8 @@ class Sending(StreamTransportBase):
     _awaiting_confirmation: bool  # on the loop's list: _confirmed() will be called
     _released: bool
     _lost_called: bool
+    _sock: socket.socket
+    _zero_copy_from: int  # ordinary sends this large go zero-copy (NEVER: none do)
 
     def _release(self) -> None:
         raise NotImplementedError  # StreamTransport's: close the fd once nothing is in flight
@@ -183,13 +194,8 @@ class Sending(StreamTransportBase):
             if sent == len(data):
                 return
             data = data[sent:]  # the kernel's buffer is full: the rest goes through the ring
-        user_data = self._new_user_data()
-        self._ring.prepare_send(user_data, self._fd, data)
-        self._handlers[user_data] = self._sent_handler
-        self._send_user_data = user_data
-        self._sending = data
-        self._send_remaining = size = len(data)
-        if size > self._high_water:
+        self._send(data)
+        if self._send_remaining > self._high_water:
             self._over_high_water()
 
     def _queue_behind(self, data: bytes) -> None:
@@ -280,12 +286,39 @@ class Sending(StreamTransportBase):
         self._maybe_pause_protocol()
 
     def _send(self, data: bytes) -> None:
-        user_data = self._new_user_data()
-        self._ring.prepare_send(user_data, self._fd, data)
-        self._handlers[user_data] = self._sent_handler
-        self._send_user_data = user_data
         self._sending = data
         self._send_remaining = len(data)
+        self._submit_send(data, 0)
+
+    def _submit_send(self, data: bytes, offset: int) -> None:
+        """Hand the engine an ordinary send of ``data[offset:]``: zero-copy when it pays."""
+        user_data = self._new_user_data()
+        if len(data) - offset >= self._zero_copy_from and self._zero_copy_pays():
+            self._ring.prepare_send_zero_copy(user_data, self._fd, data, offset=offset)
+            self._handlers[user_data] = self._on_sent_zero_copy
+        else:
+            self._ring.prepare_send(user_data, self._fd, data, offset=offset)
+            self._handlers[user_data] = self._sent_handler
+        self._send_user_data = user_data
+
+    def _zero_copy_pays(self) -> bool:
+        """Asked at the first send big enough: not to a peer on this host, where the
+        kernel copies anyway (at delivery). Decided once per transport."""
+        try:
+            peer = self._sock.getpeername()
+            local = self._sock.family not in (socket.AF_INET, socket.AF_INET6) or (
+                ipaddress.ip_address(peer[0]).is_loopback
+            )
+        except (OSError, ValueError):
+            local = True
+        if local:
+            self._zero_copy_from = NEVER
+        return not local
+
+    def _on_sent_zero_copy(self, result: int, flags: int) -> None:
+        """A zero-copy send's completions: its result, then (``F_NOTIF``) the pages' release."""
+        if not flags & _NOTIF:
+            self._on_sent(result, flags)
 
     def _send_pending(self) -> None:
         pending = self._pending
@@ -311,11 +344,7 @@ class Sending(StreamTransportBase):
         if isinstance(sending, list):
             self._send(b"".join(sending)[-self._send_remaining :])
             return
-        user_data = self._new_user_data()
-        offset = len(sending) - self._send_remaining
-        self._ring.prepare_send(user_data, self._fd, sending, offset=offset)
-        self._handlers[user_data] = self._sent_handler
-        self._send_user_data = user_data
+        self._submit_send(sending, len(sending) - self._send_remaining)
 
     def _on_sent(self, result: int, flags: int) -> None:
         self._send_user_data = 0

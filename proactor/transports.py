@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any
 from ..reactor.transport_base import DEFAULT_HIGH_WATER
 from . import abi
 from .buffers import Pinned
-from .sending import Sending, result_error
+from .sending import NEVER, ZERO_COPY_SEND_FROM, Sending, result_error
 
 if TYPE_CHECKING:
     from ..reactor.servers import Server
@@ -100,7 +100,7 @@ class StreamTransport(Sending, asyncio.Transport):
         *("_own_buffer", "_reading_paused", "_eof", "_held", "_flush_scheduled"),
         *("_send_user_data", "_sent_handler", "_sending", "_send_remaining"),
         *("_unconfirmed", "_unconfirmed_at", "_unconfirmed_user_data", "_unconfirmed_handler"),
-        *("_awaiting_confirmation",),
+        *("_awaiting_confirmation", "_zero_copy_from"),
         *("_pending", "_pending_size", "_write_abandoned", "_eof_written", "_drain_waiters"),
         *("_high_water", "_low_water", "_protocol_paused", "_closing", "_conn_lost"),
         *("_lost_called", "_released", "__weakref__"),
@@ -152,6 +152,9 @@ class StreamTransport(Sending, asyncio.Transport):
         self._unconfirmed_user_data = 0
         self._unconfirmed_handler = self._on_unconfirmed_failed
         self._awaiting_confirmation = False
+        self._zero_copy_from = (
+            ZERO_COPY_SEND_FROM if loop._ring.capabilities.zero_copy_send else NEVER
+        )
         if loop._unconfirmed_sends:
             self._unconfirmed_user_data = user_data = loop._new_unconfirmed_user_data()
             self._handlers[user_data] = self._unconfirmed_handler

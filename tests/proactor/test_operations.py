@@ -359,3 +359,26 @@ def test_poll_for_writing(ring: Ring, connection: tuple[socket.socket, socket.so
     ring.prepare_poll_add(1, server.fileno(), select.POLLOUT)
     [(_, mask, _)] = collect(ring, 1)
     assert mask & select.POLLOUT
+
+
+def test_a_zero_copy_send_holds_its_buffer_until_the_notification(
+    ring: Ring, connection: tuple[socket.socket, socket.socket]
+) -> None:
+    client, server = connection
+    payload = os.urandom(32 * 1024)  # fits the socket buffers: no reader needed
+    ring.prepare_send_zero_copy(1, server.fileno(), payload)
+    seen: list[tuple[int, int]] = []
+
+    def on_completion(completion: tuple[int, int, int]) -> None:
+        user_data, result, flags = completion
+        assert user_data == 1
+        seen.append((result, flags & (MORE | abi.CQE_F_NOTIF)))
+
+    ring.submit()
+    assert ring.owns(1), "the pages are the kernel's until the notification is reaped"
+    run_until(ring, lambda: not ring.owns(1), on_completion)
+    assert seen == [(len(payload), MORE), (0, abi.CQE_F_NOTIF)]
+    received = bytearray()
+    while len(received) < len(payload):
+        received += client.recv(len(payload))
+    assert received == payload
