@@ -118,6 +118,7 @@ class CacheStats:
     # died, and fills done alone because the tier was unavailable
     shared_hits: int = 0
     shared_coalesced: int = 0
+    shared_waiters: int = 0  # other workers that waited for this worker's fills, and got them
     takeovers: int = 0
     fallbacks: int = 0
 
@@ -350,7 +351,7 @@ class ResponseCache:
         work = asyncio.get_running_loop().create_task(
             self._compute_and_store(url, request, handler, policy)
         )
-        work.add_done_callback(partial(_end_lease, lease))
+        work.add_done_callback(partial(_end_lease, lease, self.stats))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -533,7 +534,9 @@ def inspect_awaitable(value: Any) -> bool:
     return hasattr(value, "__await__")
 
 
-def _end_lease(lease: shared_cache.Lease, work: asyncio.Task[Entry | _Uncacheable]) -> None:
+def _end_lease(
+    lease: shared_cache.Lease, stats: CacheStats, work: asyncio.Task[Entry | _Uncacheable]
+) -> None:
     """Share what the work gave, or say why not (a lease always ends exactly once)."""
     if work.cancelled():
         lease.release()  # the fill passes to a waiter elsewhere, if one is left
@@ -542,6 +545,7 @@ def _end_lease(lease: shared_cache.Lease, work: asyncio.Task[Entry | _Uncacheabl
     else:
         value = work.result()
         if isinstance(value, Entry) and _shareable(value):
+            stats.shared_waiters += lease.others_waiting
             lease.store(value)
         else:  # not shareable (uncacheable, an error, a Vary): waiters compute alone
             lease.fail()

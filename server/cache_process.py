@@ -386,7 +386,12 @@ async def serve(sock: socket.socket, max_bytes: int, heartbeat: Heartbeat) -> No
         loop.add_signal_handler(signum, stop.set)
     store = SharedStore(max_bytes)
     server = await loop.create_unix_server(lambda: _Connection(store), sock=sock)
-    log.info("cache process %d serving the shared cache (%d bytes)", os.getpid(), max_bytes)
+    log.info(
+        "cache process %d serving the shared cache on %s (%d bytes)",
+        os.getpid(),
+        sock.getsockname(),
+        max_bytes,
+    )
     await stop.wait()
     server.close()
     log.info("cache process %d stopped", os.getpid())

@@ -57,6 +57,7 @@ CACHE_COUNTERS = (
     "cache_computations",
     "cache_shared_hits",
     "cache_shared_coalesced",
+    "cache_shared_waiters",
     "cache_takeovers",
     "cache_fallbacks",
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import os
 import re
 import signal
@@ -127,9 +128,17 @@ def test_a_stampede_over_every_worker_computes_once(server, backend):
     assert statuses.count("MISS") == 1, sorted(set(statuses))
     assert statuses.count("HIT") == 999
     assert len(master.fills("cold")) == 1
-    # the other workers did wait for it: some requests landed there
-    stats = master.get("/stats")
-    assert stats[0] == 200
+
+    # server-wide figures: once every worker has published its counters, one computation,
+    # and the other workers' waits counted on both sides
+    def totals() -> dict:
+        return json.loads(master.get("/stats")[1])["server"]
+
+    assert wait_for(lambda: totals()["cache_hits"] + totals()["cache_misses"] >= 1000, 5)
+    server_wide = totals()
+    assert server_wide["cache_computations"] == 1
+    assert server_wide["cache_shared_coalesced"] == server_wide["cache_shared_waiters"]
+    assert server_wide["cache_fallbacks"] == 0
 
 
 def test_a_value_filled_by_one_worker_is_a_hit_in_every_other(server):
@@ -248,6 +257,20 @@ def test_reload_keeps_the_shared_entries(server):
     assert {a for a in answers} == {(200, "HIT")}
     assert len(master.fills("kept")) == 1
     assert len(master.cache_processes()) == 1
+
+
+def test_quit_stops_the_cache_process_and_removes_its_socket(server):
+    master = server("asyncio")
+    assert stampede(master.port, "/fill/last?ms=10", 10)[0][0] == 200
+    cache_pid = master.cache_processes()[0]
+    found = re.search(r"serving the shared cache on (\S+)", master.full_log())
+    assert found is not None and os.path.exists(found.group(1))
+    master.signal(signal.SIGQUIT)
+    assert master.process is not None
+    assert master.process.wait(15) == 0, master.tail()
+    assert not alive(cache_pid)
+    assert f"cache process {cache_pid} stopped" in master.full_log()
+    assert not os.path.exists(os.path.dirname(found.group(1)))
 
 
 # ---------------------------------------------------------------------- the store, in-process
