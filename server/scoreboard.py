@@ -55,6 +55,10 @@ CACHE_COUNTERS = (
     "cache_bypass",
     "cache_coalesced",
     "cache_computations",
+)
+# The server-wide tier (server.shared_cache): subsets of the hits above, and events that
+# are not lookups, kept apart so that the lookups by result still add up.
+SHARED_CACHE_COUNTERS = (
     "cache_shared_hits",
     "cache_shared_coalesced",
     "cache_shared_waiters",
@@ -87,6 +91,7 @@ LATENCY_COUNTERS = (
 COUNTERS = (
     HTTP_COUNTERS
     + CACHE_COUNTERS
+    + SHARED_CACHE_COUNTERS
     + CANCEL_COUNTERS
     + RESTART_COUNTERS
     + RESPONSE_COUNTERS
