@@ -20,17 +20,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
+import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
-from ..server import App, Request, Response
-from ..server.cache import CachePolicy
+from ..server import App, Request, Response, cache_process
+from ..server.cache import CachePolicy, ResponseCache
+from ..server.shared_cache import SharedTier
 from .servers import ServerProcess, free_port, python
 
 app = App()
@@ -185,6 +190,70 @@ def hit_costs(args: argparse.Namespace) -> str:
     )
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used, from /proc (clock ticks)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _serve_many(cache: ResponseCache, targets: list[str]) -> None:
+    policy = CachePolicy(ttl=3600)
+    for target in targets:
+        request = Request("GET", target.encode(), "1.1", [], ("127.0.0.1", 1), True)
+        answer = cache.serve(request, _instant, policy)
+        if inspect.isawaitable(answer):
+            await answer
+
+
+async def _instant(request: Request) -> Response:
+    return Response(b"x" * 100, headers={"Cache-Control": "max-age=3600"})
+
+
+def lookup_costs(count: int) -> str:
+    """CPU per request (this process plus the cache process) of a local hit, a shared
+    hit (another worker filled it) and a miss, shared tier off and on."""
+    directory = tempfile.mkdtemp(prefix="forkloop-costs-")
+    keeper_socket = cache_process.listen(os.path.join(directory, "cache.sock"))
+    heartbeat = cache_process.Heartbeat()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(cache_process.run(keeper_socket, 1 << 30, heartbeat))
+    keeper_socket.close()
+    path = os.path.join(directory, "cache.sock")
+
+    async def measure() -> list[tuple[str, float]]:
+        rows = []
+
+        async def cost(name: str, cache: ResponseCache, targets: list[str]) -> None:
+            cpu = time.process_time(), _cpu_seconds(pid)
+            await _serve_many(cache, targets)
+            spent = time.process_time() - cpu[0] + _cpu_seconds(pid) - cpu[1]
+            rows.append((name, spent / len(targets) * 1e6))
+
+        filler_tier, reader_tier = SharedTier(path, 1 << 20), SharedTier(path, 1 << 20)
+        assert await filler_tier.connect() and await reader_tier.connect()
+        local = ResponseCache(shared_tier=lambda: None)
+        await _serve_many(local, ["/hot"])
+        await cost("local hit", local, ["/hot"] * count)
+        await cost("miss, shared tier off", local, [f"/off/{n}" for n in range(count)])
+        filler = ResponseCache(shared_tier=lambda: filler_tier)
+        reader = ResponseCache(shared_tier=lambda: reader_tier)
+        await cost("miss, shared tier on", filler, [f"/on/{n}" for n in range(count)])
+        await cost("shared hit (local miss)", reader, [f"/on/{n}" for n in range(count)])
+        return rows
+
+    try:
+        rows = asyncio.run(measure())
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        shutil.rmtree(directory, ignore_errors=True)
+    lines = ["| lookup | CPU µs/request (worker + cache process) |", "|---|---:|"]
+    lines += [f"| {name} | {micros:.1f} |" for name, micros in rows]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000)
@@ -193,6 +262,7 @@ def main() -> int:
     parser.add_argument("--workers", default="1,4", help="worker counts to run, comma-separated")
     parser.add_argument("--shared-cache", default="off,on", help="off, on or off,on")
     parser.add_argument("--wrk-seconds", type=int, default=5)
+    parser.add_argument("--lookups", type=int, default=20000, help="per row of the CPU table")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(
@@ -203,6 +273,7 @@ def main() -> int:
         for shared in args.shared_cache.split(","):
             rows += run_stampedes(args, workers, shared)
     hit_note = hit_costs(args) if shutil.which("wrk") else ""
+    hit_note += "\n\n" + lookup_costs(args.lookups)
     print(
         f"{args.requests} concurrent cold requests for one key, compute {args.compute_ms} ms, "
         f"loop {args.loop}, Python {sys.version.split()[0]}\n"
