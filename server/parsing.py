@@ -56,8 +56,9 @@ that a proxy in front of us reads differently, so they are fixed here:
 
 The WebSocket upgrade
 ---------------------
-A ``GET`` asking for ``Upgrade: websocket``, with no body, whose head passed
-every check above, is queued like any request, marked ``upgrade``; from its
+A ``GET`` asking for ``Upgrade: websocket`` with a ``Sec-WebSocket-Key``, with
+no body, whose head passed every check above, is queued like any request,
+marked ``upgrade``; from its
 head's end on nothing is parsed (``switching``): what follows belongs to the
 new protocol, or to nobody if the switch is refused (the refusal closes the
 connection). Those bytes wait in the flow control's stash, which
@@ -466,12 +467,18 @@ _HOST_CHARACTERS = (
 
 
 def _asks_for_websocket(request: Request) -> bool:
-    """True when an Upgrade field of ``request`` names the websocket protocol."""
+    """True for a WebSocket handshake: an Upgrade field naming websocket, and a
+    Sec-WebSocket-Key (without one the request is no handshake: it is declined,
+    and answered as plain HTTP)."""
+    upgrade = key = False
     for name, value in request.raw_headers:
         if len(name) == 7 and name.lower() == b"upgrade":
-            if any(token.strip().lower() == b"websocket" for token in value.split(b",")):
-                return True
-    return False
+            upgrade = upgrade or any(
+                token.strip().lower() == b"websocket" for token in value.split(b",")
+            )
+        elif len(name) == 17 and name.lower() == b"sec-websocket-key":
+            key = True
+    return upgrade and key
 
 
 def _head_without_upgrade(request: Request) -> bytes:

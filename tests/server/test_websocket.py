@@ -458,18 +458,37 @@ def test_an_upgrade_with_bad_framing_is_refused_before_the_application_runs(back
         two_hosts = send_raw(
             server.port, b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n" + handshake + b"\r\n"
         )
-        no_key = send_raw(
+        bad_key = send_raw(
             server.port,
             b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n",
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n\r\n",
         )
-        old_version = send_raw(server.port, b"GET / HTTP/1.1\r\nHost: a\r\n" + handshake.replace(
-            b"Version: 13", b"Version: 8") + b"\r\n")  # fmt: skip
+        old_version = send_raw(
+            server.port,
+            b"GET / HTTP/1.1\r\nHost: a\r\n" + handshake.replace(b"Version: 13", b"Version: 8")
+            + b"\r\n",
+        )  # fmt: skip
     assert two_hosts.startswith(b"HTTP/1.1 400 "), two_hosts
     assert b"duplicate Host" in two_hosts
-    assert no_key.startswith(b"HTTP/1.1 400 "), no_key
+    assert bad_key.startswith(b"HTTP/1.1 400 "), bad_key
     assert old_version.startswith(b"HTTP/1.1 400 "), old_version
     assert called.events.empty()
+
+
+def test_an_upgrade_without_a_key_is_no_handshake_the_app_sees_http(backend):
+    """As for any declined upgrade (the hostile-input table's case): answered as
+    HTTP, and the connection goes on."""
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["type"].encode()})
+
+    with running_server(backend, asgi(app)) as server:
+        with RawClient(server.port) as client:
+            for _ in range(2):
+                client.request("GET", "/", [("Upgrade", "websocket"), ("Connection", "Upgrade")])
+                reply = client.read_reply()
+                assert (reply.status, reply.body) == (200, b"http")
 
 
 def test_with_ws_none_an_upgrade_request_is_plain_http(backend):
