@@ -316,17 +316,22 @@ class ResponseCache:
         """Fill the key once for the server: from the shared tier, or by running the
         handler once and storing what it gave, if it may be stored."""
         tier = self.shared_tier()
-        key = self._flight_key(url, request)
         lease: shared_cache.Lease | None = None
-        if tier is not None and key[1] == ():  # entries with Vary stay local (for now)
+        if tier is not None:
             got = await tier.acquire(url.encode(), policy.lock_timeout)
+            if isinstance(got, shared_cache.Varies):  # ask for this request's variant
+                variant = shared_cache.variant_key(url, _vary_key(request, got.vary))
+                got = await tier.acquire(variant, policy.lock_timeout)
+                if isinstance(got, shared_cache.Varies):
+                    got = shared_cache.ALONE  # a marker where a variant belongs
             if isinstance(got, shared_cache.Hit):
                 if got.waited:
                     self.stats.shared_coalesced += 1
                     self.stats.coalesced += 1
                 else:
                     self.stats.shared_hits += 1
-                self._keep(url, key[1], (), got.entry)
+                vary = _vary_names(got.entry.headers)
+                self._keep(url, _vary_key(request, vary), vary, got.entry)
                 return _FromSharedTier(got.entry)
             if isinstance(got, shared_cache.Lease):
                 lease = got
@@ -351,7 +356,7 @@ class ResponseCache:
         work = asyncio.get_running_loop().create_task(
             self._compute_and_store(url, request, handler, policy)
         )
-        work.add_done_callback(partial(_end_lease, lease, self.stats))
+        work.add_done_callback(partial(_end_lease, lease, self.stats, url, request))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -419,13 +424,7 @@ class ResponseCache:
         )
 
     def _store(self, url: str, request: Request, response: Response, entry: Entry) -> None:
-        vary = tuple(
-            sorted(
-                name.strip().lower()
-                for name in (response.header("vary") or "").split(",")
-                if name.strip()
-            )
-        )
+        vary = _vary_names(response.headers)
         if "*" in vary:
             return
         self._keep(url, _vary_key(request, vary), vary, entry)
@@ -535,29 +534,42 @@ def inspect_awaitable(value: Any) -> bool:
 
 
 def _end_lease(
-    lease: shared_cache.Lease, stats: CacheStats, work: asyncio.Task[Entry | _Uncacheable]
+    lease: shared_cache.Lease,
+    stats: CacheStats,
+    url: str,
+    request: Request,
+    work: asyncio.Task[Entry | _Uncacheable],
 ) -> None:
     """Share what the work gave, or say why not (a lease always ends exactly once)."""
     if work.cancelled():
         lease.release()  # the fill passes to a waiter elsewhere, if one is left
-    elif work.exception() is not None:
-        lease.fail()  # waiters elsewhere compute for themselves
+        return
+    value = None if work.exception() is not None else work.result()
+    # not shareable (raised, uncacheable, an error, Vary: *): waiters compute alone
+    if not isinstance(value, Entry) or value.status >= 500 or value.size == 0:
+        lease.fail()
+        return
+    stats.shared_waiters += lease.others_waiting
+    vary = _vary_names(value.headers)
+    if not vary:
+        lease.store(value)
+        return
+    # the variant first, then the marker: a waiter woken by the marker finds the variant
+    variant = shared_cache.variant_key(url, _vary_key(request, vary))
+    entry = shared_cache.encode_entry(value)
+    marker = shared_cache.encode_vary_marker(vary, value.fresh_until)
+    if lease.key == variant:
+        lease.store_encoded(entry)
+        lease.tier.keep(url.encode(), marker)
     else:
-        value = work.result()
-        if isinstance(value, Entry) and _shareable(value):
-            stats.shared_waiters += lease.others_waiting
-            lease.store(value)
-        else:  # not shareable (uncacheable, an error, a Vary): waiters compute alone
-            lease.fail()
+        lease.tier.keep(variant, entry)
+        lease.store_encoded(marker)
 
 
-def _shareable(entry: Entry) -> bool:
-    """Stored here, and the same for every request of its URL (no Vary, yet)."""
-    return (
-        entry.status < 500
-        and entry.size > 0
-        and not any(name.lower() == "vary" for name, _ in entry.headers)
-    )
+def _vary_names(headers: list[tuple[str, str]]) -> tuple[str, ...]:
+    """The request headers a stored response's Vary names, sorted and lower-case."""
+    names = (value for name, value in headers if name.lower() == "vary")
+    return tuple(sorted({n.strip().lower() for v in names for n in v.split(",") if n.strip()}))
 
 
 def _with_cache_status(response: Response, cache_status: str) -> Response:

@@ -50,8 +50,14 @@ operation, a request id; then for operations on a key, ``!H`` key length, the
 key, and the payload. An entry travels as ``!I`` metadata length, JSON
 metadata, then the body.
 
-Not yet: entries whose response has ``Vary`` stay local (their waiters
-elsewhere compute alone), and so do hit-for-miss marks.
+Vary: a URL whose response varies is stored twice: the entry under its
+*variant key* (the URL and the values of the headers Vary names), and a
+*vary marker* under the URL's key, naming those headers. A GET of the URL
+that finds the marker (``Varies``) asks again for its own variant. The filler
+stores the variant before the marker, on one connection, so a waiter woken by
+the marker finds the variant it shares with the filler already there.
+
+Not yet: hit-for-miss marks stay in the worker that made them.
 """
 
 from __future__ import annotations
@@ -128,14 +134,26 @@ def encode_entry(entry: Entry) -> bytes:
     return EXPIRY.pack(entry.fresh_until) + META_LENGTH.pack(len(meta)) + meta + entry.body
 
 
-def decode_entry(blob: bytes) -> Entry:
+def encode_vary_marker(vary: tuple[str, ...], fresh_until: float) -> bytes:
+    """Stored under a URL whose responses vary: which request headers pick the variant."""
+    meta = json.dumps({"vary": list(vary)}).encode()
+    return EXPIRY.pack(fresh_until) + META_LENGTH.pack(len(meta)) + meta
+
+
+def variant_key(url: str, values: tuple[str | None, ...]) -> bytes:
+    """The key of one variant: a JSON list (a URL's own key starts with '/')."""
+    return json.dumps([url, list(values)]).encode()
+
+
+def decode_entry(blob: bytes) -> Entry | Varies:
     from .cache import Entry
 
     (length,) = META_LENGTH.unpack_from(blob, EXPIRY.size)
     start = EXPIRY.size + META_LENGTH.size
-    status, headers, content_type, stored, fresh, swr, sie, took = json.loads(
-        blob[start : start + length]
-    )
+    meta = json.loads(blob[start : start + length])
+    if isinstance(meta, dict):
+        return Varies(tuple(meta["vary"]))
+    status, headers, content_type, stored, fresh, swr, sie, took = meta
     body = blob[start + length :]
     return Entry(
         status, [tuple(h) for h in headers], content_type, body, stored, fresh, swr, sie, took
@@ -146,6 +164,13 @@ def decode_entry(blob: bytes) -> Entry:
 class Hit:
     entry: Entry
     waited: bool  # the key was being filled by another worker: this request was coalesced
+
+
+@dataclass(frozen=True)
+class Varies:
+    """The URL's responses vary on these request headers: ask again for the variant."""
+
+    vary: tuple[str, ...]
 
 
 class _Alone:
@@ -197,7 +222,9 @@ class Lease:
         return self.tier.waiting.get(self.request_id, 0)
 
     def store(self, entry: Entry) -> None:
-        blob = encode_entry(entry)
+        self.store_encoded(encode_entry(entry))
+
+    def store_encoded(self, blob: bytes) -> None:
         if len(blob) > self.tier.max_entry_bytes:
             self.fail()  # too big to share: it stays in this worker's cache
             return
@@ -323,7 +350,12 @@ class SharedTier:
     def _connected(self, task: asyncio.Task[Any]) -> None:
         self._connecting = None
 
-    async def acquire(self, key: bytes, wait_timeout: float) -> Hit | Lease | _Alone:
+    def keep(self, key: bytes, blob: bytes) -> None:
+        """Store ``blob`` under ``key`` without holding its lease (0 is no request's id)."""
+        if len(blob) <= self.max_entry_bytes:
+            self.send(STORE, 0, key, blob)
+
+    async def acquire(self, key: bytes, wait_timeout: float) -> Hit | Varies | Lease | _Alone:
         """Ask the server-wide tier for ``key``: its entry, the fill's lease, or ALONE."""
         if not self.available:
             self._reconnect_soon()
@@ -354,11 +386,14 @@ class SharedTier:
                     return ALONE
             settled = True
             if operation == HIT:
+                found = decode_entry(payload)
+                if isinstance(found, Varies):
+                    return found
                 if waited:
                     self.stats.shared_coalesced += 1
                 else:
                     self.stats.shared_hits += 1
-                return Hit(decode_entry(payload), waited)
+                return Hit(found, waited)
             if operation == FILL:
                 self.waiting.setdefault(request_id, 0)
                 self.stats.shared_fills += 1

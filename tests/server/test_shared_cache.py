@@ -353,11 +353,12 @@ def test_store_stays_within_its_byte_bound_under_a_flood_of_distinct_keys():
 class Fill:
     """A handler that counts its starts, ends and cancellations, and ends when told."""
 
-    def __init__(self) -> None:
+    def __init__(self, vary: bool = False) -> None:
         self.started = 0
         self.finished = 0
         self.cancelled = 0
         self.release = asyncio.Event()
+        self.vary = vary
 
     async def __call__(self, request: Request) -> Response:
         self.started += 1
@@ -367,6 +368,12 @@ class Fill:
             self.cancelled += 1
             raise
         self.finished += 1
+        if self.vary:
+            language = request.headers.get("accept-language", "none")
+            return Response(
+                f"value in {language}\n",
+                headers={"Cache-Control": "max-age=60", "Vary": "Accept-Language"},
+            )
         return Response("value\n", headers={"Cache-Control": "max-age=60"})
 
 
@@ -385,16 +392,17 @@ async def two_workers(tmp_path: Path) -> tuple[ResponseCache, ResponseCache, Sha
     return caches[0], caches[1], store, server
 
 
-def get(cache: ResponseCache, handler: Fill) -> asyncio.Task[Response]:
+def get(cache: ResponseCache, handler: Fill, language: str | None = None) -> asyncio.Task[Response]:
     async def serve() -> Response:
-        answer = cache.serve(make_request("/k"), handler, CachePolicy(ttl=60))
+        answer = cache.serve(make_request("/k", language), handler, CachePolicy(ttl=60))
         return await answer if inspect.isawaitable(answer) else answer
 
     return asyncio.get_running_loop().create_task(serve())
 
 
-def make_request(target: str) -> Request:
-    return Request("GET", target.encode(), "1.1", [], ("127.0.0.1", 1), True)
+def make_request(target: str, language: str | None = None) -> Request:
+    headers = [] if language is None else [(b"accept-language", language.encode())]
+    return Request("GET", target.encode(), "1.1", headers, ("127.0.0.1", 1), True)
 
 
 async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -438,6 +446,30 @@ def test_a_fill_is_cancelled_when_every_waiter_in_every_worker_has_left(tmp_path
         await until(lambda: handler.cancelled == 1)
         await until(lambda: not store.flights)
         assert handler.finished == 0
+        server.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_variant_filled_by_one_worker_is_a_hit_in_another_and_other_variants_compute(
+    tmp_path,
+):
+    async def scenario() -> None:
+        first, second, store, server = await two_workers(tmp_path)
+        handler = Fill(vary=True)
+        handler.release.set()
+        english = await asyncio.wait_for(get(first, handler, "en"), 5)
+        assert english.header("x-cache") == "MISS" and english.body == b"value in en\n"
+        again = await asyncio.wait_for(get(second, handler, "en"), 5)
+        assert again.header("x-cache") == "HIT" and again.body == b"value in en\n"
+        assert second.stats.computations == 0 and second.stats.shared_hits == 1
+        french = await asyncio.wait_for(get(second, handler, "fr"), 5)
+        assert french.header("x-cache") == "MISS" and french.body == b"value in fr\n"
+        assert handler.started == 2
+        # and the French variant is now a hit in the first worker too
+        back = await asyncio.wait_for(get(first, handler, "fr"), 5)
+        assert back.body == b"value in fr\n" and back.header("x-cache") == "HIT"
+        assert first.stats.computations == 1
         server.close()
 
     asyncio.run(scenario())
