@@ -324,6 +324,10 @@ class ResponseCache:
                 got = await tier.acquire(variant, policy.lock_timeout)
                 if isinstance(got, shared_cache.Varies):
                     got = shared_cache.ALONE  # a marker where a variant belongs
+            if isinstance(got, shared_cache.Uncacheable):  # hit-for-miss, server-wide
+                variants = self._urls.setdefault(url, _Variants())
+                variants.uncacheable_until = max(variants.uncacheable_until, got.until)
+                got = shared_cache.ALONE
             if isinstance(got, shared_cache.Hit):
                 if got.waited:
                     self.stats.shared_coalesced += 1
@@ -356,7 +360,7 @@ class ResponseCache:
         work = asyncio.get_running_loop().create_task(
             self._compute_and_store(url, request, handler, policy)
         )
-        work.add_done_callback(partial(_end_lease, lease, self.stats, url, request))
+        work.add_done_callback(partial(_end_lease, lease, self.stats, url, request, policy))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -538,6 +542,7 @@ def _end_lease(
     stats: CacheStats,
     url: str,
     request: Request,
+    policy: CachePolicy,
     work: asyncio.Task[Entry | _Uncacheable],
 ) -> None:
     """Share what the work gave, or say why not (a lease always ends exactly once)."""
@@ -545,6 +550,11 @@ def _end_lease(
         lease.release()  # the fill passes to a waiter elsewhere, if one is left
         return
     value = None if work.exception() is not None else work.result()
+    if isinstance(value, _Uncacheable) and policy.hit_for_miss and lease.key == url.encode():
+        # remembered server-wide: nobody waits on a lease for it meanwhile
+        until = time.monotonic() + policy.hit_for_miss
+        lease.store_encoded(shared_cache.encode_uncacheable_marker(until))
+        return
     # not shareable (raised, uncacheable, an error, Vary: *): waiters compute alone
     if not isinstance(value, Entry) or value.status >= 500 or value.size == 0:
         lease.fail()

@@ -57,7 +57,10 @@ that finds the marker (``Varies``) asks again for its own variant. The filler
 stores the variant before the marker, on one connection, so a waiter woken by
 the marker finds the variant it shares with the filler already there.
 
-Not yet: hit-for-miss marks stay in the worker that made them.
+Hit-for-miss: a fill whose response may not be shared (private, no-store, a
+cookie...) stores an *uncacheable marker* under the URL's key for the route's
+``hit_for_miss`` seconds; its waiters, and every worker that asks meanwhile,
+compute for themselves without waiting on a lease.
 """
 
 from __future__ import annotations
@@ -140,18 +143,26 @@ def encode_vary_marker(vary: tuple[str, ...], fresh_until: float) -> bytes:
     return EXPIRY.pack(fresh_until) + META_LENGTH.pack(len(meta)) + meta
 
 
+def encode_uncacheable_marker(until: float) -> bytes:
+    """Stored under a URL whose response may not be shared (Varnish's hit-for-miss)."""
+    meta = json.dumps({"uncacheable": True}).encode()
+    return EXPIRY.pack(until) + META_LENGTH.pack(len(meta)) + meta
+
+
 def variant_key(url: str, values: tuple[str | None, ...]) -> bytes:
     """The key of one variant: a JSON list (a URL's own key starts with '/')."""
     return json.dumps([url, list(values)]).encode()
 
 
-def decode_entry(blob: bytes) -> Entry | Varies:
+def decode_entry(blob: bytes) -> Entry | Varies | Uncacheable:
     from .cache import Entry
 
     (length,) = META_LENGTH.unpack_from(blob, EXPIRY.size)
     start = EXPIRY.size + META_LENGTH.size
     meta = json.loads(blob[start : start + length])
     if isinstance(meta, dict):
+        if meta.get("uncacheable"):
+            return Uncacheable(EXPIRY.unpack_from(blob)[0])
         return Varies(tuple(meta["vary"]))
     status, headers, content_type, stored, fresh, swr, sie, took = meta
     body = blob[start + length :]
@@ -164,6 +175,13 @@ def decode_entry(blob: bytes) -> Entry | Varies:
 class Hit:
     entry: Entry
     waited: bool  # the key was being filled by another worker: this request was coalesced
+
+
+@dataclass(frozen=True)
+class Uncacheable:
+    """The URL's response is not to be shared until ``until``: compute, and do not ask."""
+
+    until: float
 
 
 @dataclass(frozen=True)
@@ -355,7 +373,9 @@ class SharedTier:
         if len(blob) <= self.max_entry_bytes:
             self.send(STORE, 0, key, blob)
 
-    async def acquire(self, key: bytes, wait_timeout: float) -> Hit | Varies | Lease | _Alone:
+    async def acquire(
+        self, key: bytes, wait_timeout: float
+    ) -> Hit | Varies | Uncacheable | Lease | _Alone:
         """Ask the server-wide tier for ``key``: its entry, the fill's lease, or ALONE."""
         if not self.available:
             self._reconnect_soon()
@@ -387,7 +407,7 @@ class SharedTier:
             settled = True
             if operation == HIT:
                 found = decode_entry(payload)
-                if isinstance(found, Varies):
+                if isinstance(found, (Varies, Uncacheable)):
                     return found
                 if waited:
                     self.stats.shared_coalesced += 1

@@ -473,3 +473,33 @@ def test_a_variant_filled_by_one_worker_is_a_hit_in_another_and_other_variants_c
         server.close()
 
     asyncio.run(scenario())
+
+
+def test_an_uncacheable_answer_is_remembered_for_every_worker(tmp_path):
+    async def scenario() -> None:
+        first, second, store, server = await two_workers(tmp_path)
+        calls = 0
+
+        async def private(request: Request) -> Response:
+            nonlocal calls
+            calls += 1
+            return Response(f"yours {calls}\n", headers={"Cache-Control": "private"})
+
+        def ask(cache: ResponseCache) -> asyncio.Task[Response]:
+            async def serve() -> Response:
+                answer = cache.serve(make_request("/me"), private, CachePolicy(ttl=60))
+                return await answer if inspect.isawaitable(answer) else answer
+
+            return asyncio.get_running_loop().create_task(serve())
+
+        assert (await asyncio.wait_for(ask(first), 5)).header("x-cache") == "MISS"
+        await until(lambda: b"/me" in store.entries)  # the hit-for-miss marker
+        # another worker computes for itself, with no lease, and remembers it
+        answer = await asyncio.wait_for(ask(second), 5)
+        assert answer.body == b"yours 2\n"
+        assert second.stats.shared_hits == 0 and not store.flights
+        again = await asyncio.wait_for(ask(second), 5)
+        assert again.header("x-cache") == "BYPASS" and again.body == b"yours 3\n"
+        server.close()
+
+    asyncio.run(scenario())
