@@ -5,7 +5,8 @@
 /slow      waits ``?ms=N`` milliseconds, then answers
 /stream    streams ``?chunks=N`` chunks of ``?size=B`` bytes (chunked encoding)
 /cached/K  computes for ``?ms=N`` ms, then answers ``value of K``; cached
-           (max-age 10 s, stale-while-revalidate 5 s) with single-flight fills
+           (max-age 10 s, stale-while-revalidate 5 s) with single-flight fills,
+           once per key for the whole server under ``--shared-cache on``
 /healthz   "ok"
 /stats     this process's counters as JSON
 """
