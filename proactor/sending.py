@@ -194,8 +194,19 @@ class Sending(StreamTransportBase):
             if sent == len(data):
                 return
             data = data[sent:]  # the kernel's buffer is full: the rest goes through the ring
-        self._send(data)
-        if self._send_remaining > self._high_water:
+        # _send(data), written out: on an engine without unconfirmed sends, the common case
+        user_data = self._new_user_data()
+        size = len(data)
+        if size < self._zero_copy_from or not self._zero_copy_pays():
+            self._ring.prepare_send(user_data, self._fd, data)
+            self._handlers[user_data] = self._sent_handler
+        else:
+            self._ring.prepare_send_zero_copy(user_data, self._fd, data)
+            self._handlers[user_data] = self._on_sent_zero_copy
+        self._send_user_data = user_data
+        self._sending = data
+        self._send_remaining = size
+        if size > self._high_water:
             self._over_high_water()
 
     def _queue_behind(self, data: bytes) -> None:
