@@ -172,16 +172,20 @@ class Sending(StreamTransportBase):
             return
         if not data:
             return
-        loop = self._loop
-        if self._send_user_data or self._pending or self._unconfirmed_at >= loop._confirmed_through:
+        if self._send_user_data or self._pending:
             self._queue_behind(data)
             return
-        if self._unconfirmed_user_data and len(data) <= self._high_water:
-            # The common case: all of it is sent in the next enter, which posts nothing.
-            self._ring.prepare_send_unconfirmed(self._unconfirmed_user_data, self._fd, data)
-            self._unconfirmed = data
-            self._unconfirmed_at = loop._submits
-            return
+        loop = self._loop
+        if self._unconfirmed_user_data:
+            if self._unconfirmed_at >= loop._confirmed_through:
+                self._queue_behind(data)  # behind an unconfirmed send that may hand bytes back
+                return
+            if len(data) <= self._high_water:
+                # The common case: all of it is sent in the next enter, which posts nothing.
+                self._ring.prepare_send_unconfirmed(self._unconfirmed_user_data, self._fd, data)
+                self._unconfirmed = data
+                self._unconfirmed_at = loop._submits
+                return
         if loop._send_directly and not self._closing:
             loop._send_directly = False  # one per quiet iteration: a burst still shares an enter
             try:
