@@ -87,9 +87,13 @@ def echo_app(seen: Seen | None = None) -> Any:
 # ---------------------------------------------------------------------- raw frames
 
 
-def raw_handshake(port: int, path: str = "/") -> socket.socket:
+def raw_handshake(port: int, path: str = "/", receive_buffer: int = 0) -> socket.socket:
     """A socket past a successful handshake (the 101 read, nothing after it)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    sock = socket.socket()
+    if receive_buffer:  # before connecting: it sets the window the client offers
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(TIMEOUT)
+    sock.connect(("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(
         f"GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -161,6 +165,8 @@ def test_text_and_binary_messages_echo_and_the_scope_is_complete(backend):
             big = "x" * 200_000  # several reads, and several writes back
             ws.send(big)
             assert ws.recv(TIMEOUT) == big
+            ws.send(["frag", "mented ", "é"])  # one message in three frames
+            assert ws.recv(TIMEOUT) == "fragmented é"
         scope = seen.next()
         assert seen.next() == {"type": "websocket.disconnect", "code": 1000, "reason": ""}
     assert scope["asgi"] == {"version": "3.0", "spec_version": "2.4"}
@@ -393,6 +399,68 @@ def test_a_slow_application_stops_the_connection_reading(backend):
             sock.sendall(data[sent:])
             assert seen.next() == count
             assert read_frame(sock) == (0x1, b"all read")
+
+
+def test_send_waits_while_the_client_reads_nothing(backend):
+    """A client that reads nothing holds the app in send() once the write buffer is
+    full: the worker holds one buffer, not everything the app wants to send.
+    (The kernel's buffers are made small on both sides, so that they do not
+    absorb what the test is about.)"""
+    count, size, high = 40, 64 * 1024, 256 * 1024
+    sent: list[int] = [0]
+    seen = Seen()
+    go = threading.Event()
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        while not go.is_set():
+            await asyncio.sleep(0.01)
+        for n in range(count):
+            await send({"type": "websocket.send", "bytes": n.to_bytes(4, "big") * (size // 4)})
+            sent[0] = n + 1
+        seen.put("all sent")
+        await receive()
+
+    def shrink_send_buffer(server) -> None:
+        (connection,) = server.service.connections
+        sock = connection.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+
+    def buffered(server) -> int:
+        (connection,) = server.service.connections
+        return int(connection.transport.get_write_buffer_size())
+
+    with running_server(backend, asgi(app, ping_interval=0), write_buffer_high=high) as server:
+        sock = raw_handshake(server.port, receive_buffer=64 * 1024)
+        with sock:
+            server.call(shrink_send_buffer, server)
+            go.set()
+            assert wait_for(lambda: sent[0] > 0, TIMEOUT)
+            stalled_at = -1
+            while stalled_at != sent[0]:  # until the app stops getting further
+                stalled_at = sent[0]
+                threading.Event().wait(0.3)
+            assert stalled_at < count, "the app sent everything to a client reading nothing"
+            assert server.call(buffered, server) <= high + size + 64
+            for n in range(count):
+                opcode, payload = read_frame(sock)
+                assert (opcode, payload[:4]) == (0x2, n.to_bytes(4, "big"))
+            assert seen.next() == "all sent"
+
+
+def test_websockets_over_tls(backend, certificate):
+    import ssl
+
+    seen = Seen()
+    context = ssl.create_default_context(cafile=certificate.certfile)
+    with running_server(backend, asgi(echo_app(seen)), tls=certificate) as server:
+        uri = f"wss://localhost:{server.port}/secure"
+        with connect(uri, ssl=context, proxy=None, open_timeout=TIMEOUT) as ws:
+            ws.send("over TLS")
+            assert ws.recv(TIMEOUT) == "over TLS"
+        assert seen.next()["scheme"] == "wss"
 
 
 # ---------------------------------------------------------------------- refusals
