@@ -25,9 +25,10 @@ The session: rules that bound it
    wait in ``inbox``, the flow control's ``read_paused`` is set and what
    arrives is stashed unparsed (the transport itself pauses past the stash's
    limit, `server.flow`); a ``receive()`` that makes room parses the stash.
-   What a worker holds for one connection is then ``max_queue`` messages (each
-   at most ``max_size``), the stash, and the messages of the one read that
-   filled the queue.
+   A large read is parsed ``FEED_SLICE`` bytes at a time, and what is left
+   when the queue fills is stashed too. What a worker holds for one connection
+   is then ``max_queue`` messages (each at most ``max_size``), the messages of
+   one slice, and the stash (its limit, plus one read).
 2. Writing waits for the client: ``send()`` returns once the bytes are in the
    transport, and waits first while its buffer is above the high-water mark;
    the connection's send deadline still cuts a client that reads nothing.
@@ -74,6 +75,8 @@ _LIBRARY_LOG.setLevel(logging.WARNING)
 
 OP_TEXT, OP_BINARY, OP_CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 OP_PONG, OP_CLOSE = Opcode.PONG, Opcode.CLOSE
+
+FEED_SLICE = 64 * 1024  # bytes parsed at a time from a large read (rule 1)
 
 # the session's states (compared by identity)
 OPEN: Final = "open"  # messages flow both ways
@@ -226,6 +229,18 @@ class WebSocketSession:
     # ------------------------------------------------------------------ reading
 
     def _feed(self, data: bytes) -> None:
+        if len(data) > FEED_SLICE:  # rule 1 holds within a read too (a loop may read megabytes)
+            flow = self.flow
+            assert flow is not None
+            for start in range(0, len(data), FEED_SLICE):
+                if flow.read_paused:
+                    flow.hold(data[start:])
+                    return
+                self._parse(data[start : start + FEED_SLICE])
+            return
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
         protocol = self.protocol
         protocol.receive_data(data)
         # with the handshake done by us, the library's events are all frames

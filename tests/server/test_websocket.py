@@ -30,6 +30,7 @@ from forkloop.server.app import App
 from forkloop.server.asgi import AsgiApp
 from forkloop.server.config import WebSocketSettings
 from forkloop.server.flow import STASH_LIMIT
+from forkloop.server.websocket import FEED_SLICE
 from tests.server.master_support import wait_for
 from tests.server.support import RawClient, running_server, send_raw
 
@@ -391,9 +392,16 @@ def test_a_slow_application_stops_the_connection_reading(backend):
                     threading.Event().wait(0.05)
             assert sent < len(data), "the server read everything: nothing held it back"
             (session,) = sessions(server)
-            held = server.call(lambda: (len(session.inbox), session.flow.stash_size))
-            assert held[0] <= max_queue + 4  # the queue, plus the read that filled it
-            assert held[1] <= STASH_LIMIT + 256 * 1024  # the stash, plus one read
+
+            def held() -> tuple[int, int, bool]:
+                flow = session.flow
+                return len(session.inbox), flow.stash_size, flow.transport_paused
+
+            queued, stashed, paused = server.call(held)
+            assert queued <= max_queue + FEED_SLICE // size + 1  # the queue, and one slice
+            assert stashed > STASH_LIMIT and paused  # the rest waits in the kernel
+            threading.Event().wait(0.3)
+            assert server.call(held) == (queued, stashed, paused)  # and stays there
             release.set()
             sock.settimeout(TIMEOUT)
             sock.sendall(data[sent:])
