@@ -10,11 +10,14 @@ or frames on the `WebSocketSession` that owns the switched connection.
 ``state`` is one of CONNECTING (the application has not answered the
 handshake), RESPONDING (it began an HTTP answer instead:
 ``websocket.http.response.start``), ACCEPTED (the session runs) and FINISHED
-(refused or answered: the connection closes after the answer).
+(refused, answered or done: the connection closes after an HTTP answer).
+CONNECTING -> ACCEPTED on ``websocket.accept``; CONNECTING -> RESPONDING ->
+FINISHED for an HTTP answer; any -> FINISHED when the application refuses
+(``websocket.close`` before accepting), returns or raises.
 
 * The first ``receive()`` gives ``websocket.connect``. An invalid handshake
-  (no key, a wrong version, HTTP/1.0) is answered 400 (426 without a valid
-  ``Upgrade``) before the application runs at all.
+  (a malformed key, a version other than 13, HTTP/1.0) is answered 400 (426
+  without a valid ``Upgrade``) before the application runs at all.
 * ``websocket.accept`` switches, with the application's subprotocol and
   headers; ``websocket.close`` before accepting is answered 403;
   ``websocket.http.response.start``/``body`` is sent as an ordinary response.

@@ -1,13 +1,15 @@
-"""WebSockets for ASGI applications: `WebSocketCycle` and `WebSocketSession`.
+"""WebSocket connections after the switch: `WebSocketSession`, and the handshake.
 
 A WebSocket connection begins as an HTTP request, and that request travels
 the one connection layer like any other: the reader checks its framing (the
 limits, the single Host, ...), marks it ``upgrade`` and parses nothing after
 its head (`server.parsing`); the ASGI front door hands it to a
-`WebSocketCycle` (`server.asgi`). When the application accepts, the cycle
-asks the connection to switch (`server.frontdoor.ProtocolSwitch`): the 101 goes
-out, and from then on the connection forwards its transport's events to the
-cycle's `WebSocketSession` (`server.protocol`, phase UPGRADED).
+`WebSocketCycle` (`server.asgi_websocket`), which checks the handshake here
+(`check_handshake`). When the application accepts, the cycle asks the
+connection to switch (`server.frontdoor.ProtocolSwitch`): the 101 goes out,
+and from then on the connection forwards its transport's events to a
+`WebSocketSession` (`server.protocol`, phase UPGRADED), which the cycle reads
+messages from and sends them through.
 
 The protocol itself is spoken by the sans-I/O layer of the ``websockets``
 library (``websockets.server.ServerProtocol``): bytes in, frames out, and the
@@ -47,7 +49,7 @@ import asyncio
 import logging
 import os
 from collections import deque
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, cast
 
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidHandshake, InvalidUpgrade, PayloadTooBig, ProtocolError
@@ -63,9 +65,6 @@ from .config import WebSocketSettings
 from .flow import FlowControl
 from .http import Request, Response, encode_header, error_response
 from .responses import peer_name
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("forkloop.websocket")
 # The library logs each connection's opening and closing at INFO: a line per
@@ -178,9 +177,8 @@ class WebSocketSession:
         self.fragments: list[bytes] = []  # a fragmented message so far
         self.fragment_opcode: Opcode = OP_BINARY
         self.ping_payload: bytes | None = None  # the ping whose pong is awaited
-        self.timer: asyncio.TimerHandle | None = (
-            None  # the next ping, or a pong's or close's deadline
-        )
+        # the next ping, or the deadline of a pong or of the client's close frame
+        self.timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ the connection's events
 
@@ -408,6 +406,7 @@ class WebSocketSession:
         self.ending = {"type": "websocket.disconnect", "code": code, "reason": reason}
         if self.state is OPEN:
             self.state = CLOSING
+        self.ping_payload = None
         self._cancel_timer()  # no more pings (a close sets its own deadline after this)
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -445,7 +444,7 @@ class WebSocketSession:
             self._schedule_ping()
 
     def _pong(self, data: bytes) -> None:
-        if self.ping_payload is not None and data == self.ping_payload:
+        if self.state is OPEN and self.ping_payload is not None and data == self.ping_payload:
             self.ping_payload = None
             self._cancel_timer()
             self._schedule_ping()
