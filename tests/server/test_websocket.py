@@ -616,3 +616,31 @@ def test_a_starlette_websocket_route(backend):
             ws.send("hi")
             assert ws.recv(TIMEOUT) == '{"room":"blue","said":"hi"}'
         assert seen.next() == 1000
+
+
+# ---------------------------------------------------------------------- settings
+
+
+def test_the_ws_settings_come_from_flags_environment_and_config_file(tmp_path):
+    import argparse
+
+    from forkloop.server import settings
+
+    (tmp_path / "forkloop.toml").write_text("ws-max-queue = 8\nws_ping_timeout = 2.5\n")
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser)
+    flags = parser.parse_args(
+        ["--config", "forkloop.toml", "--ws-max-size", "4096", "--no-ws-per-message-deflate"]
+    )
+    environ = {"FORKLOOP_WS_PING_INTERVAL": "0", "FORKLOOP_WS": "none"}
+    websocket = settings.resolve(flags, environ, str(tmp_path)).websocket
+    assert websocket == WebSocketSettings(
+        library="none",
+        max_size=4096,
+        max_queue=8,
+        ping_interval=0.0,
+        ping_timeout=2.5,
+        per_message_deflate=False,
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--ws", "wsproto"])  # one library is served: websockets
