@@ -210,6 +210,8 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, Datagrams):
             undelivered, self._undelivered = self._undelivered, None
             self._dispatch(undelivered)
             timeout = 0.0
+        if self._awaiting_confirmation:
+            timeout = 0.0  # the sends they wait for post nothing when all goes well: don't wait
         self._submits = submits = self._submits + 1
         completions = ring.submit_and_reap(timeout)
         self._send_directly = len(completions) < SEND_THROUGH_RING_FROM

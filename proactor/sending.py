@@ -292,13 +292,35 @@ class Sending(StreamTransportBase):
         the iteration's enter), so it is submitted early, and the protocol is
         paused only if the kernel left more than the mark unsent, as it would
         be by a readiness loop whose ``write()`` calls ``send`` at once. Costs
-        one enter per write that crosses the mark; small writes never do.
+        one enter per write that crosses the mark; small writes never do. An
+        unconfirmed send is settled the same way (`_settle_unconfirmed_early`).
         """
-        if self._send_user_data and not self._protocol_paused and not self._closing:
-            completion = self._loop._submit_early(self._send_user_data)
-            if completion is not None:
-                self._on_sent(*completion)
+        if not self._protocol_paused and not self._closing:
+            if self._send_user_data:
+                completion = self._loop._submit_early(self._send_user_data)
+                if completion is not None:
+                    self._on_sent(*completion)
+            elif self._unconfirmed_outstanding():
+                self._settle_unconfirmed_early()
         self._maybe_pause_protocol()
+
+    def _settle_unconfirmed_early(self) -> None:
+        """Submit now to learn whether the outstanding unconfirmed send sent everything.
+
+        It runs inline in that enter, so a completion for it is among those the
+        enter left, or there is none and, once the engine is ``settled``, it
+        sent everything: confirmed here, a little before the loop would have,
+        and the writes queued behind it go out as the next send.
+        """
+        loop = self._loop
+        completion = loop._submit_early(self._unconfirmed_user_data)
+        if completion is not None:
+            self._on_unconfirmed_failed(*completion)  # its rest becomes an ordinary send
+        elif loop._ring.settled:
+            self._unconfirmed_at = -1
+            self._unconfirmed = b""
+            if self._pending and not self._send_user_data:
+                self._send_queued()
 
     def _send(self, data: bytes) -> None:
         self._sending = data
