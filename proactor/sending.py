@@ -47,8 +47,14 @@ When its buffer may be released, and when it counts as sent
   count in ``get_write_buffer_size()``, later writes queue behind it, and
   ``close()``, ``write_eof()`` and a drain wait for it, because its completion
   may yet hand bytes back. The transport asks the loop to call `_confirmed`
-  then (``_await_confirmation``); a transport that writes once per request and
-  no more before the next request never needs to.
+  then (``_await_confirmation``), and while any transport waits so, the loop's
+  next enter does not wait for completions: a send that succeeds posts none,
+  so nothing else might end the wait. A transport that writes once per request
+  and no more before the next request never needs to.
+* Flow control: writes queued behind an outstanding unconfirmed send that
+  pass the high-water mark submit it early (`_settle_unconfirmed_early`), as
+  an ordinary send is, so the protocol is paused only for bytes the kernel
+  did not take.
 
 Invariants
 ----------
