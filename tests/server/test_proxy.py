@@ -63,6 +63,12 @@ class Upstream:
         self._ready.set()
         self.loop.run_forever()
         server.close()
+        handlers = asyncio.all_tasks(self.loop)
+        for handler in handlers:  # connections still open: end them before the loop closes
+            handler.cancel()
+        self.loop.run_until_complete(asyncio.gather(*handlers, return_exceptions=True))
+        self.loop.run_until_complete(server.wait_closed())
+        self.loop.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.seen.connections += 1
@@ -86,7 +92,7 @@ class Upstream:
                 self.seen.bodies[target] = body
                 if not await self._answer(target, body, reader, writer):
                     break
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
