@@ -463,6 +463,7 @@ class EmulatedRing:
         *,
         multishot: bool = True,
         bundle: bool = False,
+        length: int = 0,
         flags: int = 0,
     ) -> None:
         buffers = self._buffer_groups[group_id]

@@ -86,6 +86,10 @@ RECEIVE_BUFFER_COUNT = 512
 RECEIVE_BUFFER_SIZE = 16 * 1024
 BUNDLE_BUFFER_COUNT = 2048
 BUNDLE_BUFFER_SIZE = 4 * 1024
+# What one completion of a bundle recv carries at most, and so what one data_received()
+# is handed: a protocol's flow control acts between pieces (asyncio's own loops read
+# 256 KiB at most), and a proxy relaying a large answer holds about one piece more.
+BUNDLE_LIMIT = 64 * 1024
 RECEIVE_BUFFER_GROUP = 0
 
 # What the loop cannot do without (5.7): the network opcodes and fast poll, which
@@ -198,6 +202,7 @@ class CompletionEngine(Protocol):
         *,
         multishot: bool = True,
         bundle: bool = False,
+        length: int = 0,
         flags: int = 0,
     ) -> None: ...
 

@@ -283,6 +283,7 @@ class Operations:
         *,
         multishot: bool = True,
         bundle: bool = False,
+        length: int = 0,
         flags: int = 0,
     ) -> None:
         """Receive into a buffer the kernel picks from group ``group_id`` (see `ProvidedBuffers`).
@@ -292,7 +293,8 @@ class Operations:
         error. Each CQE with ``IORING_CQE_F_BUFFER`` names a buffer to recycle.
         With ``bundle`` (6.10) one CQE may fill several buffers: the one it
         names and those after it in ring order, all full but the last; ``res``
-        counts the bytes of all of them.
+        counts the bytes of all of them, at most ``length`` (0: no limit but
+        what the socket holds and the group has).
         """
         ioprio = 0
         if multishot:
@@ -308,7 +310,7 @@ class Operations:
             abi.OP_RECV,
             fd,
             0,
-            0,
+            length,
             flags,
             None,
             ioprio=ioprio,

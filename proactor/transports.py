@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 from ..reactor.transport_base import DEFAULT_HIGH_WATER
 from . import abi
 from .buffers import Pinned
+from .engine import BUNDLE_LIMIT
 from .sending import NEVER, ZERO_COPY_SEND_FROM, Sending, result_error
 
 if TYPE_CHECKING:
@@ -244,6 +245,7 @@ class StreamTransport(Sending, asyncio.Transport):
                 buffers.group_id,
                 multishot=self._multishot,
                 bundle=self._bundles,
+                length=BUNDLE_LIMIT if self._bundles else 0,
             )
         else:
             if self._own_buffer is None:

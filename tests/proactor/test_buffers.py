@@ -251,3 +251,27 @@ def test_a_bundle_fills_several_buffers_with_one_completion(
     assert received == payload
     assert max(sizes) > 64, "no completion carried more than one buffer"
     assert buffers.lent == 0
+
+
+def test_a_bundle_carries_at_most_the_length_asked_for(
+    ring: Ring, connection: tuple[socket.socket, socket.socket]
+) -> None:
+    if not ring.capabilities.receive_bundles:
+        pytest.skip("this kernel has no recv bundles (before 6.10)")
+    client, server = connection
+    buffers = ring.provide_buffers(count=64, size=64)
+    payload = os.urandom(2048)
+    client.sendall(payload)  # all of it waits in the socket before the recv is armed
+    received = bytearray()
+    sizes: list[int] = []
+    ring.prepare_recv_provided(1, server.fileno(), buffers.group_id, bundle=True, length=256)
+
+    def on_completion(completion: tuple[int, int, int]) -> None:
+        _, result, flags = completion
+        assert flags & MORE, completion
+        sizes.append(result)
+        received.extend(buffers.consume(flags, result))
+
+    run_until(ring, lambda: len(received) >= len(payload), on_completion)
+    assert received == payload
+    assert max(sizes) == 256 and all(size <= 256 for size in sizes), sizes
