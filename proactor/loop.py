@@ -212,19 +212,21 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, Datagrams):
             timeout = 0.0
         if self._awaiting_confirmation:
             timeout = 0.0  # the sends they wait for post nothing when all goes well: don't wait
-        self._submits = submits = self._submits + 1
         completions = ring.submit_and_reap(timeout)
         self._send_directly = len(completions) < SEND_THROUGH_RING_FROM
-        if ring.settled and self._unconfirmed_sends:
-            # Every completion of what this submit (and those before it) handed over is
-            # in hand: an unconfirmed send before it that posted none has sent everything.
-            # The ones that did not are dispatched first, so no write meets a send as
-            # confirmed whose completion is still to come.
-            if completions and max(map(_user_data_of, completions)) >= UNCONFIRMED_USER_DATA:
-                completions = self._dispatch_unconfirmed_first(completions)
-            self._confirmed_through = submits
-            if self._awaiting_confirmation:
-                self._confirm_sends()
+        if self._unconfirmed_sends:
+            # Sends prepared from here on are consumed by the next submit.
+            self._submits = submits = self._submits + 1
+            if ring.settled:
+                # Every completion of what this submit (and those before it) handed over
+                # is in hand: an unconfirmed send before it that posted none has sent
+                # everything. The ones that did not are dispatched first, so no write
+                # meets a send as confirmed whose completion is still to come.
+                if completions and max(map(_user_data_of, completions)) >= UNCONFIRMED_USER_DATA:
+                    completions = self._dispatch_unconfirmed_first(completions)
+                self._confirmed_through = submits
+                if self._awaiting_confirmation:
+                    self._confirm_sends()
         self._dispatch(completions)
 
     def _dispatch_unconfirmed_first(self, completions: list[Completion]) -> list[Completion]:
