@@ -102,17 +102,29 @@ class RequestMetrics:
 class MeteredFrontDoor:
     """The app's front door as the connection sees it: health path first, a dispatch stamp."""
 
-    def __init__(self, app: FrontDoor, health_path: str = "/healthz") -> None:
+    def __init__(self, app: FrontDoor, health_path: str = "/healthz", stamp: bool = True) -> None:
         self.app = app
         self.health_path = health_path.encode() if health_path else None
         self.started = False
+        # What runs per request is picked once: with nobody to read the dispatch stamp
+        # (no metrics, no access log) and no health path, the app's own resolve.
+        self.resolve: Callable[[Request], Route | Response | DirectRoute]
+        if stamp:
+            self.resolve = self._stamp_and_resolve
+        elif self.health_path is not None:
+            self.resolve = self._resolve
+        else:
+            self.resolve = app.resolve
 
     @property
     def cache_stats(self) -> dict[str, int] | None:
         return self.app.cache_stats
 
-    def resolve(self, request: Request) -> Route | Response | DirectRoute:
+    def _stamp_and_resolve(self, request: Request) -> Route | Response | DirectRoute:
         request.dispatched_at = time.perf_counter()  # type: ignore[attr-defined]
+        return self._resolve(request)
+
+    def _resolve(self, request: Request) -> Route | Response | DirectRoute:
         if request.target == self.health_path and request.method in ("GET", "HEAD"):
             return Response(b"ok\n")
         return self.app.resolve(request)

@@ -121,7 +121,7 @@ class Worker:
             access_log = AccessLog(
                 config.access_log_path, config.access_log_format, config.access_log, self.metrics
             )
-        front = self.front = MeteredFrontDoor(app, config.health_path)
+        front = self.front = MeteredFrontDoor(app, config.health_path, access_log is not None)
         service = self.service = HttpService(front, config, access_log)
         await self._connect_shared_cache()
         await front.startup()  # an ASGI lifespan: part of booting, before the worker is ready
