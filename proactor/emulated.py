@@ -669,12 +669,15 @@ class EmulatedRing:
         return self._poller.fileno()
 
     def close(self, drain_timeout: float = 1.0) -> None:
-        """Run the closes still queued, drop every other operation, close the poller."""
+        """Run the closes and unconfirmed sends still queued, drop every other operation,
+        close the poller."""
         if self._closed:
             return
         for item in self._queued:
             if type(item) is tuple and item[0] == "close":
                 self._close_fd(item[2])
+            elif type(item) is _UnconfirmedSend:
+                item.attempt()  # as io_uring's close submits what was queued
         self._queued = []
         for operation in self._operations.values():
             operation.release()

@@ -613,6 +613,11 @@ class Ring(Operations, RingRegistration):
             self._release()
 
     def _drain(self, timeout: float) -> None:
+        if self._sq_unpublished or self._sq_pending:
+            try:
+                self.submit()  # what was queued goes out: unconfirmed sends are in no list
+            except (OSError, RuntimeError):
+                return
         if not self._in_flight:
             return
         deadline = time.monotonic() + timeout

@@ -133,3 +133,12 @@ def test_unconfirmed_sends_of_one_submit_keep_their_order(
     engine.submit()
     assert engine.completions() == []
     assert read_exactly(client, 40) == b"".join(b"%02d" % index for index in range(20))
+
+
+def test_an_unconfirmed_send_queued_when_the_engine_closes_still_goes_out(
+    engine: Ring | EmulatedRing, connection: tuple[socket.socket, socket.socket]
+) -> None:
+    client, server = connection
+    engine.prepare_send_unconfirmed(1, server.fileno(), b"last words")
+    engine.close()
+    assert read_exactly(client, 10) == b"last words"
