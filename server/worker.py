@@ -188,6 +188,8 @@ class Worker:
             return
         graceful = self.stopping == "graceful"
         if graceful:
+            service.stop_accepting()
+            await self._until_only_the_copies_listen()
             self._drain_listen_queue(service)
         for copy in self._listener_copies:
             copy.close()
@@ -203,6 +205,22 @@ class Worker:
         assert self.service is not None
         services = [self.service] + ([self.metrics_service] if self.metrics_service else [])
         await asyncio.gather(*(service.shutdown(timeout) for service in services))
+
+    async def _until_only_the_copies_listen(self, timeout: float = 1.0) -> None:
+        """Wait until the loop has let go of its listening descriptors (bounded).
+
+        A loop may close them a turn or two after ``server.close()`` (the proactor
+        closes its listener once its standing accept has ended). Were the drain to
+        run before, the loop's descriptor would be the last to close, and the
+        connections queued meanwhile would be reset with it."""
+        inodes = set()
+        for copy in self._listener_copies:
+            with contextlib.suppress(OSError):
+                inodes.add(os.fstat(copy.fileno()).st_ino)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while _open_listener_fds(inodes) > len(inodes) and loop.time() < deadline:
+            await asyncio.sleep(0.005)
 
     def _drain_listen_queue(self, service: HttpService) -> None:
         """Stop accepting, then accept what already waits in the listen queue.
@@ -295,3 +313,17 @@ def _exit_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGQUIT, 0, 0, 0)
     except (OSError, AttributeError):
         pass  # not Linux: the heartbeat's parent check still notices
+
+
+def _open_listener_fds(inodes: set[int]) -> int:
+    """How many of this process's descriptors name these sockets (0 without /proc)."""
+    names = {f"socket:[{inode}]" for inode in inodes}
+    count = 0
+    try:
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}") in names:
+                    count += 1
+    except OSError:
+        return 0
+    return count
