@@ -36,6 +36,21 @@ Rules
 6. Nothing here waits on a worker: every step is a reaction to one frame or
    one closed connection, and every answer is written before the next frame is
    read. A slow or stopped worker delays nobody but itself.
+
+Binary upgrade (USR2)
+---------------------
+The old master hands the new one the path of its cache process's socket
+(``FORKLOOP_UPGRADE_CACHE``). The new master's cache process, before it
+accepts its own workers (they wait in the listen queue, at most
+`SEED_TIMEOUT`), connects to the old one as a *follower* and sends ``SYNC``;
+the old process answers every fresh entry, oldest first (``REPLICA``, so the
+LRU order survives), then ``SYNCED``, and from then on copies every entry it
+keeps to its followers as it keeps it. While both generations serve, an entry
+either fills reaches both tiers; when the old master is told to QUIT, its
+cache process exits and the new one just stops following. Flights are not
+handed over: a fill under way in the old generation ends there (its waiters
+are old workers). The old process that cannot be reached, or does not finish
+within `SEED_TIMEOUT`, costs the new one nothing but a cold start (logged).
 """
 
 from __future__ import annotations
@@ -65,7 +80,10 @@ from .shared_cache import (
     GET,
     HIT,
     RELEASE,
+    REPLICA,
     STORE,
+    SYNC,
+    SYNCED,
     WAIT,
     WAITERS,
     frame,
@@ -78,6 +96,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("forkloop.cache")
 
 ENTRY_OVERHEAD = 128  # bytes counted per entry beyond its key and encoded value
+UPGRADE_CACHE_ENV = "FORKLOOP_UPGRADE_CACHE"  # the old master's cache socket, on USR2
+SEED_TIMEOUT = 0.5  # seconds a new cache process waits for the old one's entries
 
 
 @dataclass
@@ -95,6 +115,7 @@ class StoreStats:
     stores: int = 0
     evictions: int = 0
     too_big: int = 0
+    replicated: int = 0  # entries copied from the cache process of the master this one upgraded
 
 
 class SharedStore:
@@ -106,6 +127,7 @@ class SharedStore:
         self.size = 0
         self.entries: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
         self.flights: dict[bytes, _Flight] = {}
+        self.followers: list[_Connection] = []  # newer cache processes (USR2) copying entries
         self.stats = StoreStats()
 
     def get(self, connection: _Connection, request_id: int, key: bytes) -> None:
@@ -129,7 +151,7 @@ class SharedStore:
         connection.send(FILL, request_id)
 
     def store(self, connection: _Connection, request_id: int, key: bytes, blob: bytes) -> None:
-        self._keep(key, blob)
+        self.keep(key, blob)
         flight = self.flights.get(key)
         if flight is not None and flight.holder == (connection, request_id):
             del self.flights[key]
@@ -154,8 +176,20 @@ class SharedStore:
                 flight.waiters.remove((connection, request_id))
                 self._tell_holder(flight)
 
+    def sync(self, follower: _Connection) -> None:
+        """A newer cache process (the master was upgraded) asks for every fresh entry,
+        oldest first, and then for each entry as it is kept."""
+        now = self.clock()
+        for key, (fresh_until, blob) in self.entries.items():
+            if now < fresh_until:
+                follower.send_keyed(REPLICA, key, blob)
+        follower.send(SYNCED, 0)
+        self.followers.append(follower)
+
     def forget_connection(self, connection: _Connection) -> None:
         """A worker's connection closed: its waiters leave, its leases pass on."""
+        if connection in self.followers:
+            self.followers.remove(connection)
         for key, flight in list(self.flights.items()):
             waiting = len(flight.waiters)
             flight.waiters = deque(w for w in flight.waiters if w[0] is not connection)
@@ -180,7 +214,7 @@ class SharedStore:
         connection, request_id = flight.holder
         connection.send(WAITERS, request_id, COUNT.pack(len(flight.waiters)))
 
-    def _keep(self, key: bytes, blob: bytes) -> None:
+    def keep(self, key: bytes, blob: bytes) -> None:
         size = len(key) + len(blob) + ENTRY_OVERHEAD
         if size > self.max_bytes:
             self.stats.too_big += 1
@@ -192,6 +226,8 @@ class SharedStore:
         self.entries[key] = (fresh_until, blob)
         self.size += size
         self.stats.stores += 1
+        for follower in self.followers:
+            follower.send_keyed(REPLICA, key, blob)
         while self.size > self.max_bytes:
             oldest, (_, oldest_blob) = self.entries.popitem(last=False)
             self.size -= len(oldest) + len(oldest_blob) + ENTRY_OVERHEAD
@@ -213,6 +249,10 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(frame(operation, request_id, b"", payload))
 
+    def send_keyed(self, operation: int, key: bytes, payload: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame(operation, 0, key, payload))
+
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         try:
@@ -232,10 +272,78 @@ class _Connection(asyncio.Protocol):
                 store.fail(self, request_id, key)
             elif operation == RELEASE:
                 store.release(self, request_id, key)
+            elif operation == SYNC:
+                store.sync(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.store.forget_connection(self)
+
+
+class _Follower(asyncio.Protocol):
+    """This cache process's connection to the one of the master it upgraded: a copy
+    of every entry there, then of each entry kept there, until that process exits."""
+
+    def __init__(self, store: SharedStore, synced: asyncio.Future[int]) -> None:
+        self.store = store
+        self.synced = synced
+        self.buffer = bytearray()
+        self.copied = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(frame(SYNC, 0))
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        try:
+            frames = parse_frames(self.buffer)
+        except ValueError as exc:
+            log.error("cache process: the old cache process sent a bad frame (%s)", exc)
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        for operation, _request_id, key, payload in frames:
+            if operation == REPLICA:
+                self.store.keep(key, payload)
+                self.store.stats.replicated += 1
+                self.copied += 1
+            elif operation == SYNCED and not self.synced.done():
+                self.synced.set_result(self.copied)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.synced.done():
+            self.synced.set_exception(ConnectionError("it closed the connection"))
+        else:
+            log.info("cache process %d: the old cache process is gone", os.getpid())
+
+
+async def seed(store: SharedStore, path: str) -> None:
+    """Copy the entries of the old master's cache process (USR2), within `SEED_TIMEOUT`;
+    the connection stays open, copying later entries, after that."""
+    loop = asyncio.get_running_loop()
+    synced: asyncio.Future[int] = loop.create_future()
+    try:
+        async with asyncio.timeout(SEED_TIMEOUT):
+            await loop.create_unix_connection(lambda: _Follower(store, synced), path)
+            copied = await asyncio.shield(synced)
+    except (OSError, TimeoutError) as exc:
+        synced.cancel()  # nobody awaits it now; entries that still come are kept
+        why = str(exc) or f"no answer within {SEED_TIMEOUT}s"
+        log.warning(
+            "cache process %d: could not copy the old cache process's entries at %s (%s); "
+            "starting with what came",
+            os.getpid(),
+            path,
+            why,
+        )
+        return
+    log.info(
+        "cache process %d copied %d entries from the old master's cache process",
+        os.getpid(),
+        copied,
+    )
 
 
 RESTART_DELAY = 0.1  # seconds before restarting a cache process that died; doubles, up to 5
@@ -279,6 +387,8 @@ class CacheProcessKeeper:
         self.failures = 0
         self.heartbeat = Heartbeat()
         self.killed = False  # SIGKILL sent for a missed heartbeat
+        # after USR2: the old master's cache socket, whose entries the first process copies
+        self.seed_from = os.environ.pop(UPGRADE_CACHE_ENV, None)
 
     def keep_running(self, close_in_child: Callable[[], None]) -> None:
         """Start the cache process if it is not running (and its back-off allows); kill
@@ -298,12 +408,13 @@ class CacheProcessKeeper:
         self.started = time.monotonic()
         self.killed = False
         self.heartbeat.beat()
+        seed_from, self.seed_from = self.seed_from, None
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 close_in_child()
-                code = run(self.listener, self.max_bytes, self.heartbeat)
+                code = run(self.listener, self.max_bytes, self.heartbeat, seed_from)
             except BaseException:  # noqa: BLE001 - never return into the master's loop
                 log.exception("cache process %d failed", os.getpid())
             finally:
@@ -373,7 +484,9 @@ def listen(path: str) -> socket.socket:
     return sock
 
 
-async def serve(sock: socket.socket, max_bytes: int, heartbeat: Heartbeat) -> None:
+async def serve(
+    sock: socket.socket, max_bytes: int, heartbeat: Heartbeat, seed_from: str | None = None
+) -> None:
     loop = asyncio.get_running_loop()
 
     def beat() -> None:
@@ -385,6 +498,8 @@ async def serve(sock: socket.socket, max_bytes: int, heartbeat: Heartbeat) -> No
     for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     store = SharedStore(max_bytes)
+    if seed_from is not None:
+        await seed(store, seed_from)
     server = await loop.create_unix_server(lambda: _Connection(store), sock=sock)
     log.info(
         "cache process %d serving the shared cache on %s (%d bytes)",
@@ -397,10 +512,12 @@ async def serve(sock: socket.socket, max_bytes: int, heartbeat: Heartbeat) -> No
     log.info("cache process %d stopped", os.getpid())
 
 
-def run(sock: socket.socket, max_bytes: int, heartbeat: Heartbeat) -> int:
+def run(
+    sock: socket.socket, max_bytes: int, heartbeat: Heartbeat, seed_from: str | None = None
+) -> int:
     """The cache process's life, in the child the master forked."""
     _exit_with_parent()
-    asyncio.run(serve(sock, max_bytes, heartbeat))
+    asyncio.run(serve(sock, max_bytes, heartbeat, seed_from))
     return 0
 
 

@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 
 from . import backends
 from .apploader import AppLoadError
-from .cache_process import CacheProcessKeeper
+from .cache_process import UPGRADE_CACHE_ENV, CacheProcessKeeper
 from .config import Config
 from .listeners import (
     UPGRADE_FDS_ENV,
@@ -558,6 +558,8 @@ class Master:
         if self.metrics_socket is not None:
             os.set_inheritable(self.metrics_socket.fileno(), True)
             environment[UPGRADE_METRICS_FD_ENV] = str(self.metrics_socket.fileno())
+        if self.cache_process is not None:  # the new cache process copies this one's entries
+            environment[UPGRADE_CACHE_ENV] = self.cache_process.path
         argv = [sys.executable, "-m", "forkloop", *self.upgrade_argv]
         pid = os.fork()
         if pid == 0:

@@ -89,6 +89,8 @@ MAX_FRAME = 64 * 1024 * 1024
 GET, STORE, FAIL, RELEASE = 1, 2, 3, 4
 # cache process -> worker
 HIT, FILL, WAIT, ALONE_ANSWER, WAITERS = 10, 11, 12, 13, 14
+# a newer cache process (after USR2) -> the old one, and back: every entry, then every later one
+SYNC, REPLICA, SYNCED = 5, 15, 16
 COUNT = struct.Struct("!I")
 
 ACK_TIMEOUT = 1.0  # seconds a GET may go unacknowledged before the tier counts as hung

@@ -18,6 +18,7 @@ import re
 import signal
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -501,5 +502,64 @@ def test_an_uncacheable_answer_is_remembered_for_every_worker(tmp_path):
         again = await asyncio.wait_for(ask(second), 5)
         assert again.header("x-cache") == "BYPASS" and again.body == b"yours 3\n"
         server.close()
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------- binary upgrade (USR2)
+
+
+def test_a_binary_upgrade_keeps_the_shared_entries(server):
+    master = server("asyncio")
+    assert stampede(master.port, "/fill/upgraded?ms=10", 1) == [(200, "MISS")]
+    master.signal(signal.SIGUSR2)
+    assert wait_for(lambda: master.full_log().count("ready:") == 2, 20), master.tail()
+    new_master = int(re.findall(r"master (\d+) starting", master.full_log())[-1])
+    try:
+        assert "copied 1 entries from the old master's cache process" in master.full_log()
+        master.signal(signal.SIGQUIT)
+        assert master.process is not None
+        assert master.process.wait(15) == 0, master.tail()
+        # only the new master's workers are left, and they have never seen the key
+        answers = stampede(master.port, "/fill/upgraded?ms=10", 50)
+        assert {a for a in answers} == {(200, "HIT")}
+        assert len(master.fills("upgraded")) == 1
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(new_master, signal.SIGTERM)
+        assert wait_for(lambda: not alive(new_master), 15)
+
+
+def test_a_new_cache_process_copies_the_old_ones_entries_and_then_each_new_one(tmp_path):
+    from forkloop.server.cache_process import seed
+
+    async def scenario() -> None:
+        old = SharedStore(1 << 20)
+        path = str(tmp_path / "old.sock")
+        server = await asyncio.get_running_loop().create_unix_server(
+            lambda: CacheConnection(old), path
+        )
+        fresh = _blob(time.monotonic() + 60)
+        old.keep(b"first", fresh)
+        old.keep(b"expired", _blob(time.monotonic() - 1))
+        old.keep(b"second", fresh)
+        new = SharedStore(1 << 20)
+        await seed(new, path)
+        assert list(new.entries) == [b"first", b"second"]  # fresh ones, in LRU order
+        old.keep(b"later", fresh)  # filled by an old worker while both generations serve
+        await until(lambda: b"later" in new.entries)
+        assert new.stats.replicated == 3
+        server.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_new_cache_process_starts_cold_when_the_old_one_is_gone(tmp_path):
+    from forkloop.server.cache_process import seed
+
+    async def scenario() -> None:
+        new = SharedStore(1 << 20)
+        await asyncio.wait_for(seed(new, str(tmp_path / "nobody.sock")), 5)
+        assert new.entries == OrderedDict()
 
     asyncio.run(scenario())
