@@ -58,6 +58,17 @@ HOP_BY_HOP = frozenset(
 )
 # the server frames and dates its own answers; these come from the upstream's answer
 _SERVER_OWNED = frozenset({b"content-length", b"date", b"server"})
+# what a client asks of its own copy: a cache fill fetches the whole resource instead
+_CLIENT_CONDITIONS = frozenset(
+    {
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-match",
+        b"if-unmodified-since",
+        b"if-range",
+        b"range",
+    }
+)
 
 
 class ProxyFrontDoor:
@@ -77,7 +88,7 @@ class ProxyFrontDoor:
         self.pool.close()
 
     async def _serve(self, request: Request, connection: Responder) -> None:
-        head_lines, body, chunked = self._upstream_request(request, connection)
+        head_lines, body, chunked = upstream_head(request, connection.endpoint[0], connection)
         try:
             answer = await self.pool.request(
                 request.method, request.target, head_lines, body, chunked
@@ -89,105 +100,131 @@ class ProxyFrontDoor:
             return
         except BodyFailed:
             return  # the client left mid-upload, or its body was refused: the connection answers
-        await self._relay(request, answer, connection)
-
-    def _upstream_request(
-        self, request: Request, connection: Responder
-    ) -> tuple[bytes, AsyncIterator[bytes] | None, bool]:
-        """The header lines to send upstream, the body to stream, and whether it is chunked."""
-        named = _named_by_connection(request.raw_headers)
-        lines = []
-        forwarded_for = b""
-        length: bytes | None = None
-        chunked = False
-        host = b""
-        for name, value in request.raw_headers:
-            lowered = name.lower()
-            if lowered == b"transfer-encoding":
-                chunked = True
-                continue
-            if lowered in HOP_BY_HOP or lowered in named:
-                continue
-            if lowered == b"x-forwarded-for":
-                forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
-                continue
-            if lowered == b"content-length":
-                length = value
-                continue
-            if lowered == b"host":
-                host = value
-            lines.append(b"%s: %s\r\n" % (name, value))
-        client = request.client[0].encode() if request.client else b"unix"
-        forwarded_for = forwarded_for + b", " + client if forwarded_for else client
-        scheme = connection.endpoint[0].encode()
-        lines.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (forwarded_for, scheme))
-        if host:
-            lines.append(b"X-Forwarded-Host: %s\r\n" % host)
-        lines.append(b"Via: 1.1 forkloop\r\n")
-        body: AsyncIterator[bytes] | None = None
-        if chunked:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-            body = _body_pieces(request, connection)
-        elif length is not None and length != b"0":
-            lines.append(b"Content-Length: %s\r\n" % length)
-            body = _body_pieces(request, connection)
-        elif request.method in ("POST", "PUT", "PATCH"):
-            lines.append(b"Content-Length: 0\r\n")
-        return b"".join(lines), body, chunked
-
-    async def _relay(
-        self, request: Request, answer: UpstreamResponse, connection: Responder
-    ) -> None:
-        """The upstream's answer, through the client's connection, piece by piece."""
-        named = _named_by_connection(answer.headers)
-        headers = []
-        declared: str | None = None
-        for name, value in answer.headers:
-            lowered = name.lower()
-            if lowered == b"content-length":
-                declared = value.decode("latin-1")
-            if lowered in HOP_BY_HOP or lowered in named or lowered in _SERVER_OWNED:
-                continue
-            headers.append((name.decode("latin-1"), value.decode("latin-1")))
-        headers.append(("Via", "1.1 forkloop"))
-        if declared is not None and request.method != "HEAD":
-            headers.append(("Content-Length", declared))  # the stream checks it is kept
-        response = Response(b"", answer.status, headers, content_type=None)
         failure = answer.connection.failure
         if failure is not None:  # broken before its head went out: never relayed
             log.warning("%s %s: 502: %s", request.method, request.path, failure.reason)
             connection.send_response(request, error_response(502, failure.reason))
             return
-        if answer.connection.complete and not answer.connection.pieces:
-            connection.send_response(request, response)  # no body: nothing to stream
-            answer.release()
-            return
-        stream = connection.begin_stream(request, response)
-        if stream is None:  # its head could not be sent: a 500 went out
-            answer.abort()
-            return
-        try:
-            more = True
-            while more:
-                data, more = await answer.read()
-                if data and not await stream.write(data):
-                    answer.abort()  # the client is gone: so is the upstream request
-                    return
-        except UpstreamError as error:
-            log.warning("%s %s: the answer broke: %s", request.method, request.path, error.reason)
-            connection.cut_stream(stream)
-            return
-        except asyncio.CancelledError:
-            answer.abort()
-            connection.cut_stream(stream)
-            raise
-        except RuntimeError as error:  # its length does not match what it declared
-            log.warning("%s %s: %s", request.method, request.path, error)
-            answer.abort()
-            connection.cut_stream(stream)
-            return
-        connection.finish_stream(stream)
+        await relay(request, answer_head(request, answer), answer, connection)
+
+
+def upstream_head(
+    request: Request, scheme: str, connection: Responder | None = None
+) -> tuple[bytes, AsyncIterator[bytes] | None, bool]:
+    """The header lines to send upstream for ``request``, the body to stream, and
+    whether it is chunked. Without a ``connection`` (a cache fill, which belongs to
+    no client) the request goes without its body, its conditions or its range:
+    the fill fetches the whole resource for everyone."""
+    named = _named_by_connection(request.raw_headers)
+    dropped = HOP_BY_HOP if connection is not None else HOP_BY_HOP | _CLIENT_CONDITIONS
+    lines = []
+    forwarded_for = b""
+    length: bytes | None = None
+    chunked = False
+    host = b""
+    for name, value in request.raw_headers:
+        lowered = name.lower()
+        if lowered == b"transfer-encoding":
+            chunked = True
+            continue
+        if lowered in dropped or lowered in named:
+            continue
+        if lowered == b"x-forwarded-for":
+            forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
+            continue
+        if lowered == b"content-length":
+            length = value
+            continue
+        if lowered == b"host":
+            host = value
+        lines.append(b"%s: %s\r\n" % (name, value))
+    client = request.client[0].encode() if request.client else b"unix"
+    forwarded_for = forwarded_for + b", " + client if forwarded_for else client
+    lines.append(
+        b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (forwarded_for, scheme.encode())
+    )
+    if host:
+        lines.append(b"X-Forwarded-Host: %s\r\n" % host)
+    lines.append(b"Via: 1.1 forkloop\r\n")
+    body: AsyncIterator[bytes] | None = None
+    if connection is None:
+        return b"".join(lines), None, False
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+        body = _body_pieces(request, connection)
+    elif length is not None and length != b"0":
+        lines.append(b"Content-Length: %s\r\n" % length)
+        body = _body_pieces(request, connection)
+    elif request.method in ("POST", "PUT", "PATCH"):
+        lines.append(b"Content-Length: 0\r\n")
+    return b"".join(lines), body, chunked
+
+
+def answer_head(request: Request, answer: UpstreamResponse) -> Response:
+    """The upstream's answer as a `Response` with no body yet: its own header
+    fields less the hop-by-hop ones and those the server writes itself, with
+    ``Via``; its declared Content-Length kept (a stream checks it is met)."""
+    named = _named_by_connection(answer.headers)
+    headers = []
+    declared: str | None = None
+    for name, value in answer.headers:
+        lowered = name.lower()
+        if lowered == b"content-length":
+            declared = value.decode("latin-1")
+        if lowered in HOP_BY_HOP or lowered in named or lowered in _SERVER_OWNED:
+            continue
+        headers.append((name.decode("latin-1"), value.decode("latin-1")))
+    headers.append(("Via", "1.1 forkloop"))
+    if declared is not None and request.method != "HEAD":
+        headers.append(("Content-Length", declared))
+    return Response(b"", answer.status, headers, content_type=None)
+
+
+async def relay(
+    request: Request,
+    response: Response,
+    answer: UpstreamResponse,
+    connection: Responder,
+    first: bytes = b"",
+) -> None:
+    """The upstream's answer, through the client's connection, piece by piece:
+    ``first`` (what was already read of its body), then the rest as it comes."""
+    if answer.connection.complete and not answer.connection.pieces:
+        response.body = first
+        if first:  # read whole already: the server frames it itself
+            response.headers = [h for h in response.headers if h[0] != "Content-Length"]
+        connection.send_response(request, response)  # nothing left to stream
         answer.release()
+        return
+    stream = connection.begin_stream(request, response)
+    if stream is None:  # its head could not be sent: a 500 went out
+        answer.abort()
+        return
+    try:
+        data, more = first, True
+        while more:
+            if data and not await stream.write(data):
+                answer.abort()  # the client is gone: so is the upstream request
+                return
+            data, more = await answer.read()
+        if data and not await stream.write(data):
+            answer.abort()
+            return
+    except UpstreamError as error:
+        log.warning("%s %s: the answer broke: %s", request.method, request.path, error.reason)
+        connection.cut_stream(stream)
+        return
+    except asyncio.CancelledError:
+        answer.abort()
+        connection.cut_stream(stream)
+        raise
+    except RuntimeError as error:  # its length does not match what it declared
+        log.warning("%s %s: %s", request.method, request.path, error)
+        answer.abort()
+        connection.cut_stream(stream)
+        return
+    connection.finish_stream(stream)
+    answer.release()
 
 
 def _named_by_connection(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
