@@ -25,7 +25,10 @@ Rules
    ``HIT`` with it, in the same step; the flight ends. A STORE from anyone else
    only keeps the entry.
 3. FAIL by the holder: every waiter gets ``ALONE`` (computes for itself: an
-   exception or an unshareable answer is not shared); the flight ends.
+   unshareable answer is not shared); the flight ends. ERROR by the holder
+   (the fill raised or answered 5xx): every waiter gets ``FAILED`` with the
+   error response, which is not kept; the flight ends, and the next GET fills
+   anew.
 4. RELEASE by the holder (its requests left), or the holder's connection
    closing (the worker exited or was killed): the lease passes at once to the
    first waiter (``FILL``); with no waiter the flight ends. RELEASE by a waiter
@@ -74,8 +77,10 @@ from typing import TYPE_CHECKING, cast
 from .shared_cache import (
     ALONE_ANSWER,
     COUNT,
+    ERROR,
     EXPIRY,
     FAIL,
+    FAILED,
     FILL,
     GET,
     HIT,
@@ -115,6 +120,7 @@ class StoreStats:
     stores: int = 0
     evictions: int = 0
     too_big: int = 0
+    errors: int = 0  # fills that failed, their failure pushed to every waiter
     replicated: int = 0  # entries copied from the cache process of the master this one upgraded
 
 
@@ -164,6 +170,14 @@ class SharedStore:
             del self.flights[key]
             for waiter, waiter_id in flight.waiters:
                 waiter.send(ALONE_ANSWER, waiter_id)
+
+    def error(self, connection: _Connection, request_id: int, key: bytes, failure: bytes) -> None:
+        flight = self.flights.get(key)
+        if flight is not None and flight.holder == (connection, request_id):
+            del self.flights[key]
+            self.stats.errors += 1
+            for waiter, waiter_id in flight.waiters:
+                waiter.send(FAILED, waiter_id, failure)
 
     def release(self, connection: _Connection, request_id: int, key: bytes) -> None:
         flight = self.flights.get(key)
@@ -272,6 +286,8 @@ class _Connection(asyncio.Protocol):
                 store.fail(self, request_id, key)
             elif operation == RELEASE:
                 store.release(self, request_id, key)
+            elif operation == ERROR:
+                store.error(self, request_id, key, payload)
             elif operation == SYNC:
                 store.sync(self)
 

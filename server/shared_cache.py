@@ -11,9 +11,14 @@ asks `current()` for the tier and calls `SharedTier.acquire`, which says one of
   keep a local copy; no computation here;
 - ``Lease``: this worker owns the fill for the whole server. It computes and
   then calls exactly one of `Lease.store` (the result is shareable), or
-  `Lease.fail` (it raised, or is not to be shared: waiters elsewhere compute for
-  themselves), or leaves (cancellation: `Lease.release`, the fill passes to a
-  waiter in another worker);
+  `Lease.error` (it raised, or answered 5xx: every waiter elsewhere gets that
+  failure once, and nothing is stored), or `Lease.fail` (the answer is not to
+  be shared: waiters elsewhere compute for themselves), or leaves
+  (cancellation: `Lease.release`, the fill passes to a waiter in another
+  worker);
+- ``Failed(entry)``: the fill this worker waited for failed; serve its error
+  (or a stale entry within stale-if-error), and do not compute: a stampede on a
+  failing origin costs the origin one call, not one per worker;
 - ``ALONE``: compute here, under this worker's own single-flight (the tier is
   unreachable or hung, or the fill elsewhere failed).
 
@@ -86,9 +91,9 @@ EXPIRY = struct.Struct("!d")
 MAX_FRAME = 64 * 1024 * 1024
 
 # worker -> cache process
-GET, STORE, FAIL, RELEASE = 1, 2, 3, 4
+GET, STORE, FAIL, RELEASE, ERROR = 1, 2, 3, 4, 6
 # cache process -> worker
-HIT, FILL, WAIT, ALONE_ANSWER, WAITERS = 10, 11, 12, 13, 14
+HIT, FILL, WAIT, ALONE_ANSWER, WAITERS, FAILED = 10, 11, 12, 13, 14, 17
 # a newer cache process (after USR2) -> the old one, and back: every entry, then every later one
 SYNC, REPLICA, SYNCED = 5, 15, 16
 COUNT = struct.Struct("!I")
@@ -180,6 +185,13 @@ class Hit:
 
 
 @dataclass(frozen=True)
+class Failed:
+    """The fill this worker waited for failed: its error response, to serve as it is."""
+
+    entry: Entry
+
+
+@dataclass(frozen=True)
 class Uncacheable:
     """The URL's response is not to be shared until ``until``: compute, and do not ask."""
 
@@ -215,7 +227,8 @@ class SharedStats:
     shared_fills: int = 0  # leases granted to this worker
     shared_takeovers: int = 0  # leases granted after waiting: a filler elsewhere left or died
     shared_fallbacks: int = 0  # GETs answered ALONE because the tier was unavailable
-    shared_alone: int = 0  # GETs answered ALONE because the fill elsewhere failed
+    shared_alone: int = 0  # GETs answered ALONE: the fill elsewhere was not to be shared
+    shared_failed: int = 0  # GETs answered with the failure of the fill they waited for
     shared_unavailable: int = 0  # times the tier was found unavailable
 
     def as_dict(self) -> dict[str, int]:
@@ -252,6 +265,14 @@ class Lease:
 
     def fail(self) -> None:
         self._end(FAIL)
+
+    def error(self, failure: Entry) -> None:
+        """The fill failed: its waiters get ``failure`` (a 5xx) once; nothing is stored."""
+        blob = encode_entry(failure)
+        if len(blob) > self.tier.max_entry_bytes:
+            self.fail()
+            return
+        self._end(ERROR, blob)
 
     def release(self) -> None:
         self._end(RELEASE)
@@ -377,7 +398,7 @@ class SharedTier:
 
     async def acquire(
         self, key: bytes, wait_timeout: float
-    ) -> Hit | Varies | Uncacheable | Lease | _Alone:
+    ) -> Hit | Varies | Uncacheable | Failed | Lease | _Alone:
         """Ask the server-wide tier for ``key``: its entry, the fill's lease, or ALONE."""
         if not self.available:
             self._reconnect_soon()
@@ -416,6 +437,12 @@ class SharedTier:
                 else:
                     self.stats.shared_hits += 1
                 return Hit(found, waited)
+            if operation == FAILED:
+                self.stats.shared_failed += 1
+                failure = decode_entry(payload)
+                if isinstance(failure, (Varies, Uncacheable)):  # not from a worker of ours
+                    return ALONE
+                return Failed(failure)
             if operation == FILL:
                 self.waiting.setdefault(request_id, 0)
                 self.stats.shared_fills += 1

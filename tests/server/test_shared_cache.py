@@ -31,6 +31,7 @@ from forkloop.server.http import Request, Response
 from forkloop.server.shared_cache import (
     ALONE_ANSWER,
     COUNT,
+    FAILED,
     FILL,
     HIT,
     WAIT,
@@ -322,6 +323,19 @@ def test_store_passes_the_lease_of_a_closed_connection_to_the_first_waiter():
     store.fail(b, 2, b"k")  # type: ignore[arg-type]
     assert c.sent[-1] == (ALONE_ANSWER, 3, b"")
     assert store.flights == {}
+
+
+def test_store_pushes_a_failed_fill_to_every_waiter_and_keeps_nothing():
+    store = SharedStore(1 << 20)
+    a, b = RecordingConnection(), RecordingConnection()
+    store.get(a, 1, b"k")  # type: ignore[arg-type]
+    store.get(b, 2, b"k")  # type: ignore[arg-type]
+    failure = _blob(time.monotonic())
+    store.error(a, 1, b"k", failure)  # type: ignore[arg-type]
+    assert b.sent[-1] == (FAILED, 2, failure)
+    assert store.flights == {} and store.entries == OrderedDict()
+    store.get(b, 3, b"k")  # type: ignore[arg-type]
+    assert b.sent[-1] == (FILL, 3, b"")  # the next ask fills anew
 
 
 def test_store_forgets_a_fill_when_every_waiter_has_left():
