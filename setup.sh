@@ -1,13 +1,14 @@
 #!/usr/bin/env sh
 # Everything the tests and benchmarks need, on a fresh Debian/Ubuntu machine:
-# the system tools (wrk drives the benchmarks' HTTP load) and a virtualenv in
+# the system tools (wrk drives the benchmarks' HTTP load; redis-server, Debian's
+# Redis 7, is the store the fleet-cache tests start) and a virtualenv in
 # .venv with forkloop installed editable, its test and load-test extras
 # (pytest, locust, Starlette, FastAPI, the peers uvicorn, granian and hypercorn),
 # ruff and mypy. Safe to run again: it installs only what is missing.
 set -eu
 cd "$(dirname "$0")"
 
-SYSTEM_PACKAGES="wrk"
+SYSTEM_PACKAGES="wrk redis-server"
 missing=""
 for tool in $SYSTEM_PACKAGES; do
     command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"

@@ -127,6 +127,11 @@ class Config:
     # the server-wide cache tier: a cache process the master forks (server.cache_process)
     shared_cache: bool = False
     shared_cache_size: int = 64 * 1024 * 1024  # bytes, an LRU
+    # the fleet tier: a Redis/Valkey store shared by several servers (server.fleet_cache)
+    cache_url: str | None = None  # redis://HOST:PORT/DB, rediss://..., unix://PATH
+    cache_key_prefix: str = "forkloop:"
+    cache_call_timeout: float = 0.1  # seconds one call to the store may take
+    cache_max_entry: int = 1024 * 1024  # bytes: a bigger entry stays on its machine
     # ---- where
     binds: tuple[str, ...] = (DEFAULT_BIND,)
     backlog: int = 2048

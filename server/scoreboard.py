@@ -64,6 +64,20 @@ SHARED_CACHE_COUNTERS = (
     "cache_shared_waiters",
     "cache_takeovers",
     "cache_fallbacks",
+    "cache_shared_failures",
+)
+# The fleet tier (server.fleet_cache), one store for several servers: its events, and
+# how many workers find its breaker open (a gauge)
+FLEET_CACHE_COUNTERS = (
+    "cache_fleet_hits",
+    "cache_fleet_coalesced",
+    "cache_fleet_fills",
+    "cache_fleet_takeovers",
+    "cache_fleet_notifications",
+    "cache_fleet_fenced",
+    "cache_fleet_store_errors",
+    "cache_fleet_fallbacks",
+    "cache_fleet_breaker_open",
 )
 CANCEL_REASONS = ("disconnect", "deadline", "shutdown")
 CANCEL_COUNTERS = tuple(f"cancelled_{reason}" for reason in CANCEL_REASONS)
@@ -92,13 +106,14 @@ COUNTERS = (
     HTTP_COUNTERS
     + CACHE_COUNTERS
     + SHARED_CACHE_COUNTERS
+    + FLEET_CACHE_COUNTERS
     + CANCEL_COUNTERS
     + RESTART_COUNTERS
     + RESPONSE_COUNTERS
     + LATENCY_COUNTERS
 )
 # Gauges: a reaped worker's value is dropped, not added to the retired slot.
-GAUGES = ("open_connections",)
+GAUGES = ("open_connections", "cache_fleet_breaker_open")
 
 FREE, BOOTING, READY, STOPPING = 0, 1, 2, 3
 STATE_NAMES = {FREE: "free", BOOTING: "booting", READY: "ready", STOPPING: "stopping"}

@@ -22,6 +22,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+from . import fleet_cache
 from .config import Config
 from .context import SHUTDOWN, ConnectionContext, Stats
 from .frontdoor import FrontDoor, start_front_door, stop_front_door
@@ -165,6 +166,9 @@ class HttpService:
         counters = self.stats.counters(len(self.connections))
         for name, value in (self.app.cache_stats or {}).items():
             counters[f"cache_{name}"] = value
+        if fleet_cache.current() is not None:
+            for name, value in fleet_cache.counters().items():
+                counters[f"cache_{name}"] = value
         return counters
 
     def snapshot(self) -> dict[str, Any]:

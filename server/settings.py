@@ -159,6 +159,17 @@ OPTIONS: tuple[Option, ...] = (
            choices=("on", "off")),
     Option("shared_cache_size", int, _D.shared_cache_size, "bytes the shared cache tier may "
            "hold, LRU (default %(default)s)", minimum=1, metavar="BYTES"),
+    Option("cache_url", str, None, "a Redis or Valkey store that several servers share: one "
+           "cache and one fill per key for all of them (redis://HOST:PORT/DB, rediss://..., "
+           "unix://PATH) (default none)", metavar="URL"),
+    Option("cache_key_prefix", str, _D.cache_key_prefix, "prefix of every key forkloop puts "
+           "in the --cache-url store, so several sites can share one (default %(default)s)",
+           metavar="PREFIX"),
+    Option("cache_call_timeout", float, _D.cache_call_timeout, "seconds one call to the "
+           "--cache-url store may take; a slower store is bypassed until it answers again "
+           "(default %(default)s)", above=0, metavar="SECONDS"),
+    Option("cache_max_entry", int, _D.cache_max_entry, "largest entry in bytes put in the "
+           "--cache-url store (default %(default)s)", minimum=1, metavar="BYTES"),
     Option("ws", str, _WS.library, "WebSockets for an ASGI app: auto (the websockets library "
            "if installed), none (upgrades are declined: the app sees HTTP), websockets "
            "(default auto)", choices=("auto", "none", "websockets")),
@@ -420,6 +431,10 @@ def resolve(
         cache_prefixes=_prefixes(value("cache_prefix"), merged),
         shared_cache=value("shared_cache") == "on",
         shared_cache_size=value("shared_cache_size"),
+        cache_url=_cache_url(value("cache_url"), merged),
+        cache_key_prefix=value("cache_key_prefix"),
+        cache_call_timeout=value("cache_call_timeout"),
+        cache_max_entry=value("cache_max_entry"),
         websocket=WebSocketSettings(
             library=value("ws"),
             max_size=value("ws_max_size"),
@@ -486,6 +501,18 @@ def _upstreams(urls: list[str] | None, merged: dict[str, tuple[Any, str]]) -> tu
         except ValueError as exc:
             raise SettingError(f"{merged['upstream'][1]}: {exc}") from None
     return tuple(urls or ())
+
+
+def _cache_url(url: str | None, merged: dict[str, tuple[Any, str]]) -> str | None:
+    """--cache-url: a store's URL, checked now (a typo is a usage error)."""
+    from .fleet_cache import check_url
+
+    if url is None or url in ("", "off"):
+        return None
+    problem = check_url(url)
+    if problem is not None:
+        raise SettingError(f"{merged['cache_url'][1]}: {problem}, not {url!r}")
+    return url
 
 
 def _prefixes(prefixes: list[str] | None, merged: dict[str, tuple[Any, str]]) -> tuple[str, ...]:

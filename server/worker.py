@@ -36,9 +36,10 @@ import signal
 import socket
 from typing import TYPE_CHECKING
 
-from . import backends, shared_cache
+from . import backends, fleet_cache, shared_cache
 from .apploader import load_app
 from .config import Config
+from .fleet_cache import FleetTier
 from .listeners import bind, describe, parse_bind
 from .logs import AccessLog, LoopErrorReporter
 from .metrics import MeteredFrontDoor, RequestMetrics, metrics_app
@@ -140,8 +141,19 @@ class Worker:
                 loop.remove_signal_handler(signum)
 
     async def _connect_shared_cache(self) -> None:
-        """The server-wide cache tier, when the master runs a cache process: connected at
-        boot; if it cannot be reached, this worker fills alone until it can."""
+        """The server-wide cache tier, when the master runs a cache process, and the fleet
+        tier, when --cache-url names a store: connected at boot; a tier that cannot be
+        reached is bypassed (this worker fills alone, or for its server) until it can."""
+        config = self.config
+        if config.cache_url is not None:
+            fleet = FleetTier(
+                config.cache_url,
+                config.cache_key_prefix,
+                config.cache_call_timeout,
+                config.cache_max_entry,
+            )
+            fleet_cache.install(fleet)
+            await fleet.connect()
         path = self.supervision.shared_cache if self.supervision is not None else None
         if path is None:
             return
