@@ -41,7 +41,10 @@ connection to the cache process the master supervises), a miss's single
 leader in this worker asks it first: an entry another worker filled is a
 ``HIT`` here (and kept locally); a key another worker is filling makes this
 worker wait for that fill, notified when it ends; otherwise this worker holds
-the server's one lease for the key, computes, and shares the result. A
+the server's one lease for the key, computes, and shares the result. A fill
+that fails (raises, or answers 5xx) is shared too, as a failure: its waiters
+in every worker get its error once (or their stale entry within
+``stale-if-error``) and compute nothing; nothing is stored. A
 request never knows how many levels there are; the counters do
 (``shared_hits``, ``shared_coalesced``, ``takeovers``, ``fallbacks``).
 
@@ -70,12 +73,20 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from functools import partial
 from typing import Any
 from urllib.parse import urlencode
 
-from . import shared_cache
-from .http import Request, Response, as_response, content_type_line, encode_header
+from . import cache_levels, purges, shared_cache
+from .http import (
+    Request,
+    Response,
+    as_response,
+    content_type_line,
+    encode_header,
+    error_response,
+)
 from .singleflight import SingleFlight
 
 log = logging.getLogger("forkloop.cache")
@@ -121,6 +132,7 @@ class CacheStats:
     shared_waiters: int = 0  # other workers that waited for this worker's fills, and got them
     takeovers: int = 0
     fallbacks: int = 0
+    shared_failures: int = 0  # fills that failed in another worker: their error served here
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -171,6 +183,18 @@ class _FromSharedTier:
     entry: Entry
 
 
+class FillFailed(Exception):
+    """A fill that failed with an answer to give (an upstream's 502, 504 or 5xx):
+    its waiters get ``response`` once, or a stale entry instead when one is still
+    within ``stale-if-error`` (any stale entry, with ``use_stale``: nginx's
+    ``proxy_cache_use_stale``). Nothing is stored."""
+
+    def __init__(self, response: Response, use_stale: bool = False) -> None:
+        super().__init__(f"{response.status}")
+        self.response = response
+        self.use_stale = use_stale
+
+
 @dataclass(frozen=True)
 class _Uncacheable:
     """A fill result that must not be shared or stored."""
@@ -188,11 +212,11 @@ class ResponseCache:
         self,
         max_bytes: int = 64 * 1024 * 1024,
         clock: Callable[[], float] = time.monotonic,
-        shared_tier: Callable[[], shared_cache.SharedTier | None] = shared_cache.current,
+        shared_tier: Callable[[], cache_levels.Level | None] = cache_levels.current,
     ):
         self.max_bytes = max_bytes
         self.clock = clock
-        self.shared_tier = shared_tier  # the server-wide level, when the worker has one
+        self.shared_tier = shared_tier  # the levels behind this one (server, fleet), if any
         self.size = 0
         self.stats = CacheStats()
         self._urls: OrderedDict[str, _Variants] = OrderedDict()
@@ -232,6 +256,10 @@ class ResponseCache:
                 self.stats.bypass += 1
                 return self._bypass(request, handler)
             entry = variants.entries.get(_vary_key(request, variants.vary))
+            board = purges.BOARD
+            if entry is not None and board is not None and board.purged_since(url, entry.stored_at):
+                self._forget_url(url)  # purged in another worker (server.purges)
+                entry = None
             if entry is not None:
                 if now < entry.fresh_until:
                     if policy.xfetch_beta and _xfetch_says_refresh(entry, now, policy.xfetch_beta):
@@ -280,6 +308,12 @@ class ResponseCache:
                 "waited %ss for the fill of %s: computing without storing", policy.lock_timeout, url
             )
             return await self._compute_alone(request, handler, "MISS")
+        except FillFailed as failure:
+            stale = self._stale_for_error(url, request, any_age=failure.use_stale)
+            if stale is not None:
+                return stale
+            self.stats.misses += 1
+            return _with_cache_status(failure.response, "MISS")
         except Exception:
             stale = self._stale_for_error(url, request)
             if stale is not None:
@@ -316,7 +350,7 @@ class ResponseCache:
         """Fill the key once for the server: from the shared tier, or by running the
         handler once and storing what it gave, if it may be stored."""
         tier = self.shared_tier()
-        lease: shared_cache.Lease | None = None
+        lease: cache_levels.TierLease | None = None
         if tier is not None:
             got = await tier.acquire(url.encode(), policy.lock_timeout)
             if isinstance(got, shared_cache.Varies):  # ask for this request's variant
@@ -337,7 +371,13 @@ class ResponseCache:
                 vary = _vary_names(got.entry.headers)
                 self._keep(url, _vary_key(request, vary), vary, got.entry)
                 return _FromSharedTier(got.entry)
-            if isinstance(got, shared_cache.Lease):
+            if isinstance(got, shared_cache.Failed):  # its error, once: nobody here computes
+                self.stats.shared_failures += 1
+                entry = got.entry
+                raise FillFailed(
+                    Response(entry.body, entry.status, entry.headers, entry.content_type)
+                )
+            if cache_levels.is_lease(got):
                 lease = got
                 self.stats.takeovers += got.took_over
             elif got is shared_cache.FALLBACK:
@@ -352,7 +392,7 @@ class ResponseCache:
         request: Request,
         handler: Handler,
         policy: CachePolicy,
-        lease: shared_cache.Lease,
+        lease: cache_levels.TierLease,
     ) -> Entry | _Uncacheable:
         """Compute under the server's lease and share the result. When this worker's
         own requests all leave while other workers wait, the computation runs on for
@@ -394,24 +434,17 @@ class ResponseCache:
     def _entry_for(
         self, request: Request, response: Response, policy: CachePolicy, now: float, took: float
     ) -> Entry | None:
-        if (
-            response.stream is not None
-            or response.status not in CACHEABLE_STATUSES
-            and response.status < 500
-        ):
+        if response.stream is not None:
             return None
-        directives = _cache_control(response.header("cache-control"))
-        if {"no-store", "private", "no-cache"} & directives.keys():
-            return None
-        # a shared cache keeps nobody's cookie, nor an answer to credentials unless
-        # the answer says it is public (RFC 9111 3.5)
-        if response.header("set-cookie") is not None:
-            return None
-        if "public" not in directives and "authorization" in request.headers:
-            return None
-        ttl = _seconds(directives.get("s-maxage"), _seconds(directives.get("max-age"), policy.ttl))
-        if ttl <= 0 and response.status < 500:
-            return None
+        if response.status >= 500:  # shared with the waiters, never stored
+            directives, ttl = {}, 0.0
+        else:
+            if not may_store(request, response):
+                return None
+            directives = _cache_control(response.header("cache-control"))
+            ttl = freshness_lifetime(response, policy.ttl)
+            if ttl <= 0:
+                return None
         swr = _seconds(directives.get("stale-while-revalidate"), policy.stale_while_revalidate)
         sie = _seconds(directives.get("stale-if-error"), policy.stale_if_error)
         headers = [(n, v) for n, v in response.headers if n.lower() not in ("x-cache", "age")]
@@ -487,16 +520,35 @@ class ResponseCache:
         task.add_done_callback(self._background.discard)
         return True
 
-    def _stale_for_error(self, url: str, request: Request) -> Response | None:
+    def _stale_for_error(
+        self, url: str, request: Request, any_age: bool = False
+    ) -> Response | None:
         variants = self._urls.get(url)
         if variants is None:
             return None
         entry = variants.entries.get(_vary_key(request, variants.vary))
         now = self.clock()
-        if entry is None or now >= entry.stale_if_error_until:
+        if entry is None or (now >= entry.stale_if_error_until and not any_age):
             return None
         self.stats.stale += 1
         return entry.response("STALE", now)
+
+    # ------------------------------------------------------------------ for fillers
+
+    def stored(self, request: Request) -> Entry | None:
+        """What is stored for ``request``, fresh or stale: a filler that can
+        revalidate (the proxy, with the entry's ``ETag``) asks for it."""
+        variants = self._urls.get(normalized_url(request))
+        if variants is None:
+            return None
+        return variants.entries.get(_vary_key(request, variants.vary))
+
+    def purge(self, url: str) -> bool:
+        """Forget every variant stored for the normalized ``url``; False if none was."""
+        if url not in self._urls:
+            return False
+        self._forget_url(url)
+        return True
 
     # ------------------------------------------------------------------ helpers
 
@@ -538,7 +590,7 @@ def inspect_awaitable(value: Any) -> bool:
 
 
 def _end_lease(
-    lease: shared_cache.Lease,
+    lease: cache_levels.TierLease,
     stats: CacheStats,
     url: str,
     request: Request,
@@ -549,13 +601,18 @@ def _end_lease(
     if work.cancelled():
         lease.release()  # the fill passes to a waiter elsewhere, if one is left
         return
-    value = None if work.exception() is not None else work.result()
+    error = work.exception()
+    value = None if error is not None else work.result()
+    failure = _failure_for_the_waiters(error, value)
+    if failure is not None:  # every waiter elsewhere gets it once; nothing is stored
+        lease.error(failure)
+        return
     if isinstance(value, _Uncacheable) and policy.hit_for_miss and lease.key == url.encode():
         # remembered server-wide: nobody waits on a lease for it meanwhile
         until = time.monotonic() + policy.hit_for_miss
         lease.store_encoded(shared_cache.encode_uncacheable_marker(until))
         return
-    # not shareable (raised, uncacheable, an error, Vary: *): waiters compute alone
+    # not shareable (uncacheable, Vary: *, too big): waiters compute alone
     if not isinstance(value, Entry) or value.status >= 500 or value.size == 0:
         lease.fail()
         return
@@ -574,6 +631,66 @@ def _end_lease(
     else:
         lease.tier.keep(variant, entry)
         lease.store_encoded(marker)
+
+
+def may_store(request: Request, response: Response) -> bool:
+    """Whether a shared cache may keep ``response`` at all, told by its status and
+    head alone (the body need not have arrived): RFC 9111 3 and 3.5."""
+    if response.status not in CACHEABLE_STATUSES:
+        return False
+    directives = _cache_control(response.header("cache-control"))
+    if {"no-store", "private", "no-cache"} & directives.keys():
+        return False
+    # a shared cache keeps nobody's cookie, nor an answer to credentials unless
+    # the answer says it is public (RFC 9111 3.5)
+    if response.header("set-cookie") is not None:
+        return False
+    return "public" in directives or "authorization" not in request.headers
+
+
+def freshness_lifetime(response: Response, default: float) -> float:
+    """Seconds ``response`` stays fresh from now (RFC 9111 4.2.1): ``s-maxage``,
+    else ``max-age``, else ``Expires`` less ``Date``, else ``default``; less the
+    ``Age`` it already had when it came from another cache."""
+    directives = _cache_control(response.header("cache-control"))
+    lifetime = _seconds(directives.get("s-maxage"), _seconds(directives.get("max-age"), -1.0))
+    if lifetime < 0:
+        expires = response.header("expires")
+        if expires is None:
+            lifetime = default
+        else:
+            expiry = _http_date(expires)  # an invalid date means already expired
+            date = _http_date(response.header("date") or "") or time.time()
+            lifetime = expiry - date if expiry is not None else 0.0
+    return lifetime - _seconds(response.header("age"), 0.0)
+
+
+def _http_date(value: str) -> float | None:
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _failure_for_the_waiters(error: BaseException | None, value: object) -> Entry | None:
+    """The error a failed fill's waiters in other workers get: the 5xx it answered,
+    the answer its `FillFailed` carried, or the 500 of a handler that raised."""
+    if isinstance(value, Entry):
+        return value if value.status >= 500 else None
+    if error is None:
+        return None
+    response = (
+        error.response
+        if isinstance(error, FillFailed)
+        else error_response(500, "the handler raised an exception")
+    )
+    if response.stream is not None:
+        return None  # a streamed error cannot be copied: the waiters compute alone
+    now = time.monotonic()
+    headers = [(n, v) for n, v in response.headers if n.lower() not in ("x-cache", "age")]
+    return Entry(
+        response.status, headers, response.content_type, response.body, now, now, now, now, 0
+    )
 
 
 def _vary_names(headers: list[tuple[str, str]]) -> tuple[str, ...]:

@@ -105,7 +105,7 @@ class ProxyFrontDoor:
             log.warning("%s %s: 502: %s", request.method, request.path, failure.reason)
             connection.send_response(request, error_response(502, failure.reason))
             return
-        await relay(request, answer_head(request, answer), answer, connection)
+        await relay(request, answer_head(answer), answer, connection)
 
 
 def upstream_head(
@@ -160,10 +160,11 @@ def upstream_head(
     return b"".join(lines), body, chunked
 
 
-def answer_head(request: Request, answer: UpstreamResponse) -> Response:
+def answer_head(answer: UpstreamResponse) -> Response:
     """The upstream's answer as a `Response` with no body yet: its own header
     fields less the hop-by-hop ones and those the server writes itself, with
-    ``Via``; its declared Content-Length kept (a stream checks it is met)."""
+    ``Via``; its declared Content-Length kept (a stream checks it is met, and the
+    answer to HEAD says it)."""
     named = _named_by_connection(answer.headers)
     headers = []
     declared: str | None = None
@@ -175,7 +176,7 @@ def answer_head(request: Request, answer: UpstreamResponse) -> Response:
             continue
         headers.append((name.decode("latin-1"), value.decode("latin-1")))
     headers.append(("Via", "1.1 forkloop"))
-    if declared is not None and request.method != "HEAD":
+    if declared is not None:
         headers.append(("Content-Length", declared))
     return Response(b"", answer.status, headers, content_type=None)
 
@@ -189,16 +190,23 @@ async def relay(
 ) -> None:
     """The upstream's answer, through the client's connection, piece by piece:
     ``first`` (what was already read of its body), then the rest as it comes."""
-    if answer.connection.complete and not answer.connection.pieces:
-        response.body = first
-        if first:  # read whole already: the server frames it itself
-            response.headers = [h for h in response.headers if h[0] != "Content-Length"]
-        connection.send_response(request, response)  # nothing left to stream
+    complete = answer.connection.complete and not answer.connection.pieces
+    if complete and request.method != "HEAD":
+        response.body = first  # nothing left to stream: the server frames it itself
+        response.headers = [h for h in response.headers if h[0] != "Content-Length"]
+        connection.send_response(request, response)
         answer.release()
         return
     stream = connection.begin_stream(request, response)
     if stream is None:  # its head could not be sent: a 500 went out
         answer.abort()
+        return
+    if request.method == "HEAD":  # the head says the length; no body follows
+        connection.finish_stream(stream)
+        if complete:
+            answer.release()
+        else:
+            answer.abort()
         return
     try:
         data, more = first, True

@@ -1,19 +1,16 @@
 """forkloop as a reverse proxy in front of a real upstream, on every backend.
 
-The upstream is a small raw-socket HTTP server (stdlib asyncio, in a thread of
-its own) that records what reaches it and can be slow, close its keep-alive
-connections, frame its answers badly or stream a large body: every rule is
-checked by what the upstream saw and what the client got.
+The upstream (tests/server/upstream_support.py) records what reaches it and
+can be slow, close its keep-alive connections, frame its answers badly or
+stream a large body: every rule is checked by what the upstream saw and what
+the client got.
 """
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import pytest
 
@@ -22,121 +19,7 @@ from forkloop.server.upstream import UpstreamPool, UpstreamSettings
 from tests.server.frontdoor_support import Served, UserFolder
 from tests.server.master_support import wait_for
 from tests.server.support import RawClient, running_server, send_raw
-
-
-@dataclass
-class Seen:
-    """What reached the upstream."""
-
-    heads: list[bytes] = field(default_factory=list)
-    bodies: dict[bytes, bytes] = field(default_factory=dict)
-    connections: int = 0
-    aborted: list[bytes] = field(default_factory=list)  # /slow requests whose client closed
-    huge_written: int = 0
-
-
-class Upstream:
-    """A raw HTTP/1.1 server for the proxy to talk to; behaviour by path."""
-
-    def __init__(self) -> None:
-        self.seen = Seen()
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Upstream:
-        self._thread.start()
-        assert self._ready.wait(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        server = self.loop.run_until_complete(
-            asyncio.start_server(self._serve, "127.0.0.1", 0, limit=1 << 20)
-        )
-        self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self.loop.run_forever()
-        server.close()
-        handlers = asyncio.all_tasks(self.loop)
-        for handler in handlers:  # connections still open: end them before the loop closes
-            handler.cancel()
-        self.loop.run_until_complete(asyncio.gather(*handlers, return_exceptions=True))
-        self.loop.run_until_complete(server.wait_closed())
-        self.loop.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.seen.connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                self.seen.heads.append(head)
-                target = head.split(b" ")[1]
-                lowered = head.lower()
-                body = b""
-                if b"transfer-encoding: chunked" in lowered:
-                    while True:
-                        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-                        chunk = await reader.readexactly(size + 2)
-                        if size == 0:
-                            break
-                        body += chunk[:-2]
-                elif b"content-length:" in lowered:
-                    length = int(lowered.split(b"content-length:")[1].split(b"\r\n")[0])
-                    body = await reader.readexactly(length)
-                self.seen.bodies[target] = body
-                if not await self._answer(target, body, reader, writer):
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    async def _answer(self, target: bytes, body: bytes, reader, writer) -> bool:
-        """Write the answer to ``target``; False to close the connection after it."""
-        path = target.split(b"?")[0]
-        if path == b"/slow":
-            try:
-                await asyncio.wait_for(reader.read(1), 5)  # the proxy closes: EOF
-                self.seen.aborted.append(target)
-            except TimeoutError:
-                pass
-            return False
-        if path == b"/both-framing":
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-                b"5\r\nhello\r\n0\r\n\r\n"
-            )
-            return False
-        if path == b"/bad-chunk":
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nbad\r\n")
-            return False
-        if path == b"/close":
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nclosed")
-            return False
-        if path == b"/huge":
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (64 << 20))
-            for _ in range(1024):
-                writer.write(b"x" * 65536)
-                self.seen.huge_written += 65536
-                await writer.drain()
-            return False
-        if path == b"/echo":
-            answer = body
-        else:
-            answer = b"hello from upstream"
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: keep-alive, X-Hop\r\n"
-            b"Keep-Alive: timeout=5\r\nX-Hop: secret\r\nX-Kept: yes\r\n\r\n%b"
-            % (len(answer), answer)
-        )
-        await writer.drain()
-        return True
+from tests.server.upstream_support import Upstream
 
 
 @contextmanager
