@@ -215,7 +215,7 @@ def lookup_costs(count: int) -> str:
     hit (another worker filled it) and a miss, shared tier off and on."""
     directory = tempfile.mkdtemp(prefix="forkloop-costs-")
     keeper_socket = cache_process.listen(os.path.join(directory, "cache.sock"))
-    heartbeat = cache_process.Heartbeat()
+    heartbeat = cache_process.Heartbeat(os.path.join(directory, "board"))
     pid = os.fork()
     if pid == 0:
         os._exit(cache_process.run(keeper_socket, 1 << 30, heartbeat))

@@ -367,21 +367,67 @@ BEAT_INTERVAL = 0.25  # seconds between the cache process's heartbeats
 HANG_TIMEOUT = 3.0  # a cache process whose loop has not beaten this long is killed
 
 
+# What the cache process publishes on its board at each beat (for /metrics): gauges
+# first, then counters (which start again from 0 when the process is restarted).
+BOARD_GAUGES = ("entries", "bytes", "limit_bytes", "leases", "waiters")
+BOARD_COUNTERS = ("hits", "fills", "waits", "takeovers", "stores", "evictions", "errors")
+BOARD_FIGURES = BOARD_GAUGES + BOARD_COUNTERS
+
+
 class Heartbeat:
-    """One shared-memory clock reading: the cache process writes it, the master reads it."""
+    """A small shared file the cache process writes at each beat: the time (the master
+    reads it to find a hung process) and its figures (workers read them for /metrics).
 
-    CLOCK = struct.Struct("d")
+    A file, not anonymous memory, so that a worker needs only the cache socket's path
+    to find it: ``board`` beside ``cache.sock``."""
 
-    def __init__(self) -> None:
-        self.memory = mmap.mmap(-1, self.CLOCK.size)  # anonymous, shared across fork
+    LAYOUT = struct.Struct(f"d{len(BOARD_FIGURES)}q")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        with open(path, "wb") as board:
+            board.write(bytes(self.LAYOUT.size))
+        with open(path, "r+b") as board:
+            self.memory = mmap.mmap(board.fileno(), self.LAYOUT.size)
         self.beat()
 
-    def beat(self) -> None:
-        self.CLOCK.pack_into(self.memory, 0, time.monotonic())
+    def beat(self, store: SharedStore | None = None) -> None:
+        figures = [0] * len(BOARD_FIGURES)
+        if store is not None:
+            stats = store.stats
+            figures = [
+                len(store.entries),
+                store.size,
+                store.max_bytes,
+                len(store.flights),
+                sum(len(flight.waiters) for flight in store.flights.values()),
+                *(getattr(stats, name) for name in BOARD_COUNTERS),
+            ]
+        self.LAYOUT.pack_into(self.memory, 0, time.monotonic(), *figures)
 
     def age(self) -> float:
-        (last,) = self.CLOCK.unpack_from(self.memory, 0)
-        return time.monotonic() - float(last)
+        return time.monotonic() - float(self.LAYOUT.unpack_from(self.memory, 0)[0])
+
+
+def board_path(socket_path: str) -> str:
+    """Where the board of the cache process listening at ``socket_path`` is."""
+    return os.path.join(os.path.dirname(socket_path), "board")
+
+
+def read_board(path: str) -> dict[str, float] | None:
+    """A worker's reading of the board at ``path``: the figures, and ``age_seconds``
+    since the last beat; None when there is no board to read."""
+    try:
+        with open(path, "rb") as board:
+            raw = board.read(Heartbeat.LAYOUT.size)
+    except OSError:
+        return None
+    if len(raw) < Heartbeat.LAYOUT.size:
+        return None
+    beat, *figures = Heartbeat.LAYOUT.unpack(raw)
+    reading: dict[str, float] = dict(zip(BOARD_FIGURES, figures, strict=True))
+    reading["age_seconds"] = time.monotonic() - beat
+    return reading
 
 
 class CacheProcessKeeper:
@@ -401,7 +447,7 @@ class CacheProcessKeeper:
         self.started = 0.0
         self.next_start = 0.0
         self.failures = 0
-        self.heartbeat = Heartbeat()
+        self.heartbeat = Heartbeat(board_path(self.path))
         self.killed = False  # SIGKILL sent for a missed heartbeat
         # after USR2: the old master's cache socket, whose entries the first process copies
         self.seed_from = os.environ.pop(UPGRADE_CACHE_ENV, None)
@@ -484,8 +530,9 @@ class CacheProcessKeeper:
                 with contextlib.suppress(ProcessLookupError, ChildProcessError):
                     os.kill(pid, signal.SIGKILL)
                     os.waitpid(pid, 0)
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        for path in (self.path, self.heartbeat.path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         with contextlib.suppress(OSError):
             os.rmdir(self.directory)
 
@@ -505,15 +552,16 @@ async def serve(
 ) -> None:
     loop = asyncio.get_running_loop()
 
+    store = SharedStore(max_bytes)
+
     def beat() -> None:
-        heartbeat.beat()
+        heartbeat.beat(store)
         loop.call_later(BEAT_INTERVAL, beat)
 
     beat()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    store = SharedStore(max_bytes)
     if seed_from is not None:
         await seed(store, seed_from)
     server = await loop.create_unix_server(lambda: _Connection(store), sock=sock)

@@ -243,6 +243,7 @@ class ScoreboardCollector:
             "handler runs that filled the response cache",
             totals.get("cache_computations", 0),
         )
+        yield from shared_cache_families(totals)
         restarts = CounterMetricFamily(
             "forkloop_worker_restarts",
             "workers the master replaced, by why (retired: --max-requests)",
@@ -252,3 +253,73 @@ class ScoreboardCollector:
             restarts.add_metric((reason,), totals.get(f"worker_restarts_{reason}", 0))
         yield restarts
         yield GaugeMetricFamily("forkloop_workers", "worker processes", totals.get("workers", 1))
+
+
+# The server-wide tier's events as the workers count them, and the cache process's own
+# figures from its board (`server.cache_process`): only when the server runs one.
+SHARED_EVENTS = {
+    "cache_shared_hits": "hit",  # found filled by another worker
+    "cache_shared_coalesced": "coalesced",  # waited for another worker's fill and got it
+    "cache_shared_failures": "failed",  # waited for another worker's fill and got its error
+}
+SHARED_PROCESS_GAUGES = {
+    "entries": "entries held",
+    "bytes": "bytes held (keys, entries and a fixed overhead each)",
+    "limit_bytes": "the bound on bytes held (--shared-cache-size)",
+    "leases": "keys being filled now: one lease each, for the whole server",
+    "waiters": "workers waiting now for a fill another worker holds the lease of",
+}
+SHARED_PROCESS_COUNTERS = {
+    "evictions": "entries evicted to stay within the byte bound",
+    "takeovers": "leases passed to a waiting worker when the filler left or died",
+    "errors": "fills that failed, their error pushed to every waiting worker",
+}
+
+
+def shared_cache_families(totals: dict[str, int]) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from . import shared_cache
+    from .cache_process import HANG_TIMEOUT, board_path, read_board
+
+    tier = shared_cache.current()
+    if tier is None:
+        return
+    lookups = CounterMetricFamily(
+        "forkloop_shared_cache_lookups",
+        "asks of the server-wide tier that spared a computation, by result",
+        labels=("result",),
+    )
+    for name, result in SHARED_EVENTS.items():
+        lookups.add_metric((result,), totals.get(name, 0))
+    yield lookups
+    yield CounterMetricFamily(
+        "forkloop_shared_cache_waiters_served",
+        "workers that waited for a fill done in another worker, and got its entry",
+        totals.get("cache_shared_waiters", 0),
+    )
+    yield CounterMetricFamily(
+        "forkloop_shared_cache_worker_takeovers",
+        "fills a worker took over from a filler that left or died",
+        totals.get("cache_takeovers", 0),
+    )
+    yield CounterMetricFamily(
+        "forkloop_shared_cache_fallbacks",
+        "fills done with this worker's own single-flight because the tier was unavailable",
+        totals.get("cache_fallbacks", 0),
+    )
+    board = read_board(board_path(tier.path))
+    up = board is not None and board["age_seconds"] < HANG_TIMEOUT
+    yield GaugeMetricFamily(
+        "forkloop_shared_cache_up", "1 while the cache process beats, else 0", int(up)
+    )
+    if board is None:
+        return
+    for name, text in SHARED_PROCESS_GAUGES.items():
+        yield GaugeMetricFamily(f"forkloop_shared_cache_{name}", text, board[name])
+    for name, text in SHARED_PROCESS_COUNTERS.items():
+        yield CounterMetricFamily(
+            f"forkloop_shared_cache_process_{name}",
+            f"{text} (since the cache process last started)",
+            board[name],
+        )

@@ -46,14 +46,14 @@ WORKERS = 4
 
 
 class SharedCacheServer(MasterUnderTest):
-    def __init__(self, backend: str, tmp_path: Path, *options: str) -> None:
+    def __init__(self, backend: str, tmp_path: Path, *options: str, workers: int = WORKERS) -> None:
         self.fills_path = tmp_path / "fills"
         self.fills_path.touch()
         super().__init__(
             backend,
             tmp_path,
             "--workers",
-            str(WORKERS),
+            str(workers),
             "--shared-cache",
             "on",
             "--no-access-log",
@@ -82,11 +82,11 @@ class SharedCacheServer(MasterUnderTest):
 def server(tmp_path):
     servers: list[SharedCacheServer] = []
 
-    def start(backend: str, *options: str) -> SharedCacheServer:
-        started = SharedCacheServer(backend, tmp_path, *options)
+    def start(backend: str, *options: str, workers: int = WORKERS) -> SharedCacheServer:
+        started = SharedCacheServer(backend, tmp_path, *options, workers=workers)
         servers.append(started)
         started.start()
-        assert wait_for(lambda: len(started.http_workers()) == WORKERS, 10), started.tail()
+        assert wait_for(lambda: len(started.http_workers()) == workers, 10), started.tail()
         return started
 
     yield start
@@ -577,3 +577,48 @@ def test_a_new_cache_process_starts_cold_when_the_old_one_is_gone(tmp_path):
         assert new.entries == OrderedDict()
 
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------- /metrics
+
+
+def test_metrics_show_the_shared_tier_from_the_workers_and_the_cache_process(server):
+    from forkloop.loadtest.servers import free_port
+    from tests.server.test_metrics import eventually, value
+
+    metrics_port = free_port()
+    master = server(
+        "asyncio",
+        "--metrics-bind",
+        f"127.0.0.1:{metrics_port}",
+        "--shared-cache-size",
+        "1000000",
+        workers=2,
+    )
+    assert {code for code, _ in stampede(master.port, "/fill/scraped?ms=200", 200)} == {200}
+    # with two workers, one filled the key and the other was spared its computation
+    samples = eventually(
+        metrics_port,
+        lambda s: (
+            value(s, "forkloop_shared_cache_lookups_total", result="hit")
+            + value(s, "forkloop_shared_cache_lookups_total", result="coalesced")
+            >= 1
+            and value(s, "forkloop_shared_cache_entries") == 1
+        ),
+    )
+    assert value(samples, "forkloop_shared_cache_waiters_served_total") == value(
+        samples, "forkloop_shared_cache_lookups_total", result="coalesced"
+    )
+    assert value(samples, "forkloop_shared_cache_up") == 1
+    assert value(samples, "forkloop_shared_cache_limit_bytes") == 1_000_000
+    assert 0 < value(samples, "forkloop_shared_cache_bytes") < 1_000_000
+    assert value(samples, "forkloop_shared_cache_leases") == 0
+    assert value(samples, "forkloop_shared_cache_waiters") == 0
+    for name in (
+        "forkloop_shared_cache_worker_takeovers_total",
+        "forkloop_shared_cache_fallbacks_total",
+        "forkloop_shared_cache_process_takeovers_total",
+        "forkloop_shared_cache_process_evictions_total",
+        "forkloop_shared_cache_process_errors_total",
+    ):
+        assert value(samples, name) == 0, name
