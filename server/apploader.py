@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from .asgi import AsgiApp
     from .asgi_cache import CachedAsgiApp
     from .proxy import ProxyFrontDoor
+    from .proxy_cache import CachingProxy
 
 
 class AppLoadError(ImportError):
@@ -88,7 +89,9 @@ def check_importable(config: Config) -> None:
         raise AppLoadError(_not_found(config.app, module_name, module_name))
 
 
-def load_app(config: Config) -> App | AsgiApp | CachedAsgiApp | ProxyFrontDoor:
+def load_app(
+    config: Config,
+) -> App | AsgiApp | CachedAsgiApp | ProxyFrontDoor | CachingProxy:
     """The app ``config`` names (the demo app when none), or an `AppLoadError`."""
     if config.upstreams:
         return _proxy(config)
@@ -126,8 +129,10 @@ def load_app(config: Config) -> App | AsgiApp | CachedAsgiApp | ProxyFrontDoor:
     return CachedAsgiApp(asgi_app, ResponseCache(config.cache_size), config.cache_prefixes)
 
 
-def _proxy(config: Config) -> ProxyFrontDoor:
+def _proxy(config: Config) -> ProxyFrontDoor | CachingProxy:
+    from .cache import ResponseCache
     from .proxy import ProxyFrontDoor
+    from .proxy_cache import CachingProxy, ProxyCacheSettings, purge_networks
     from .upstream import UpstreamPool, UpstreamSettings
 
     settings = UpstreamSettings(
@@ -136,7 +141,16 @@ def _proxy(config: Config) -> ProxyFrontDoor:
         read_timeout=config.proxy_read_timeout,
         keepalive=config.proxy_keepalive,
     )
-    return ProxyFrontDoor(UpstreamPool(list(config.upstreams), settings))
+    proxy = ProxyFrontDoor(UpstreamPool(list(config.upstreams), settings))
+    if not config.cache:
+        return proxy
+    cache_settings = ProxyCacheSettings(
+        prefixes=config.cache_prefixes,
+        use_stale=config.proxy_cache_use_stale,
+        finish_abandoned_fills=config.finish_abandoned_fills,
+        purge_allow=purge_networks(config.purge_allow),
+    )
+    return CachingProxy(proxy, ResponseCache(config.cache_size), cache_settings)
 
 
 def import_app(spec: str, factory: bool = False, asgi: bool = False) -> Any:

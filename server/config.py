@@ -124,6 +124,11 @@ class Config:
     cache: bool = False
     cache_size: int = 64 * 1024 * 1024  # bytes, an LRU
     cache_prefixes: tuple[str, ...] = ("/",)
+    # the proxy's cache (server.proxy_cache): nginx's proxy_cache_use_stale failures,
+    # fills finished for nobody, and who may PURGE (comma-separated addresses/networks)
+    proxy_cache_use_stale: frozenset[str] = frozenset()
+    finish_abandoned_fills: bool = False
+    purge_allow: str = ""
     # the server-wide cache tier: a cache process the master forks (server.cache_process)
     shared_cache: bool = False
     shared_cache_size: int = 64 * 1024 * 1024  # bytes, an LRU

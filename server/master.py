@@ -66,7 +66,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import backends
+from . import backends, purges
 from .apploader import AppLoadError
 from .cache_process import UPGRADE_CACHE_ENV, CacheProcessKeeper
 from .config import Config
@@ -177,6 +177,8 @@ class Master:
         self.exit_code = 0
         self.failure = ""  # why the master gave up, when it did
         self.cache_process = CacheProcessKeeper(self.config) if self.config.shared_cache else None
+        if self.config.upstreams and self.config.cache:  # a PURGE must reach every worker
+            purges.install(purges.PurgeBoard())
         self.unix_addresses = [
             address
             for address in map(parse_bind, self.config.binds)

@@ -148,12 +148,21 @@ OPTIONS: tuple[Option, ...] = (
            "a request to an upstream; then 504 (default %(default)s)", minimum=0),
     Option("proxy_keepalive", int, _D.proxy_keepalive, "idle upstream connections kept per "
            "address, per worker (nginx keepalive) (default %(default)s)", minimum=0),
-    Option("cache", bool, False, "put the response cache in front of an ASGI app: what it marks "
-           "public with a max-age is stored, concurrent misses call it once (default off)"),
+    Option("cache", bool, False, "put the response cache in front of an ASGI app or the proxy: "
+           "what it marks public with a max-age is stored, concurrent misses call it once "
+           "(default off)"),
     Option("cache_size", int, _D.cache_size, "bytes the response cache may hold, LRU "
            "(default %(default)s)", minimum=1, metavar="BYTES"),
     Option("cache_prefix", list, None, "cache only paths under this prefix; repeat for several "
            "(default /)", metavar="PREFIX"),
+    Option("proxy_cache_use_stale", str, "", "the proxy's cache serves a stale entry, at any "
+           "age, when its fill fails this way: comma-separated error, timeout, http_500, "
+           "http_502, http_503, http_504, updating (nginx's proxy_cache_use_stale) (default none)",
+           metavar="FAILURES"),
+    Option("finish_abandoned_fills", bool, False, "a cache fill whose clients all left runs "
+           "to its end and is stored (nginx's way), instead of being cancelled (default off)"),
+    Option("purge_allow", str, "", "comma-separated addresses or networks that may PURGE a URL "
+           "from the proxy's cache (default none: PURGE is refused with 403)", metavar="IPS"),
     Option("shared_cache", str, "off", "on: one fill per key for the whole server, and a cache "
            "tier every worker sees, held by a cache process the master supervises (default off)",
            choices=("on", "off")),
@@ -429,6 +438,9 @@ def resolve(
         cache=value("cache"),
         cache_size=value("cache_size"),
         cache_prefixes=_prefixes(value("cache_prefix"), merged),
+        proxy_cache_use_stale=_use_stale(value("proxy_cache_use_stale"), merged),
+        finish_abandoned_fills=value("finish_abandoned_fills"),
+        purge_allow=_purge_allow(value("purge_allow"), merged),
         shared_cache=value("shared_cache") == "on",
         shared_cache_size=value("shared_cache_size"),
         cache_url=_cache_url(value("cache_url"), merged),
@@ -524,6 +536,29 @@ def _prefixes(prefixes: list[str] | None, merged: dict[str, tuple[Any, str]]) ->
             source = merged.get("cache_prefix", (None, "--cache-prefix"))[1]
             raise SettingError(f"{source}: a path starting with '/', not {prefix!r}")
     return tuple(prefixes)
+
+
+def _use_stale(text: str, merged: dict[str, tuple[Any, str]]) -> frozenset[str]:
+    """--proxy-cache-use-stale: nginx's failure names, comma-separated."""
+    from .proxy_cache import USE_STALE
+
+    names = frozenset(name.strip() for name in text.split(",") if name.strip())
+    unknown = sorted(names - set(USE_STALE))
+    if unknown:
+        source = merged.get("proxy_cache_use_stale", (None, "--proxy-cache-use-stale"))[1]
+        raise SettingError(f"{source}: {unknown[0]!r} is not one of {', '.join(USE_STALE)}")
+    return names
+
+
+def _purge_allow(text: str, merged: dict[str, tuple[Any, str]]) -> str:
+    """--purge-allow: addresses or networks, each checked now."""
+    from .proxy_cache import purge_networks
+
+    try:
+        purge_networks(text)
+    except ValueError as exc:
+        raise SettingError(f"{merged['purge_allow'][1]}: {exc}") from None
+    return text
 
 
 def _grace(text: str, merged: dict[str, tuple[Any, str]]) -> float | None:

@@ -57,6 +57,19 @@ def test_headers_are_forwarded_by_the_rules_both_ways(backend):
     assert b"via: 1.1 forkloop" in head
 
 
+def test_the_answer_to_head_says_the_upstreams_length_and_sends_no_body(backend):
+    with Upstream() as upstream, proxy_to(backend, upstream.port) as proxy:
+        answer = send_raw(
+            proxy.port, b"HEAD /hello HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        with RawClient(proxy.port) as client:
+            client.request("GET", "/hello")
+            assert client.read_reply().body == b"hello from upstream"
+    head, _, after = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nContent-Length: 19\r\n" in head
+    assert after == b"" and upstream.seen.heads[0].startswith(b"HEAD /hello ")
+
+
 def test_keep_alive_connections_to_the_upstream_are_reused(backend):
     with Upstream() as upstream, proxy_to(backend, upstream.port) as proxy:
         with RawClient(proxy.port) as client:

@@ -130,10 +130,11 @@ class Upstream:
             answer = body
         else:
             answer = b"hello from upstream"
+        to_head = self.seen.heads[-1].startswith(b"HEAD ")
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: keep-alive, X-Hop\r\n"
             b"Keep-Alive: timeout=5\r\nX-Hop: secret\r\nX-Kept: yes\r\n\r\n%b"
-            % (len(answer), answer)
+            % (len(answer), b"" if to_head else answer)
         )
         await writer.drain()
         return True
