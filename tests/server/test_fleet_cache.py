@@ -1,0 +1,401 @@
+"""The fleet tier: one cache and one fill per key for several servers sharing a Redis store.
+
+Everything is real: a ``redis-server`` subprocess (`tests.server.redis_support`)
+on a free port or a Unix socket, and for the server cases two forkloop masters
+with two workers each and their cache processes (``--shared-cache on
+--cache-url ...``), sent concurrent cold requests split between them. Fills are
+counted by the test app (`tests.server.apps.fills`), which appends "pid key" to
+a file per computation. Failures are real signals: ``kill -9`` of a whole
+server, SIGKILL and SIGSTOP of the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from forkloop.server.cache import Entry
+from forkloop.server.fleet_cache import FleetLease, FleetTier, StoreNames
+from forkloop.server.shared_cache import ALONE, FALLBACK, Hit
+from tests.loop_under_test import LoopUnderTest
+from tests.server.master_support import MasterUnderTest, alive, wait_for
+from tests.server.redis_support import ClusterUnderTest, StoreUnderTest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _entry(body: bytes, ttl: float = 60) -> Entry:
+    now = time.monotonic()
+    return Entry(200, [("Cache-Control", "max-age=60")], "text/plain", body, now, now + ttl,
+                 now + ttl, now + ttl, 0.01)  # fmt: skip
+
+
+@pytest.fixture
+def store(tmp_path):
+    started = StoreUnderTest(tmp_path).start()
+    yield started
+    started.kill()
+
+
+# ---------------------------------------------------------------------- the tier itself
+
+
+def test_a_waiter_on_another_server_is_notified_of_the_fill(store, backend: LoopUnderTest):
+    async def main() -> None:
+        first, second = FleetTier(store.url), FleetTier(store.url)
+        assert await first.connect() and await second.connect()
+        lease = await first.acquire(b"/cold", 5)
+        assert isinstance(lease, FleetLease)
+        waiting = asyncio.ensure_future(second.acquire(b"/cold", 5))
+        await asyncio.sleep(0)
+        lease.store(_entry(b"filled once"))
+        got = await waiting
+        assert isinstance(got, Hit) and got.waited and got.entry.body == b"filled once"
+        assert second.stats.fleet_notifications >= 1 and second.stats.fleet_fills == 0
+        again = await second.acquire(b"/cold", 5)
+        assert isinstance(again, Hit) and not again.waited
+        await first.close()
+        await second.close()
+
+    backend.run(main)
+
+
+def test_a_filler_that_leaves_hands_the_fill_to_a_waiter_elsewhere(store):
+    async def main() -> None:
+        first, second = FleetTier(store.url), FleetTier(store.url)
+        assert await first.connect() and await second.connect()
+        lease = await first.acquire(b"/left", 5)
+        assert isinstance(lease, FleetLease)
+        waiting = asyncio.ensure_future(second.acquire(b"/left", 5))
+        while second.notifications.queues == {}:  # subscribed: it waits on its channel
+            await asyncio.sleep(0.01)
+        lease.release()
+        taken = await waiting
+        assert isinstance(taken, FleetLease) and taken.took_over
+        assert second.stats.fleet_takeovers == 1
+        taken.fail()  # the next waiter would compute for itself
+        await first.close()
+        await second.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_a_failed_fill_sends_its_waiters_to_compute_for_themselves(store):
+    async def main() -> None:
+        first, second = FleetTier(store.url), FleetTier(store.url)
+        assert await first.connect() and await second.connect()
+        lease = await first.acquire(b"/private", 5)
+        assert isinstance(lease, FleetLease)
+        waiting = asyncio.ensure_future(second.acquire(b"/private", 5))
+        while second.notifications.queues == {}:
+            await asyncio.sleep(0.01)
+        lease.fail()
+        assert await waiting is ALONE
+        await first.close()
+        await second.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_a_store_on_a_unix_socket_serves_the_fleet(tmp_path):
+    store = StoreUnderTest(tmp_path, unix=True).start()
+    try:
+
+        async def main() -> None:
+            tier = FleetTier(store.url)
+            assert await tier.connect()
+            lease = await tier.acquire(b"/unix", 5)
+            assert isinstance(lease, FleetLease)
+            lease.store(_entry(b"over a unix socket"))
+            got = None
+            while not isinstance(got, Hit):
+                got = await tier.acquire(b"/unix", 5)
+                assert not isinstance(got, FleetLease), "the store did not keep the entry"
+            await tier.close()
+
+        asyncio.run(asyncio.wait_for(main(), 20))
+    finally:
+        store.kill()
+
+
+def test_an_entry_expires_in_the_store_when_its_stale_windows_end(store):
+    async def main() -> None:
+        tier = FleetTier(store.url, prefix="site-a:")
+        assert await tier.connect()
+        lease = await tier.acquire(b"/short", 5)
+        assert isinstance(lease, FleetLease)
+        lease.store(_entry(b"short-lived", ttl=30))
+        name = StoreNames.of("site-a:", b"/short").value
+        while await tier.client().pttl(name) < 0:  # stored by a task of its own
+            await asyncio.sleep(0.01)
+        assert 25_000 < await tier.client().pttl(name) <= 30_000
+        await tier.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_a_dead_store_is_bypassed_and_found_again_when_it_returns(store):
+    async def main() -> None:
+        tier = FleetTier(store.url)
+        assert await tier.connect()
+        store.kill()
+        assert await tier.acquire(b"/down", 5) is FALLBACK
+        assert tier.breaker_open and tier.stats.fleet_store_errors >= 1
+        assert await tier.acquire(b"/down", 5) is FALLBACK  # no call while it is open
+        store.start()
+        while tier.breaker_open:  # the background probe closes it
+            await asyncio.sleep(0.05)
+        assert isinstance(await tier.acquire(b"/down", 5), FleetLease)
+        await tier.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_frozen_store_is_bypassed_and_waiters_are_woken(store):
+    async def main() -> None:
+        first, second = FleetTier(store.url), FleetTier(store.url, call_timeout=0.2)
+        assert await first.connect() and await second.connect()
+        lease = await first.acquire(b"/frozen", 5)
+        assert isinstance(lease, FleetLease)
+        waiting = asyncio.ensure_future(second.acquire(b"/frozen", 30))
+        while second.notifications.queues == {}:
+            await asyncio.sleep(0.01)
+        store.freeze()
+        try:
+            # the waiter asks again when the lease would expire: that call times out
+            assert await waiting is FALLBACK
+            assert await second.acquire(b"/other", 5) is FALLBACK
+            assert second.breaker_open
+        finally:
+            store.thaw()
+        await first.close()
+        await second.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_cluster_fills_once_with_value_lease_and_channel_in_one_slot(tmp_path):
+    cluster = ClusterUnderTest(tmp_path).start()
+    try:
+        names = StoreNames.of("forkloop:", b"/clustered")
+        slots = {
+            cluster.nodes[0].cli("cluster", "keyslot", n).strip() for n in vars(names).values()
+        }
+        assert len(slots) == 1
+
+        async def main() -> None:
+            first, second = FleetTier(cluster.url), FleetTier(cluster.url)
+            assert await first.connect() and await second.connect()
+            for key in (b"/clustered", b"/elsewhere", b"/a/third/one"):
+                lease = await first.acquire(key, 5)
+                assert isinstance(lease, FleetLease)
+                waiting = asyncio.ensure_future(second.acquire(key, 5))
+                while second.notifications.queues == {}:
+                    await asyncio.sleep(0.01)
+                lease.store(_entry(b"from the cluster"))
+                got = await waiting
+                assert isinstance(got, Hit) and got.waited, got
+            assert second.stats.fleet_notifications >= 3
+            await first.close()
+            await second.close()
+
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        cluster.stop()
+
+
+# ---------------------------------------------------------------------- two servers
+
+
+class FleetServer(MasterUnderTest):
+    def __init__(self, tmp_path: Path, name: str, fills: Path, store_url: str) -> None:
+        folder = tmp_path / name
+        folder.mkdir()
+        super().__init__(
+            "asyncio",
+            folder,
+            "--workers",
+            "2",
+            "--shared-cache",
+            "on",
+            "--cache-url",
+            store_url,
+            "--cache-call-timeout",
+            "0.2",
+            "--no-access-log",
+            app="tests.server.apps.fills:app",
+            env={"FORKLOOP_TEST_FILLS": str(fills)},
+        )
+
+    def tree(self) -> set[int]:
+        return {self.pid, *self.workers()}
+
+    def kill_everything(self) -> None:
+        """``kill -9`` of the master, its workers and its cache process."""
+        for pid in self.tree():
+            os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: not any(alive(pid) for pid in self.tree()), 5)
+
+    def pause(self, signum: int) -> None:
+        for pid in self.tree():
+            os.kill(pid, signum)
+
+    def totals(self) -> dict[str, int]:
+        return json.loads(self.get("/stats")[1])["server"]
+
+
+class Fleet:
+    def __init__(self, tmp_path: Path, store_url: str) -> None:
+        self.fills_path = tmp_path / "fills"
+        self.fills_path.touch()
+        self.servers = [
+            FleetServer(tmp_path, name, self.fills_path, store_url) for name in ("one", "two")
+        ]
+
+    def fills(self, key: str) -> list[int]:
+        lines = self.fills_path.read_text().splitlines()
+        return [int(pid) for pid, _, k in (line.partition(" ") for line in lines) if k == key]
+
+
+@pytest.fixture
+def fleet(tmp_path, store):
+    started = Fleet(tmp_path, store.url)
+    for server in started.servers:
+        server.start()
+        assert wait_for(lambda s=server: len(s.workers()) == 3, 10), server.tail()
+    yield started
+    for server in started.servers:
+        server.stop()
+
+
+async def _one(port: int, path: str) -> tuple[int, str]:
+    """(status, X-Cache) of one GET on a connection of its own; (0, why) if it failed."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        answer = await reader.read()
+        writer.close()
+    except OSError as exc:
+        return 0, str(exc)
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1")
+    if not head.startswith("HTTP/1.1 "):
+        return 0, f"no answer ({answer[:40]!r})"
+    found = re.search(r"(?im)^x-cache: *(\w+)", head)
+    return int(head[9:12]), found.group(1) if found else ""
+
+
+def stampede(ports: list[int], path: str, count: int) -> list[tuple[int, str]]:
+    """``count`` concurrent GETs of ``path``, dealt round-robin over ``ports``."""
+
+    async def run() -> list[tuple[int, str]]:
+        async with asyncio.timeout(60):
+            return list(
+                await asyncio.gather(*(_one(ports[i % len(ports)], path) for i in range(count)))
+            )
+
+    return asyncio.run(run())
+
+
+def in_background(work) -> tuple[threading.Thread, list]:
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(work()))
+    thread.start()
+    return thread, results
+
+
+def test_two_servers_sharing_a_store_compute_a_cold_key_once(fleet):
+    ports = [server.port for server in fleet.servers]
+    answers = stampede(ports, "/fill/cold?ms=300", 1000)
+    assert [a for a in answers if a[0] != 200] == []
+    assert len(fleet.fills("cold")) == 1
+    assert sorted(c for _, c in answers).count("MISS") == 1
+    # and once filled, a key is a hit on both servers without another computation
+    assert {a for a in stampede(ports, "/fill/cold?ms=300", 100)} == {(200, "HIT")}
+    assert len(fleet.fills("cold")) == 1
+    one, two = fleet.servers
+    assert wait_for(
+        lambda: one.totals()["cache_fleet_fills"] + two.totals()["cache_fleet_fills"] == 1, 5
+    )
+    filled_by = one if one.totals()["cache_fleet_fills"] else two
+    other = two if filled_by is one else one
+    assert other.totals()["cache_fleet_hits"] >= 1
+    assert other.totals()["cache_fleet_notifications"] >= 1
+    assert other.totals()["cache_fleet_store_errors"] == 0
+
+
+def test_killing_the_filling_server_hands_the_fill_to_the_other(fleet):
+    one, two = fleet.servers
+    doomed, _ = in_background(lambda: stampede([one.port], "/fill/victim?ms=1500", 20))
+    assert wait_for(lambda: len(fleet.fills("victim")) == 1, 10)
+    assert fleet.fills("victim")[0] in one.workers()
+    survivors, results = in_background(lambda: stampede([two.port], "/fill/victim?ms=1500", 200))
+    assert wait_for(lambda: two.totals()["requests"] >= 200, 10)
+    one.kill_everything()
+    survivors.join(60)
+    doomed.join(60)
+    assert [a for a in results[0] if a[0] != 200] == []
+    computed = fleet.fills("victim")
+    assert len(computed) == 2 and computed[1] in two.workers()
+    assert wait_for(lambda: two.totals()["cache_fleet_takeovers"] == 1, 5), {
+        k: v for k, v in two.totals().items() if "fleet" in k
+    }
+
+
+def test_a_paused_fillers_late_write_is_refused(fleet):
+    one, two = fleet.servers
+    first, _ = in_background(lambda: stampede([one.port], "/fill/fenced?ms=1000", 1))
+    assert wait_for(lambda: len(fleet.fills("fenced")) == 1, 10)
+    one.pause(signal.SIGSTOP)
+    try:
+        second, results = in_background(lambda: stampede([two.port], "/fill/fenced?ms=1000", 1))
+        # the paused filler's lease expires; the other server takes the fill over
+        assert wait_for(lambda: len(fleet.fills("fenced")) == 2, 10)
+    finally:
+        one.pause(signal.SIGCONT)
+    first.join(30)
+    second.join(30)
+    assert results[0] == [(200, "MISS")]
+    assert wait_for(lambda: one.totals()["cache_fleet_fenced"] == 1, 10), one.tail()
+    assert two.totals()["cache_fleet_takeovers"] == 1
+
+
+def test_killing_the_store_mid_stampede_fails_no_request_and_it_recovers(fleet, store):
+    ports = [server.port for server in fleet.servers]
+    running, results = in_background(lambda: stampede(ports, "/fill/during?ms=500", 400))
+    assert wait_for(lambda: len(fleet.fills("during")) >= 1, 10)
+    store.kill()
+    running.join(60)
+    assert [a for a in results[0] if a[0] != 200] == []
+    # each server fills for itself meanwhile: once per server, never once per request
+    assert len(fleet.fills("during")) <= 2
+    assert [a for a in stampede(ports, "/fill/meanwhile?ms=100", 200) if a[0] != 200] == []
+    assert len(fleet.fills("meanwhile")) == 2
+    store.start()
+    one, two = fleet.servers
+    assert wait_for(
+        lambda: (
+            one.totals()["cache_fleet_breaker_open"] + two.totals()["cache_fleet_breaker_open"] == 0
+        ),
+        15,
+    )
+    assert [a for a in stampede(ports, "/fill/after?ms=100", 200) if a[0] != 200] == []
+    assert len(fleet.fills("after")) == 1
+
+
+def test_a_frozen_store_fails_no_request(fleet, store):
+    ports = [server.port for server in fleet.servers]
+    store.freeze()
+    try:
+        answers = stampede(ports, "/fill/stopped?ms=100", 200)
+    finally:
+        store.thaw()
+    assert [a for a in answers if a[0] != 200] == []
+    assert len(fleet.fills("stopped")) == 2  # once per server: the server-wide tier still holds
