@@ -25,10 +25,16 @@ import inspect
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .cache import CachePolicy, ResponseCache
 from .http import Request, Response, error_response
+
+if TYPE_CHECKING:
+    from .frontdoor import DirectRoute
+    from .proxy_cache import ProxyCacheSettings
+    from .proxy_routes import ProxyPrefixes
+    from .upstream import UpstreamSettings
 
 Handler = Callable[[Request], Any] | Callable[[Request], Awaitable[Any]]
 
@@ -62,6 +68,7 @@ class App:
         # decoding (no query, no percent-escapes): the common case costs one lookup
         self._static_raw: dict[bytes, dict[str, Route]] = {}
         self._patterns: dict[str, _Pattern] = {}
+        self._proxied: ProxyPrefixes | None = None  # app.proxy(): prefixes sent upstream
 
     def route(
         self, path: str, methods: tuple[str, ...] | list[str] = ("GET",), **options: Any
@@ -99,6 +106,32 @@ class App:
             self._patterns[path] = pattern
         return pattern.routes
 
+    def proxy(
+        self,
+        prefix: str,
+        *upstreams: str,
+        cache: bool | ProxyCacheSettings = False,
+        settings: UpstreamSettings | None = None,
+    ) -> None:
+        """Send requests under ``prefix`` to ``upstreams`` (round-robin), path
+        unchanged, for paths no route of this app matches (`server.proxy_routes`);
+        ``cache=True`` (or `ProxyCacheSettings`) puts this app's cache in front."""
+        from .proxy_cache import ProxyCacheSettings
+        from .proxy_routes import ProxyPrefixes, build_proxy
+
+        if not upstreams:
+            raise ValueError(f"app.proxy({prefix!r}) needs at least one upstream URL")
+        if self._proxied is None:
+            self._proxied = ProxyPrefixes()
+        cache_settings = cache if isinstance(cache, ProxyCacheSettings) else None
+        response_cache = self.cache if cache else None
+        self._proxied.add(prefix, build_proxy(upstreams, settings, response_cache, cache_settings))
+
+    async def shutdown(self) -> None:
+        """Close the proxied prefixes' upstream connections."""
+        if self._proxied is not None:
+            await self._proxied.shutdown()
+
     @property
     def cache(self) -> ResponseCache:
         """The response cache shared by this app's cached routes (made on first use)."""
@@ -125,7 +158,7 @@ class App:
     def delete(self, path: str, **options: Any) -> Callable[[Handler], Handler]:
         return self.route(path, ("DELETE",), **options)
 
-    def resolve(self, request: Request) -> Route | Response:
+    def resolve(self, request: Request) -> Route | Response | DirectRoute:
         """The route for ``request`` (its ``params`` filled in), or a 404/405 response."""
         routes = self._static_raw.get(request.target)
         if routes is not None:
@@ -142,6 +175,11 @@ class App:
                     request.params = match.groupdict()
                     break
             else:
+                proxied = self._proxied
+                if proxied is not None:  # no route of its own: a proxied prefix, maybe
+                    proxy_route = proxied.resolve(request)
+                    if proxy_route is not None:
+                        return proxy_route
                 return error_response(404, f"no route for {path}")
         route = routes.get(request.method)
         if route is None and request.method == "HEAD":

@@ -42,8 +42,10 @@ if TYPE_CHECKING:
     from .app import App
     from .asgi import AsgiApp
     from .asgi_cache import CachedAsgiApp
+    from .frontdoor import FrontDoor
     from .proxy import ProxyFrontDoor
     from .proxy_cache import CachingProxy
+    from .upstream import UpstreamSettings
 
 
 class AppLoadError(ImportError):
@@ -89,10 +91,30 @@ def check_importable(config: Config) -> None:
         raise AppLoadError(_not_found(config.app, module_name, module_name))
 
 
-def load_app(
+def load_app(config: Config) -> FrontDoor:
+    """The app ``config`` names (the demo app when none), with the config file's
+    proxied prefixes in front of it; or an `AppLoadError`."""
+    app = _load_front_door(config)
+    if not config.proxy_routes:
+        return app
+    from .app import App
+    from .cache import ResponseCache
+    from .proxy_routes import ProxyPrefixes, WithProxiedPrefixes, build_proxy
+
+    if isinstance(app, App):
+        for route in config.proxy_routes:
+            app.proxy(route.prefix, *route.upstreams, cache=route.cache, settings=_upstream(config))
+        return app
+    prefixes = ProxyPrefixes()
+    for route in config.proxy_routes:
+        cache = ResponseCache(config.cache_size) if route.cache else None
+        prefixes.add(route.prefix, build_proxy(route.upstreams, _upstream(config), cache))
+    return WithProxiedPrefixes(app, prefixes)
+
+
+def _load_front_door(
     config: Config,
 ) -> App | AsgiApp | CachedAsgiApp | ProxyFrontDoor | CachingProxy:
-    """The app ``config`` names (the demo app when none), or an `AppLoadError`."""
     if config.upstreams:
         return _proxy(config)
     if config.app is None:
@@ -133,15 +155,9 @@ def _proxy(config: Config) -> ProxyFrontDoor | CachingProxy:
     from .cache import ResponseCache
     from .proxy import ProxyFrontDoor
     from .proxy_cache import CachingProxy, ProxyCacheSettings, purge_networks
-    from .upstream import UpstreamPool, UpstreamSettings
+    from .upstream import UpstreamPool
 
-    settings = UpstreamSettings(
-        connect_timeout=config.proxy_connect_timeout,
-        send_timeout=config.proxy_send_timeout,
-        read_timeout=config.proxy_read_timeout,
-        keepalive=config.proxy_keepalive,
-    )
-    proxy = ProxyFrontDoor(UpstreamPool(list(config.upstreams), settings))
+    proxy = ProxyFrontDoor(UpstreamPool(list(config.upstreams), _upstream(config)))
     if not config.cache:
         return proxy
     cache_settings = ProxyCacheSettings(
@@ -151,6 +167,17 @@ def _proxy(config: Config) -> ProxyFrontDoor | CachingProxy:
         purge_allow=purge_networks(config.purge_allow),
     )
     return CachingProxy(proxy, ResponseCache(config.cache_size), cache_settings)
+
+
+def _upstream(config: Config) -> UpstreamSettings:
+    from .upstream import UpstreamSettings
+
+    return UpstreamSettings(
+        connect_timeout=config.proxy_connect_timeout,
+        send_timeout=config.proxy_send_timeout,
+        read_timeout=config.proxy_read_timeout,
+        keepalive=config.proxy_keepalive,
+    )
 
 
 def import_app(spec: str, factory: bool = False, asgi: bool = False) -> Any:

@@ -97,6 +97,15 @@ class WebSocketSettings:
 
 
 @dataclass(frozen=True)
+class ProxyRoute:
+    """One ``[[proxy]]`` section of a config file (`server.proxy_routes`)."""
+
+    prefix: str
+    upstreams: tuple[str, ...]
+    cache: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything `forkloop serve` was asked to do."""
 
@@ -129,6 +138,8 @@ class Config:
     proxy_cache_use_stale: frozenset[str] = frozenset()
     finish_abandoned_fills: bool = False
     purge_allow: str = ""
+    # the config file's [[proxy]] sections: prefixes proxied beside the app's own routes
+    proxy_routes: tuple[ProxyRoute, ...] = ()
     # the server-wide cache tier: a cache process the master forks (server.cache_process)
     shared_cache: bool = False
     shared_cache_size: int = 64 * 1024 * 1024  # bytes, an LRU

@@ -33,7 +33,14 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from . import backends
-from .config import DEFAULT_BIND, DEFAULT_METRICS_BIND, Config, Limits, WebSocketSettings
+from .config import (
+    DEFAULT_BIND,
+    DEFAULT_METRICS_BIND,
+    Config,
+    Limits,
+    ProxyRoute,
+    WebSocketSettings,
+)
 from .listeners import parse_bind
 
 ENV_PREFIX = "FORKLOOP_"
@@ -327,6 +334,9 @@ def read_config_file(path: str) -> dict[str, tuple[Any, str]]:
         if name == "app":
             settings["app"] = (_check_app(_expect(str, value, source), source), source)
             continue
+        if name == "proxy":
+            settings["proxy_routes"] = (_proxy_sections(value, f"{path}: [[proxy]]"), source)
+            continue
         option = BY_NAME.get(name)
         if option is None or option.command_line_only:
             known = [o.name for o in OPTIONS if not o.command_line_only] + ["app"]
@@ -441,6 +451,7 @@ def resolve(
         proxy_cache_use_stale=_use_stale(value("proxy_cache_use_stale"), merged),
         finish_abandoned_fills=value("finish_abandoned_fills"),
         purge_allow=_purge_allow(value("purge_allow"), merged),
+        proxy_routes=merged["proxy_routes"][0] if "proxy_routes" in merged else (),
         shared_cache=value("shared_cache") == "on",
         shared_cache_size=value("shared_cache_size"),
         cache_url=_cache_url(value("cache_url"), merged),
@@ -536,6 +547,37 @@ def _prefixes(prefixes: list[str] | None, merged: dict[str, tuple[Any, str]]) ->
             source = merged.get("cache_prefix", (None, "--cache-prefix"))[1]
             raise SettingError(f"{source}: a path starting with '/', not {prefix!r}")
     return tuple(prefixes)
+
+
+def _proxy_sections(value: Any, source: str) -> tuple[ProxyRoute, ...]:
+    """``[[proxy]]`` tables: ``prefix``, ``upstream`` (a URL or a list), ``cache``."""
+    from .upstream import parse_upstream
+
+    if not isinstance(value, list) or not all(isinstance(table, dict) for table in value):
+        raise SettingError(f"{source}: proxy sections are written [[proxy]], each a table")
+    routes = []
+    for table in value:
+        unknown = sorted(set(table) - {"prefix", "upstream", "cache"})
+        if unknown:
+            raise SettingError(f"{source}: unknown key {unknown[0]!r} (prefix, upstream, cache)")
+        prefix = table.get("prefix")
+        if not isinstance(prefix, str) or not prefix.startswith("/"):
+            raise SettingError(f"{source}: prefix must be a path starting with '/', not {prefix!r}")
+        upstreams = table.get("upstream")
+        if isinstance(upstreams, str):
+            upstreams = [upstreams]
+        if not upstreams or not all(isinstance(url, str) for url in upstreams):
+            raise SettingError(f"{source}: upstream must be a URL or a list of URLs ({prefix})")
+        for url in upstreams:
+            try:
+                parse_upstream(url)
+            except ValueError as exc:
+                raise SettingError(f"{source}: {exc}") from None
+        cache = table.get("cache", False)
+        if not isinstance(cache, bool):
+            raise SettingError(f"{source}: cache must be true or false, not {cache!r}")
+        routes.append(ProxyRoute(prefix, tuple(upstreams), cache))
+    return tuple(routes)
 
 
 def _use_stale(text: str, merged: dict[str, tuple[Any, str]]) -> frozenset[str]:
