@@ -1,17 +1,18 @@
 #!/usr/bin/env sh
 # Everything the tests and benchmarks need, on a fresh Debian/Ubuntu machine:
 # the system tools (wrk drives the benchmarks' HTTP load; redis-server, Debian's
-# Redis 7, is the store the fleet-cache tests start) and a virtualenv in
+# Redis 7, is the store the fleet-cache tests start; nginx is the peer of
+# forkloop bench --proxy, started with its own config, never as a service) and a virtualenv in
 # .venv with forkloop installed editable, its test and load-test extras
 # (pytest, locust, Starlette, FastAPI, the peers uvicorn, granian and hypercorn),
 # ruff and mypy. Safe to run again: it installs only what is missing.
 set -eu
 cd "$(dirname "$0")"
 
-SYSTEM_PACKAGES="wrk redis-server"
+SYSTEM_PACKAGES="wrk redis-server nginx"
 missing=""
 for tool in $SYSTEM_PACKAGES; do
-    command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+    command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || missing="$missing $tool"
 done
 if [ -n "$missing" ]; then
     if [ "$(id -u)" -eq 0 ]; then
