@@ -29,6 +29,7 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Limits
+from .eager import EagerStarter
 from .http import SERVER_NAME, STATUS_LINES, Request, Response, content_type_line, status_line
 from .logs import AccessLog
 
@@ -133,6 +134,7 @@ class ConnectionContext:
         self.websockets = websockets
         self.limits = limits
         self.resolve = resolve
+        self.starter = EagerStarter(loop)  # runs async handlers' first steps inline
         self.access_log = access_log
         self.stats = Stats()
         self.connections: set[Connection] = set()

@@ -52,9 +52,10 @@ After each read, `_run_pending` answers queued requests in order, one at a
 time:
 
 * a plain ``def`` handler runs inline and its response joins the output;
-* an ``async def`` handler runs as a task (eagerly started on Python 3.12+, so
-  a handler that never suspends finishes inside this call too); while it runs,
-  later requests wait in ``pending`` and responses stay in request order.
+* an ``async def`` handler's first step runs inline too (`server.eager`), so
+  one that never suspends finishes inside this call, with no task of its own;
+  one that suspends is driven on by a host task. While it runs, later
+  requests wait in ``pending`` and responses stay in request order.
 
 Everything answered during one ``data_received`` goes out in one
 ``transport.write``: a burst of 16 pipelined requests costs one send.
@@ -93,7 +94,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, cast
 
@@ -106,7 +106,6 @@ from .responses import CONTINUE, BodyStream, ResponseWriter, peer_name
 
 log = logging.getLogger("forkloop.http")
 
-EAGER_TASKS = sys.version_info >= (3, 12)
 FIRST_REQUEST_GRACE = 1.0  # seconds a fresh connection gets to send a request during shutdown
 
 # the connection's phases (compared by identity)
@@ -358,15 +357,12 @@ class HttpConnection(asyncio.Protocol):
             self._enter(CLOSING)
 
     def _start_task(self, request: Request, coroutine: Coroutine[Any, Any, None]) -> None:
-        """Run ``coroutine`` as the request's task; eager where Python has it."""
+        """Run ``coroutine``'s first step now (`server.eager`); if it suspends, a
+        host task drives the rest and the request may overrun its deadline."""
         self.active_request = request
         self._enter(RUNNING)
-        task: asyncio.Task[None]
-        if EAGER_TASKS:
-            task = asyncio.Task(coroutine, loop=self.loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
-        else:
-            task = self.loop.create_task(coroutine)
-        if self.active_request is request:  # it suspended: now it can overrun its deadline
+        task = self.context.starter.start(coroutine)
+        if task is not None and self.active_request is request:
             self.task = task
             if self.limits.request_timeout:
                 self.request_timer = self.loop.call_later(
@@ -542,29 +538,6 @@ class HttpConnection(asyncio.Protocol):
                 _CANCEL_EXPLANATIONS[reason],
             )
         task.cancel(f"request cancelled: {reason}")
-        task.add_done_callback(self._after_cancel)
-
-    def _after_cancel(self, task: asyncio.Task[None]) -> None:
-        """A task cancelled before its first step (Python 3.11 starts tasks lazily) never
-        ran `_run_handler`, so its clean-up falls to this done callback: otherwise the
-        connection would keep a dead task, and its request timer would keep the
-        connection and its body alive for ``request_timeout``."""
-        if self.task is not task:
-            return  # _run_handler ran and cleaned up
-        request = self.active_request
-        if self.request_timer is not None:
-            self.request_timer.cancel()
-            self.request_timer = None
-        self.task = None
-        self.active_request = None
-        if self.phase is RUNNING or self.phase is STREAMING:
-            self._enter(OPEN)
-        if self.transport is None or request is None:
-            return
-        response = self._answer_for_cancelled(request)
-        if response is not None:
-            self._respond(request, response)
-        self._run_pending()
 
     def _answer_for_cancelled(self, request: Request) -> Response | None:
         """What to send once a handler is cancelled: nothing to a client that is gone,

@@ -1,0 +1,145 @@
+"""Handlers started inline on a borrowed task (`server.eager`) see what a task of their own gives.
+
+Each request runs in its own copy of the context, sees one current task from
+its first step to its last, and can be cancelled by it; cancels it leaves
+behind never reach the next request. Checked through real sockets with ASGI
+apps (which start every request this way) and, for the cancels an app aims at
+its own task, on the starter directly. Every backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+
+import pytest
+
+from forkloop.server.asgi import AsgiApp
+from forkloop.server.eager import EagerStarter
+from tests.server.support import RawClient, running_server
+
+seen_by: contextvars.ContextVar[str] = contextvars.ContextVar("seen_by", default="nobody")
+
+
+async def answer(send, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def remembers_the_path(scope, receive, send) -> None:
+    """Answers with the value the ContextVar had when the request began, then sets
+    it to its own path; /suspend awaits before answering, /inline does not."""
+    if scope["type"] != "http":
+        return
+    before = seen_by.get()
+    seen_by.set(scope["path"])
+    if scope["path"] == "/suspend":
+        await asyncio.sleep(0)
+    await answer(send, before.encode())
+
+
+@pytest.mark.parametrize("path", ["/inline", "/suspend"])
+def test_a_context_variable_set_by_one_request_is_not_seen_by_the_next(backend, path):
+    with running_server(backend, AsgiApp(remembers_the_path)) as server:
+        with RawClient(server.port) as client:
+            for _ in range(3):
+                client.request("GET", path)
+                assert client.read_reply().body == b"nobody"
+            pipelined = f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode() * 4
+            client.send(pipelined)  # the next starts from the end of the one before
+            assert [reply.body for reply in client.read_replies(4)] == [b"nobody"] * 4
+
+
+async def same_task_throughout(scope, receive, send) -> None:
+    """/same: one current task across awaits; /timeout: asyncio.timeout cancels a
+    sleep of the request's own, which answers after catching it."""
+    if scope["type"] != "http":
+        return
+    first = asyncio.current_task()
+    if scope["path"] == "/timeout":
+        try:
+            async with asyncio.timeout(0.01):
+                await asyncio.sleep(30)
+        except TimeoutError:
+            await answer(send, b"timed out")
+        return
+    await asyncio.sleep(0)
+    await receive()
+    await asyncio.sleep(0)
+    same = first is not None and first is asyncio.current_task()
+    await answer(send, b"same" if same else b"changed")
+
+
+def test_a_request_sees_one_current_task_from_its_first_step_to_its_last(backend):
+    with running_server(backend, AsgiApp(same_task_throughout)) as server:
+        with RawClient(server.port) as client:
+            for _ in range(3):
+                client.request("GET", "/same")
+                assert client.read_reply().body == b"same"
+
+
+def test_asyncio_timeout_in_a_request_cancels_only_what_it_awaits(backend):
+    with running_server(backend, AsgiApp(same_task_throughout)) as server:
+        with RawClient(server.port) as client:
+            client.request("GET", "/timeout")
+            assert client.read_reply().body == b"timed out"
+            client.request("GET", "/same")  # the timeout left nothing behind
+            assert client.read_reply().body == b"same"
+
+
+def test_a_cancel_of_its_own_task_in_the_first_step_reaches_the_next_await(backend):
+    outcome: list[str] = []
+
+    async def cancels_itself() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            task.uncancel()
+
+    async def main() -> None:
+        starter = EagerStarter(asyncio.get_running_loop())
+        host = starter.start(cancels_itself())
+        assert host is not None  # it suspended
+        for _ in range(20):
+            if outcome:
+                break
+            await asyncio.sleep(0)
+
+    backend.run(main)
+    assert outcome == ["cancelled"]
+
+
+def test_a_cancel_left_behind_by_a_finished_request_never_reaches_the_next(backend):
+    outcome: list[str] = []
+
+    async def cancels_itself_and_returns() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+
+    async def sleeps() -> None:
+        try:
+            await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            raise
+        outcome.append("slept")
+
+    async def main() -> None:
+        starter = EagerStarter(asyncio.get_running_loop())
+        for _ in range(3):
+            assert starter.start(cancels_itself_and_returns()) is None  # finished at once
+            await asyncio.sleep(0)
+        host = starter.start(sleeps())
+        assert host is not None
+        for _ in range(200):
+            if outcome:
+                break
+            await asyncio.sleep(0.005)
+
+    backend.run(main)
+    assert outcome == ["slept"]
