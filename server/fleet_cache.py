@@ -114,7 +114,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("forkloop.cache")
 
 LEASE_TTL = 2.0  # seconds; why two: the module's essay
-RENEW_EVERY = LEASE_TTL / 3
 WAKE_MARGIN = 0.005  # seconds after a lease's expiry before a waiter asks for it
 PROBE_INTERVAL = 0.25  # seconds between the open breaker's probes at first
 PROBE_INTERVAL_MAX = 2.0
@@ -356,10 +355,10 @@ class FleetLease:
 
     async def _renew(self) -> None:
         while True:
-            await asyncio.sleep(RENEW_EVERY)
+            await asyncio.sleep(self.tier.lease_ttl / 3)
             try:
                 kept = await self.tier.script(
-                    RENEW, [self.names.lease], [self.token, int(LEASE_TTL * 1000)]
+                    RENEW, [self.names.lease], [self.token, int(self.tier.lease_ttl * 1000)]
                 )
             except StoreUnavailable:
                 return
@@ -380,8 +379,10 @@ class FleetTier:
         prefix: str = "forkloop:",
         call_timeout: float = 0.1,
         max_entry_bytes: int = 1024 * 1024,
+        lease_ttl: float = LEASE_TTL,
     ) -> None:
         self.url = url
+        self.lease_ttl = lease_ttl
         self.prefix = prefix
         self.call_timeout = call_timeout
         self.max_entry_bytes = max_entry_bytes
@@ -521,7 +522,7 @@ class FleetTier:
             return FALLBACK
 
     async def _get_or_lease(self, names: StoreNames, token: str) -> list[Any]:
-        arguments = [repr(time.time()), token, int(LEASE_TTL * 1000)]
+        arguments = [repr(time.time()), token, int(self.lease_ttl * 1000)]
         answer: list[Any] = await self.script(GET_OR_LEASE, [names.value, names.lease], arguments)
         return answer
 
@@ -556,7 +557,7 @@ class FleetTier:
                 now = loop.time()
                 if now >= deadline:
                     return ALONE  # waited the route's lock timeout
-                lease_left = answer[1] / 1000 if answer[1] > 0 else LEASE_TTL
+                lease_left = answer[1] / 1000 if answer[1] > 0 else self.lease_ttl
                 wake = min(deadline, now + lease_left + WAKE_MARGIN)
                 message = await _first_of(queue, broken, wake - now)
                 if broken.done():
@@ -587,7 +588,9 @@ async def _first_of(
     getting = asyncio.ensure_future(queue.get())
     try:
         waited_for: set[asyncio.Future[Any]] = {getting, broken}
-        done, _ = await asyncio.wait(waited_for, timeout=max(timeout, 0))
+        done, _ = await asyncio.wait(
+            waited_for, timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
         if not getting.done():
             getting.cancel()

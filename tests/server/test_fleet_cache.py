@@ -50,12 +50,15 @@ def store(tmp_path):
 
 def test_a_waiter_on_another_server_is_notified_of_the_fill(store, backend: LoopUnderTest):
     async def main() -> None:
-        first, second = FleetTier(store.url), FleetTier(store.url)
+        # a lease longer than the test may run: only the notification can wake the waiter
+        first, second = FleetTier(store.url, lease_ttl=600), FleetTier(store.url, lease_ttl=600)
         assert await first.connect() and await second.connect()
-        lease = await first.acquire(b"/cold", 5)
+        lease = await first.acquire(b"/cold", 600)
         assert isinstance(lease, FleetLease)
-        waiting = asyncio.ensure_future(second.acquire(b"/cold", 5))
-        await asyncio.sleep(0)
+        waiting = asyncio.ensure_future(second.acquire(b"/cold", 600))
+        while second.notifications.queues == {}:  # subscribed: it waits on its channel
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # and parked on it (a fill that ends earlier is found anyway)
         lease.store(_entry(b"filled once"))
         got = await waiting
         assert isinstance(got, Hit) and got.waited and got.entry.body == b"filled once"
@@ -70,7 +73,7 @@ def test_a_waiter_on_another_server_is_notified_of_the_fill(store, backend: Loop
 
 def test_a_filler_that_leaves_hands_the_fill_to_a_waiter_elsewhere(store):
     async def main() -> None:
-        first, second = FleetTier(store.url), FleetTier(store.url)
+        first, second = FleetTier(store.url, lease_ttl=600), FleetTier(store.url, lease_ttl=600)
         assert await first.connect() and await second.connect()
         lease = await first.acquire(b"/left", 5)
         assert isinstance(lease, FleetLease)
@@ -90,7 +93,7 @@ def test_a_filler_that_leaves_hands_the_fill_to_a_waiter_elsewhere(store):
 
 def test_a_failed_fill_sends_its_waiters_to_compute_for_themselves(store):
     async def main() -> None:
-        first, second = FleetTier(store.url), FleetTier(store.url)
+        first, second = FleetTier(store.url, lease_ttl=600), FleetTier(store.url, lease_ttl=600)
         assert await first.connect() and await second.connect()
         lease = await first.acquire(b"/private", 5)
         assert isinstance(lease, FleetLease)
@@ -192,7 +195,8 @@ def test_a_cluster_fills_once_with_value_lease_and_channel_in_one_slot(tmp_path)
         assert len(slots) == 1
 
         async def main() -> None:
-            first, second = FleetTier(cluster.url), FleetTier(cluster.url)
+            first = FleetTier(cluster.url, lease_ttl=600)
+            second = FleetTier(cluster.url, lease_ttl=600)
             assert await first.connect() and await second.connect()
             for key in (b"/clustered", b"/elsewhere", b"/a/third/one"):
                 lease = await first.acquire(key, 5)
@@ -326,8 +330,9 @@ def test_two_servers_sharing_a_store_compute_a_cold_key_once(fleet):
     )
     filled_by = one if one.totals()["cache_fleet_fills"] else two
     other = two if filled_by is one else one
-    assert other.totals()["cache_fleet_hits"] >= 1
-    assert other.totals()["cache_fleet_notifications"] >= 1
+    # (workers publish their counters on their heartbeat)
+    assert wait_for(lambda: other.totals()["cache_fleet_hits"] >= 1, 5), other.totals()
+    assert wait_for(lambda: other.totals()["cache_fleet_notifications"] >= 1, 5)
     assert other.totals()["cache_fleet_store_errors"] == 0
 
 
