@@ -41,6 +41,10 @@ The session: rules that bound it
 4. ``ending`` (the ``websocket.disconnect`` the application will receive) is
    set once, by whichever end closed first, and ``receive()`` gives it after
    the messages that arrived before it.
+5. An EOF that arrives while bytes wait in the stash (the application is
+   behind) waits behind them: they are parsed first, as the application makes
+   room, so a close frame the client sent before its EOF is the end the
+   application hears of (its code, not 1006).
 """
 
 from __future__ import annotations
@@ -153,6 +157,7 @@ class WebSocketSession:
         "fragment_opcode",
         "ping_payload",
         "timer",
+        "eof_pending",
     )
 
     def __init__(
@@ -179,6 +184,7 @@ class WebSocketSession:
         self.ping_payload: bytes | None = None  # the ping whose pong is awaited
         # the next ping, or the deadline of a pong or of the client's close frame
         self.timer: asyncio.TimerHandle | None = None
+        self.eof_pending = False  # the client's EOF came behind stashed bytes (rule 5)
 
     # ------------------------------------------------------------------ the connection's events
 
@@ -200,10 +206,19 @@ class WebSocketSession:
         self._feed(data)
 
     def eof_received(self) -> bool:
+        flow = self.flow
+        if flow is not None and flow.stash and self.state is not CLOSED:
+            self.eof_pending = True  # rule 5: what came before it is read first
+            return True  # the transport stays open until then
+        self._eof()
+        return False  # the transport closes
+
+    def _eof(self) -> None:
+        """The client's end of stream, once everything it sent before is parsed."""
+        self.eof_pending = False
         self.protocol.receive_eof()  # without a close frame: the library fails with 1006
         self._write_output()
         self._end(1006, "")
-        return False  # the transport closes
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = CLOSED
@@ -316,6 +331,10 @@ class WebSocketSession:
         stashed = flow.resume_reading()
         if stashed:
             self._feed(stashed)
+        if self.eof_pending and not flow.stash:
+            self._eof()
+            if self.transport is not None:
+                self.transport.close()
 
     # ------------------------------------------------------------------ the application's side
 

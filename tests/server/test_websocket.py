@@ -409,6 +409,53 @@ def test_a_slow_application_stops_the_connection_reading(backend):
             assert read_frame(sock) == (0x1, b"all read")
 
 
+def test_a_close_frame_before_eof_reaches_a_slow_application_with_its_code(backend):
+    """The client closes (1000, "bye") and shuts its side while the application's
+    queue is full: the close frame waits in the stash behind the messages, and
+    the application hears of it, not of a 1006."""
+    release = threading.Event()
+    seen = Seen()
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        seen.put("accepted")
+        while not release.is_set():
+            await asyncio.sleep(0.02)
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                seen.put((message["code"], message.get("reason", "")))
+                return
+            seen.put(message["bytes"])
+
+    def client_closed(server) -> bool:
+        return server.call(lambda: all(c.peer_closed for c in server.service.connections))
+
+    def queue_full(server) -> bool:
+        return (
+            server.call(lambda: [len(c.session.inbox) for c in server.service.connections])[0] >= 2
+        )
+
+    with running_server(backend, asgi(app, max_queue=2)) as server:
+        sock = raw_handshake(server.port)
+        with sock:
+            assert seen.next() == "accepted"
+            messages = [b"%d" % n for n in range(5)]
+            frames = b"".join(masked_frame(0x2, payload) for payload in messages)
+            close = masked_frame(0x8, struct.pack("!H", 1000) + b"bye")
+            sock.sendall(frames)
+            assert wait_for(lambda: queue_full(server), TIMEOUT)  # reading is paused now
+            sock.sendall(close)
+            sock.shutdown(socket.SHUT_WR)
+            assert wait_for(lambda: client_closed(server), TIMEOUT)
+            release.set()
+            assert [seen.next() for _ in messages] == messages
+            assert seen.next() == (1000, "bye")
+            opcode, payload = read_frame(sock)  # the server answers the close
+            assert opcode == 0x8 and close_code(payload) == 1000
+
+
 def test_send_waits_while_the_client_reads_nothing(backend):
     """A client that reads nothing holds the app in send() once the write buffer is
     full: the worker holds one buffer, not everything the app wants to send.
