@@ -200,6 +200,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("ws_ping_timeout", float, _WS.ping_timeout, "seconds a WebSocket ping waits for its "
            "pong before the connection closes with 1011 (0: forever; default %(default)s)",
            minimum=0, metavar="SECONDS"),
+    Option("ws_close_timeout", float, _WS.close_timeout, "seconds a WebSocket client gets to "
+           "answer the server's close frame before the socket closes (default %(default)s)",
+           above=0, metavar="SECONDS"),
     Option("ws_per_message_deflate", bool, _WS.per_message_deflate, "permessage-deflate "
            "compression of WebSocket messages, with small windows (default on)"),
     Option("loop", str, _D.loop, "event loop backend; auto is uvloop if installed, else asyncio "
@@ -464,6 +467,7 @@ def resolve(
             max_queue=value("ws_max_queue"),
             ping_interval=value("ws_ping_interval"),
             ping_timeout=value("ws_ping_timeout"),
+            close_timeout=value("ws_close_timeout"),
             per_message_deflate=value("ws_per_message_deflate"),
         ),
         binds=_binds(merged),

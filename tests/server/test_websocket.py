@@ -248,6 +248,27 @@ def test_the_applications_close_code_and_reason_reach_the_client(backend):
         assert seen.next() == "WebSocketClosed"
 
 
+def test_a_client_that_never_answers_the_close_frame_is_cut_after_the_close_timeout(backend):
+    """--ws-close-timeout: the socket closes once the client has let it pass (well
+    before the default's ten seconds), without the client's close frame."""
+    seen = Seen()
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": 1000})
+        seen.put(await receive())
+
+    with running_server(backend, asgi(app, close_timeout=0.2)) as server:
+        sock = raw_handshake(server.port)
+        with sock:
+            opcode, payload = read_frame(sock)
+            assert opcode == 0x8 and close_code(payload) == 1000
+            assert seen.next()["code"] == 1000
+            sock.settimeout(TIMEOUT)
+            assert sock.recv(1) == b""  # closed by the server: this client never answered
+
+
 def test_an_application_that_raises_after_accepting_closes_with_1011(backend):
     async def app(scope, receive, send):
         await receive()
@@ -677,8 +698,11 @@ def test_the_ws_settings_come_from_flags_environment_and_config_file(tmp_path):
     parser = argparse.ArgumentParser()
     settings.add_arguments(parser)
     flags = parser.parse_args(
-        ["--config", "forkloop.toml", "--ws-max-size", "4096", "--no-ws-per-message-deflate"]
-    )
+        [
+            "--config", "forkloop.toml", "--ws-max-size", "4096", "--no-ws-per-message-deflate",
+            "--ws-close-timeout", "1.5",
+        ]
+    )  # fmt: skip
     environ = {"FORKLOOP_WS_PING_INTERVAL": "0", "FORKLOOP_WS": "none"}
     websocket = settings.resolve(flags, environ, str(tmp_path)).websocket
     assert websocket == WebSocketSettings(
@@ -688,6 +712,7 @@ def test_the_ws_settings_come_from_flags_environment_and_config_file(tmp_path):
         ping_interval=0.0,
         ping_timeout=2.5,
         per_message_deflate=False,
+        close_timeout=1.5,
     )
     with pytest.raises(SystemExit):
         parser.parse_args(["--ws", "wsproto"])  # one library is served: websockets
