@@ -190,8 +190,19 @@ def to_wall(blob: bytes) -> tuple[bytes, float]:
     return _shift(blob, _wall_offset())
 
 
-def from_wall(blob: bytes) -> bytes:
-    return _shift(blob, -_wall_offset())[0]
+def from_wall(blob: bytes) -> Entry | Varies | Uncacheable:
+    """What the store keeps, decoded, with this machine's monotonic times."""
+    decoded = decode_entry(blob)
+    by = -_wall_offset()
+    if isinstance(decoded, Uncacheable):
+        return Uncacheable(decoded.until + by)
+    if isinstance(decoded, Varies):
+        return decoded
+    decoded.stored_at += by
+    decoded.fresh_until += by
+    decoded.stale_while_revalidate_until += by
+    decoded.stale_if_error_until += by
+    return decoded
 
 
 def _shift(blob: bytes, by: float) -> tuple[bytes, float]:
@@ -533,7 +544,7 @@ class FleetTier:
             self.stats.fleet_fills += 1
             self.stats.fleet_takeovers += waited
             return FleetLease(self, key, token, took_over=waited)
-        found = decode_entry(from_wall(answer[1]))
+        found = from_wall(answer[1])
         if isinstance(found, (Varies, Uncacheable)):
             return found
         self.stats.fleet_hits += 1
