@@ -68,10 +68,11 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import os
 import select
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -505,6 +506,10 @@ class EmulatedRing:
         """As `proactor.ring.Ring.prepare_send_unconfirmed`: tried once when submitted; a
         completion only when not everything was sent (the count, ``-EAGAIN`` or ``-errno``)."""
         self._queue(_UnconfirmedSend(self, user_data, fd, data))
+
+    def unconfirmed_sender(self, user_data: int, fd: int) -> Callable[[bytes], None]:
+        """`prepare_send_unconfirmed` for one ``user_data`` and ``fd``."""
+        return functools.partial(self.prepare_send_unconfirmed, user_data, fd)
 
     def prepare_sendmsg(
         self,

@@ -55,7 +55,7 @@ from __future__ import annotations
 import logging
 import os
 import select
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from . import abi
@@ -261,6 +261,9 @@ class CompletionEngine(Protocol):
         ``-errno``) is posted only when not everything was sent, and by the time
         `submit` returns it is posted or there is none. `proactor.sending`.
         """
+
+    def unconfirmed_sender(self, user_data: int, fd: int) -> Callable[[bytes], None]:
+        """`prepare_send_unconfirmed` with ``user_data`` and ``fd`` fixed: one call per send."""
 
     def submit(self, wait_for: int = 0, timeout: float | None = None) -> int:
         """Hand over what was queued; wait (up to ``timeout``) for ``wait_for`` completions."""

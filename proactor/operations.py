@@ -78,8 +78,9 @@ import errno
 import os
 import select
 import socket
+import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -97,6 +98,11 @@ _MASK32 = 0xFFFFFFFF
 _BIG_ENDIAN = sys.byteorder == "big"
 # An SQE whose fields after user_data are all zero: the same layout, the rest as padding.
 _pack_send_sqe = abi.SQE_TO_USER_DATA.pack_into
+# An SQE as its fixed head (opcode .. off), the address and length, and its fixed tail.
+_SQE_HEAD_END, _SQE_TAIL_START = 16, 28
+_pack_sqe_around_span = struct.Struct(
+    f"={_SQE_HEAD_END}sQI{abi.SQE_SIZE - _SQE_TAIL_START}s"
+).pack_into
 _UNCONFIRMED_SEND_FLAGS = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT | socket.MSG_WAITALL
 
 # --- capabilities ------------------------------------------------------------------
@@ -422,6 +428,48 @@ class Operations:
         self._sq_unpublished += 1
         self._sq_space -= 1
         self._unconfirmed_pins.append(data)
+
+    def unconfirmed_sender(self, user_data: int, fd: int) -> Callable[[bytes], None]:
+        """`prepare_send_unconfirmed` for one ``user_data`` and ``fd``: a function of the data.
+
+        A transport makes an unconfirmed send per response, always with the
+        same ``user_data`` and fd. Their SQE's other fields are packed here,
+        once; each call writes the data's address and length between them.
+        """
+        if _BYTES_AT is None:
+            raise TypeError("unconfirmed sends need the address of a bytes object's data")
+        fixed = bytearray(abi.SQE_SIZE)
+        _pack_send_sqe(
+            fixed,
+            0,
+            abi.OP_SEND,
+            abi.IOSQE_CQE_SKIP_SUCCESS,
+            0,
+            fd,
+            0,
+            0,
+            0,
+            _UNCONFIRMED_SEND_FLAGS,
+            user_data,
+        )
+        head, tail = bytes(fixed[:_SQE_HEAD_END]), bytes(fixed[_SQE_TAIL_START:])
+        data_at = _BYTES_AT
+        ring = self
+
+        def send_unconfirmed(data: bytes) -> None:
+            if type(data) is not bytes:
+                raise TypeError("an unconfirmed send takes bytes")
+            if not ring._sq_space:
+                ring._make_room()
+            position = ring._sqe_position
+            _pack_sqe_around_span(ring._sqes, position, head, id(data) + data_at, len(data), tail)
+            position += 64  # abi.SQE_SIZE
+            ring._sqe_position = 0 if position == ring._sqes_size else position
+            ring._sq_unpublished += 1
+            ring._sq_space -= 1
+            ring._unconfirmed_pins.append(data)
+
+        return send_unconfirmed
 
     def prepare_sendmsg(
         self,

@@ -157,6 +157,7 @@ class Sending(StreamTransportBase):
     _unconfirmed_at: int  # loop._submits when it was prepared (-1: never)
     _unconfirmed_user_data: int  # the user_data of this transport's unconfirmed sends, or 0
     _unconfirmed_handler: CompletionHandler
+    _send_unconfirmed: Callable[[bytes], None]  # the engine's unconfirmed_sender for this fd
     _awaiting_confirmation: bool  # on the loop's list: _confirmed() will be called
     _released: bool
     _lost_called: bool
@@ -188,7 +189,7 @@ class Sending(StreamTransportBase):
                 return
             if len(data) <= self._high_water:
                 # The common case: all of it is sent in the next enter, which posts nothing.
-                self._ring.prepare_send_unconfirmed(self._unconfirmed_user_data, self._fd, data)
+                self._send_unconfirmed(data)
                 self._unconfirmed = data
                 self._unconfirmed_at = loop._submits
                 return
@@ -263,7 +264,7 @@ class Sending(StreamTransportBase):
             data = pending[0] if len(pending) == 1 else b"".join(pending)
             pending.clear()
             self._pending_size = 0
-            self._ring.prepare_send_unconfirmed(self._unconfirmed_user_data, self._fd, data)
+            self._send_unconfirmed(data)
             self._unconfirmed = data
             self._unconfirmed_at = self._loop._submits
         else:

@@ -88,6 +88,11 @@ def _no_provided_buffers(cqe_flags: int, length: int) -> bytes:
     )
 
 
+def _no_unconfirmed_sends(data: bytes) -> None:
+    """``_send_unconfirmed`` of a transport whose engine makes no unconfirmed sends."""
+    raise RuntimeError("this engine makes no unconfirmed sends")
+
+
 class StreamTransport(Sending, asyncio.Transport):
     """A connected stream socket driving a Protocol or BufferedProtocol through completions."""
 
@@ -101,6 +106,7 @@ class StreamTransport(Sending, asyncio.Transport):
         *("_own_buffer", "_reading_paused", "_eof", "_held", "_flush_scheduled"),
         *("_send_user_data", "_sent_handler", "_sending", "_send_remaining"),
         *("_unconfirmed", "_unconfirmed_at", "_unconfirmed_user_data", "_unconfirmed_handler"),
+        "_send_unconfirmed",
         *("_awaiting_confirmation", "_zero_copy_from"),
         *("_pending", "_pending_size", "_write_abandoned", "_eof_written", "_drain_waiters"),
         *("_high_water", "_low_water", "_protocol_paused", "_closing", "_conn_lost"),
@@ -156,9 +162,11 @@ class StreamTransport(Sending, asyncio.Transport):
         self._zero_copy_from = (
             ZERO_COPY_SEND_FROM if loop._ring.capabilities.zero_copy_send else NEVER
         )
+        self._send_unconfirmed = _no_unconfirmed_sends
         if loop._unconfirmed_sends:
             self._unconfirmed_user_data = user_data = loop._new_unconfirmed_user_data()
             self._handlers[user_data] = self._unconfirmed_handler
+            self._send_unconfirmed = loop._ring.unconfirmed_sender(user_data, self._fd)
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._write_abandoned = False
