@@ -222,7 +222,10 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, Datagrams):
                 # is in hand: an unconfirmed send before it that posted none has sent
                 # everything. The ones that did not are dispatched first, so no write
                 # meets a send as confirmed whose completion is still to come.
-                if completions and max(map(_user_data_of, completions)) >= UNCONFIRMED_USER_DATA:
+                if (
+                    len(completions) > 1
+                    and max(map(_user_data_of, completions)) >= UNCONFIRMED_USER_DATA
+                ):
                     completions = self._dispatch_unconfirmed_first(completions)
                 self._confirmed_through = submits
                 if self._awaiting_confirmation:

@@ -37,9 +37,9 @@ the one ``io_uring_enter`` that both hands the kernel everything queued and
 waits for completions (``IORING_ENTER_GETEVENTS``, with the deadline passed as
 ``IORING_ENTER_EXT_ARG`` or, before 5.11, as an internal TIMEOUT SQE).
 ``completions`` then reads the CQ ring and advances its head once: one
-``iter_unpack`` over the entries, and the pins of the operations that ended
-let go of by ``map`` and ``compress`` over them, so no Python code runs per
-completion. The loop makes both in one call, ``submit_and_reap``. Only when
+``iter_unpack`` over the entries, then one short loop letting go of the pins
+of the operations that ended. The loop makes both in one call,
+``submit_and_reap``. Only when
 more operations are queued in one iteration than the SQ has slots does a
 ``prepare_*`` submit early to make room. ``submit`` skips the system call
 entirely when there is nothing to submit, nothing to wait for and the kernel
@@ -106,27 +106,27 @@ enter the kernel to flush the overflow list. Everything else raises.
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import errno
-import itertools
 import mmap
-import operator
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
 
 from . import abi
 from .abi import Completion
 from .buffers import ProvidedBuffers, pin
 from .kernel import (
     _GETEVENTS_ARG_SIZE,
+    _NO_ARGUMENT_SIZE,
+    _NR_ENTER,
     RingRegistration,
     RingUnavailable,
     _create,
     _enter,
+    _get_errno,
+    _libc_enter,
 )
 from .operations import Capabilities, Operations, Wakeup
 
@@ -145,14 +145,6 @@ _pack_timespec = abi.TIMESPEC.pack_into
 _iter_unpack_cqes = abi.CQE.iter_unpack
 _unpack_cqe = abi.CQE.unpack_from
 _F_MORE = abi.CQE_F_MORE
-# _reap's one pass: C callables mapped over the list of CQEs, no Python code per entry.
-_user_data_of = operator.itemgetter(0)
-_flags_of = operator.itemgetter(2)
-_more_bit = abi.CQE_F_MORE.__and__  # flags & IORING_CQE_F_MORE: 0 or 2
-_last_by_more_bit = (True, False, False).__getitem__  # no F_MORE: the operation's last CQE
-_exhaust: Callable[[Iterable[object]], None] = collections.deque[object](maxlen=0).extend
-_NONES = itertools.repeat(None)
-_compress = itertools.compress
 # user_data from here up is reserved for the ring's own operations (deadline timeouts,
 # the cancels of close()); their CQEs are never reported.
 INTERNAL_USER_DATA = 1 << 63
@@ -382,7 +374,8 @@ class Ring(Operations, RingRegistration):
 
         Waits up to ``timeout`` seconds for a completion (``None``: as long as it
         takes; ``0``: not at all). The loop calls this once per iteration, so it
-        is `submit` and `completions` written out for their common case.
+        is `submit` and `completions` written out for their common case, the
+        system call included (`proactor.kernel._enter`).
         """
         if not self._enabled:
             self._enable()
@@ -395,7 +388,9 @@ class Ring(Operations, RingRegistration):
             self._sq_words[self._sq_tail_index] = tail
             pending += unpublished
         if timeout is None:
-            result = _enter(self._enter_fd, pending, 1, self._wait_flags)
+            result = _libc_enter(
+                _NR_ENTER, self._enter_fd, pending, 1, self._wait_flags, None, _NO_ARGUMENT_SIZE
+            )
         elif timeout > 0.0:
             if not self._ext_arg:  # before 5.11: the deadline is a TIMEOUT SQE
                 self._sq_pending = pending
@@ -403,7 +398,8 @@ class Ring(Operations, RingRegistration):
                 return self.completions()
             seconds = int(timeout)
             _pack_timespec(self._deadline, 0, seconds, int((timeout - seconds) * 1e9))
-            result = _enter(
+            result = _libc_enter(
+                _NR_ENTER,
                 self._enter_fd,
                 pending,
                 1,
@@ -412,18 +408,21 @@ class Ring(Operations, RingRegistration):
                 _GETEVENTS_ARG_SIZE,
             )
         elif pending or self._sq_words[self._sq_flags_index]:  # TASKRUN or CQ_OVERFLOW
-            result = _enter(self._enter_fd, pending, 0, self._enter_flags)
+            result = _libc_enter(
+                _NR_ENTER, self._enter_fd, pending, 0, self._enter_flags, None, _NO_ARGUMENT_SIZE
+            )
         else:
             result = 0
-        if result == pending:
-            if pending:
-                self._sq_pending = 0
-                self._sq_space = self.sq_entries
-                if self._unconfirmed_pins:
-                    self._unconfirmed_pins = []  # their enter has returned: see that method
-        else:
+        if result != pending:
+            if result == -1:
+                result = -_get_errno()
             self._sq_pending = pending
             self._submitted(pending, result)
+        elif pending:
+            self._sq_pending = 0
+            self._sq_space = self.sq_entries
+            if self._unconfirmed_pins:
+                self._unconfirmed_pins = []  # their enter has returned: see that method
         if self._backlog:
             return self.completions()
         words = self._cq_words
@@ -511,10 +510,12 @@ class Ring(Operations, RingRegistration):
     def _reap(self) -> list[Completion]:
         """The CQEs between our head and the kernel's tail, in one pass; then move the head.
 
-        The entries are unpacked by one ``iter_unpack`` over the CQ's memory, and
-        the pinned memory of every operation whose last CQE is among them is
-        let go of by ``map`` and ``compress`` over that list: no Python code runs
-        per CQE. (A lone CQE, the common case at low load, is read directly.)
+        The entries are unpacked by one ``iter_unpack`` over the CQ's memory; the
+        pinned memory of every operation whose last CQE is among them is let go
+        of in one short loop over them (a chain of ``map`` and ``compress`` over
+        the list, which runs no bytecode per CQE, makes four C calls per CQE
+        instead and costs more). A lone CQE, the common case at low load, is
+        read directly.
         """
         tail = self._cq_words[self._cq_tail_index]
         count = tail - self._cq_head
@@ -545,8 +546,10 @@ class Ring(Operations, RingRegistration):
             self._cq_position = end
         self._cq_head = tail
         self._cq_words[self._cq_head_index] = tail  # the slots are the kernel's again
-        last = map(_last_by_more_bit, map(_more_bit, map(_flags_of, ready)))
-        _exhaust(map(self._in_flight.pop, _compress(map(_user_data_of, ready), last), _NONES))
+        release = self._in_flight.pop
+        for entry in ready:
+            if not entry[2] & _F_MORE:
+                release(entry[0], None)
         return ready
 
     def _flush_overflow(self, ready: list[Completion]) -> None:

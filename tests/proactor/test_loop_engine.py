@@ -121,21 +121,21 @@ def test_writes_of_one_iteration_reach_the_kernel_in_one_enter(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     enters: list[int] = []
-    real = ring_module._enter
+    real = ring_module._libc_enter  # the system call the loop's iteration makes itself
 
-    def counting(fd: int, to_submit: int, *args: object) -> int:
+    def counting(number: object, fd: int, to_submit: int, *args: object) -> int:
         enters.append(to_submit)
-        return real(fd, to_submit, *args)
+        return real(number, fd, to_submit, *args)
 
     async def main() -> list[int]:
         loop = asyncio.get_running_loop()
         pairs = [await connected_pair() for _ in range(20)]
         await asyncio.sleep(0.01)
-        monkeypatch.setattr(ring_module, "_enter", counting)
+        monkeypatch.setattr(ring_module, "_libc_enter", counting)
         for server_side, _, _ in pairs:
             server_side.transport.write(b"one iteration")
         await asyncio.gather(*(client.received(13) for _, client, _ in pairs))
-        monkeypatch.setattr(ring_module, "_enter", real)
+        monkeypatch.setattr(ring_module, "_libc_enter", real)
         submitted_first = list(enters)
         for _, client, server in pairs:
             client.transport.close()
@@ -154,11 +154,11 @@ def test_a_lone_request_and_its_answer_cost_one_enter(monkeypatch: pytest.Monkey
     ring, whose completion would end the next enter by itself (two enters a request)."""
     exchanges = 200
     enters: list[int] = []
-    real = ring_module._enter
+    real = ring_module._libc_enter  # the system call the loop's iteration makes itself
 
-    def counting(fd: int, to_submit: int, *args: object) -> int:
+    def counting(number: object, fd: int, to_submit: int, *args: object) -> int:
         enters.append(to_submit)
-        return real(fd, to_submit, *args)
+        return real(number, fd, to_submit, *args)
 
     def client(port: int) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -173,9 +173,9 @@ def test_a_lone_request_and_its_answer_cost_one_enter(monkeypatch: pytest.Monkey
         with socket.create_connection(("127.0.0.1", port)) as warm:
             warm.sendall(b"ping")
             await loop.run_in_executor(None, warm.recv, 4)
-        monkeypatch.setattr(ring_module, "_enter", counting)
+        monkeypatch.setattr(ring_module, "_libc_enter", counting)
         await loop.run_in_executor(None, client, port)
-        monkeypatch.setattr(ring_module, "_enter", real)
+        monkeypatch.setattr(ring_module, "_libc_enter", real)
         server.close()
         assert loop.engine_name == "uring"
         return len(enters)
