@@ -40,3 +40,15 @@ async def refreshed(request: Request) -> Response:
 @app.get("/stats")
 def stats(request: Request) -> Response:
     return Response.json(request.server_stats())
+
+
+@app.get("/broken/{key}", cache=CachePolicy(ttl=60))
+async def broken(request: Request) -> Response:
+    """A failing origin: 503 after ``ms``, or an exception with ``?raise=1``."""
+    key = request.params["key"]
+    with open(os.environ["FORKLOOP_TEST_FILLS"], "a") as fills:
+        fills.write(f"{os.getpid()} {key}\n")
+    await asyncio.sleep(int(request.query_param("ms", "200")) / 1000)
+    if request.query_param("raise", ""):
+        raise RuntimeError(f"the origin of {key} is down")
+    return Response(f"{key} is down\n", 503)
