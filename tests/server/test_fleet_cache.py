@@ -11,6 +11,7 @@ server, SIGKILL and SIGSTOP of the store.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -22,10 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from forkloop.server import settings
 from forkloop.server.cache import Entry
 from forkloop.server.fleet_cache import FleetLease, FleetTier, StoreNames
 from forkloop.server.shared_cache import ALONE, FALLBACK, Hit
 from tests.loop_under_test import LoopUnderTest
+from tests.server.frontdoor_support import UserFolder, last_error_line, run_forkloop
 from tests.server.master_support import MasterUnderTest, alive, wait_for
 from tests.server.redis_support import ClusterUnderTest, StoreUnderTest
 
@@ -43,6 +46,42 @@ def store(tmp_path):
     started = StoreUnderTest(tmp_path).start()
     yield started
     started.kill()
+
+
+# ---------------------------------------------------------------------- settings
+
+
+def test_the_store_is_named_by_flag_or_config_file(tmp_path):
+    (tmp_path / "forkloop.toml").write_text(
+        'cache_url = "unix:///run/redis.sock"\ncache_key_prefix = "shop:"\n'
+        "cache_call_timeout = 0.05\ncache_max_entry = 4096\n"
+    )
+    environ: dict[str, str] = {}
+    config = settings.resolve(argparse.Namespace(config="forkloop.toml"), environ, str(tmp_path))
+    assert config.cache_url == "unix:///run/redis.sock"
+    assert (config.cache_key_prefix, config.cache_call_timeout) == ("shop:", 0.05)
+    assert config.cache_max_entry == 4096
+    flagged = argparse.Namespace(cache_url="rediss://cache:6380/2")
+    assert settings.resolve(flagged, environ, str(tmp_path)).cache_url == "rediss://cache:6380/2"
+    assert settings.resolve(argparse.Namespace(), environ, str(tmp_path)).cache_url is None
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fragments"),
+    [
+        (["--cache-url", "http://cache:6379"], ["--cache-url", "redis://HOST:PORT/DB"]),
+        (["--cache-url", "unix://"], ["--cache-url", "unix://PATH"]),
+        (["--cache-call-timeout", "0"], ["--cache-call-timeout must be more than 0"]),
+    ],
+)
+def test_a_bad_store_setting_is_one_line_and_exit_2(tmp_path, arguments, fragments):
+    folder = UserFolder(tmp_path / "project")
+    result = run_forkloop(*arguments, cwd=folder.root)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    line = last_error_line(result)
+    for fragment in fragments:
+        assert fragment in line, line
 
 
 # ---------------------------------------------------------------------- the tier itself
@@ -336,6 +375,25 @@ def test_two_servers_sharing_a_store_compute_a_cold_key_once(fleet):
     assert other.totals()["cache_fleet_store_errors"] == 0
 
 
+def test_a_stale_entry_is_refreshed_once_for_the_fleet(fleet):
+    ports = [server.port for server in fleet.servers]
+    assert {status for status, _ in stampede(ports, "/swr/stale?ms=300", 200)} == {200}
+    assert len(fleet.fills("stale")) == 1
+    # max-age=1: once each server answers STALE, the entry is stale everywhere
+    for port in ports:
+        assert wait_for(
+            lambda p=port: stampede([p], "/swr/stale?ms=300", 1)[0][1] in ("STALE", "UPDATING"),
+            5,
+            interval=0.1,
+        )
+    answers = stampede(ports, "/swr/stale?ms=300", 400)
+    assert {status for status, _ in answers} == {200}
+    assert {cache for _, cache in answers} <= {"STALE", "UPDATING", "HIT"}
+    # both servers, both workers each, refreshed it: one computation for all of them
+    assert wait_for(lambda: len(fleet.fills("stale")) >= 2, 5)
+    assert len(fleet.fills("stale")) == 2
+
+
 def test_killing_the_filling_server_hands_the_fill_to_the_other(fleet):
     one, two = fleet.servers
     doomed, _ = in_background(lambda: stampede([one.port], "/fill/victim?ms=1500", 20))
@@ -393,6 +451,11 @@ def test_killing_the_store_mid_stampede_fails_no_request_and_it_recovers(fleet, 
     )
     assert [a for a in stampede(ports, "/fill/after?ms=100", 200) if a[0] != 200] == []
     assert len(fleet.fills("after")) == 1
+    # one logged error per worker for the outage, and one line when it is over
+    for server in fleet.servers:
+        log = server.log_path.read_text(errors="replace")
+        assert 1 <= len(re.findall(r"fleet cache at \S+ unavailable", log)) <= 2, log[-3000:]
+        assert 1 <= len(re.findall(r"fleet cache at \S+ is back", log)) <= 2, log[-3000:]
 
 
 def test_a_frozen_store_fails_no_request(fleet, store):
