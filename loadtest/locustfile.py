@@ -23,7 +23,9 @@ stampede  bursts: every ``--stampede-every`` seconds of wall-clock time, every
           synchronised) asks for the same cold key at the same instant. The
           key is named after the burst's time slot, so it is cold whatever ran
           before; the server's single-flight cache should compute it once
-          (``--stampede-ms``) and count the rest as *coalesced*.
+          (``--stampede-ms``) and count the rest as *coalesced*: once per
+          worker that the burst reaches, or once for the whole server when
+          it runs ``--shared-cache on`` (``forkloop loadtest --shared-cache on``).
 cancel    GETs of ``/slow?ms=5000`` abandoned by the client after
           ``--abandon-after`` seconds: the client closes the connection, the
           server must cancel the handler (``/stats`` ``cancelled.disconnect``).

@@ -79,13 +79,16 @@ class ScenarioRun:
     failure_messages: list[str] = field(default_factory=list)
     files: str = ""  # locust's files, as a path prefix relative to the report
     error: str | None = None  # the run could not be made or measured: why
+    shared_cache: bool = False  # the server ran --shared-cache on (one fill per key per server)
 
     @property
     def series(self) -> str:
-        """The server this run measured, as a label: ``uvloop``, ``uvloop ×4``, ``remote``."""
-        if self.workers is None or self.workers == 1:
-            return self.backend
-        return f"{self.backend} ×{self.workers}"
+        """The server this run measured, as a label: ``uvloop``, ``uvloop ×4``,
+        ``uvloop ×4 shared`` (``--shared-cache on``), ``remote``."""
+        label = self.backend
+        if self.workers is not None and self.workers != 1:
+            label += f" ×{self.workers}"
+        return label + " shared" * self.shared_cache
 
     @property
     def requests_per_second(self) -> float:
@@ -125,6 +128,12 @@ class ScenarioRun:
     @property
     def coalesced(self) -> int:
         return self.server_counters.get("cache_coalesced", 0)
+
+    @property
+    def computations(self) -> int:
+        """Handler runs that filled the cache: with single-flight, one per cold key (and
+        per worker, unless the shared cache is on)."""
+        return self.server_counters.get("cache_computations", 0)
 
     @property
     def cancellations(self) -> int:
@@ -242,18 +251,24 @@ def _ratio(value: float | None) -> str:
 
 TABLE_HEAD = (
     "| backend | workers | requests | req/s | p50 ms | p90 ms | p99 ms | max ms | failures "
-    "| server CPU µs/req | cache hit ratio | coalesced | cancelled | load gen CPU |\n"
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| server CPU µs/req | cache hit ratio | coalesced | computations | cancelled "
+    "| load gen CPU |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
+
+
+def _workers(run: ScenarioRun) -> str:
+    """The workers cell: ``4``, or ``4 + shared cache`` with ``--shared-cache on``."""
+    return str(run.workers or "-") + " + shared cache" * run.shared_cache
 
 
 def table_row(run: ScenarioRun) -> str:
     if run.error is not None:
-        return f"| {run.backend} | {run.workers or '-'} | {run.error} |" + " |" * 11
+        return f"| {run.backend} | {_workers(run)} | {run.error} |" + " |" * 12
     failures = f"{run.failures:,}" + (f" ({run.failure_ratio:.2%})" if run.failures else "")
     cells = [
         run.backend,
-        str(run.workers or "-"),
+        _workers(run),
         f"{run.requests:,}",
         _number(run.requests_per_second),
         _latency(run.p50_ms),
@@ -264,6 +279,7 @@ def table_row(run: ScenarioRun) -> str:
         _number(run.server_cpu_us_per_request, 1),
         _ratio(run.cache_hit_ratio),
         f"{run.coalesced:,}" if run.server_counters else "-",
+        f"{run.computations:,}" if run.server_counters else "-",
         f"{run.cancellations:,}" if run.server_counters else "-",
         _number(run.load_generator_cpu_percent) + " %",
     ]

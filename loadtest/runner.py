@@ -3,6 +3,7 @@
     forkloop loadtest                                   # every scenario, every backend here
     forkloop loadtest --loops uvloop,reactor --workers 1,2 --duration 30 --users 50
     forkloop loadtest --scenarios hello,cached --max-p99-ms hello=5,cached=50
+    forkloop loadtest --scenarios cached,stampede --workers 4 --shared-cache off,on
     forkloop loadtest --host http://10.0.0.5:8000       # a server that runs elsewhere
 
 **Processes.** Locust patches the standard library with gevent the moment it
@@ -14,7 +15,10 @@ subprocess (`loadtest.servers.forkloop_server`). Three processes, each with one
 job: the runner measures, the server serves, locust loads.
 
 **The plan.** For each backend (``--loops``, default: every backend available
-here) and each worker count (``--workers 1,4``): start the server, wait until
+here), each worker count (``--workers 1,4``) and each ``--shared-cache``
+setting (``off,on``: one server without the server-wide cache tier, one with
+it, so a stampede computes once per worker or once per server, and the report's
+*computations* column shows which): start the server, wait until
 it answers, then run the scenarios one after another against it, each as its
 own locust run of ``--duration`` seconds with ``--users`` users started at
 ``--spawn-rate`` per second. Around each run the runner reads the server's CPU
@@ -69,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from ..server import backends
-from ..server.scoreboard import CACHE_COUNTERS, CANCEL_COUNTERS
+from ..server.scoreboard import CACHE_COUNTERS, CANCEL_COUNTERS, SHARED_CACHE_COUNTERS
 from .report import ScenarioRun, markdown, read_locust_results, write_plot
 from .servers import ServerProcess, forkloop_server, python
 
@@ -88,7 +92,13 @@ LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 RAMP_LOCUSTFILE = Path(__file__).with_name("ramp.py")
 # The server's counters a run reports, by the names the scoreboard gives them (it
 # lists every counter once): requests, connections, the cache and cancellations.
-COUNTERS = ("requests", "connections_total", *CACHE_COUNTERS, *CANCEL_COUNTERS)
+COUNTERS = (
+    "requests",
+    "connections_total",
+    *CACHE_COUNTERS,
+    *SHARED_CACHE_COUNTERS,
+    *CANCEL_COUNTERS,
+)
 HEARTBEAT_SECONDS = 1.0  # how often a worker publishes its counters (the master's default)
 STOP_TIMEOUT = 5  # seconds locust lets a user finish its request at the end of a run
 VERSIONED = ("forkloop", "locust", "uvloop", "httptools", "matplotlib")
@@ -140,6 +150,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     servers.add_argument(
         "--workers", default="1", help="comma-separated worker counts per server (default 1)"
+    )
+    servers.add_argument(
+        "--shared-cache",
+        default="off",
+        help="the servers' --shared-cache: off, on, or off,on for both (default off)",
     )
     servers.add_argument(
         "--host",
@@ -315,20 +330,28 @@ def server_running(server: ServerProcess) -> bool:
     return server.process is not None and server.process.poll() is None
 
 
-def servers_to_test(args: argparse.Namespace) -> list[tuple[str, int | None]]:
-    """(backend, workers) of each server to load, in order; ("remote", None) for --host."""
+def servers_to_test(args: argparse.Namespace) -> list[tuple[str, int | None, bool]]:
+    """(backend, workers, shared cache) of each server to load, in order; ("remote",
+    None, False) for --host."""
     if args.host:
-        return [("remote", None)]
+        return [("remote", None, False)]
     worker_counts = [int(count) for count in _comma_list(args.workers)]
-    return [(loop, count) for loop in _comma_list(args.loops) for count in worker_counts]
+    shared = [setting == "on" for setting in _comma_list(args.shared_cache)]
+    return [
+        (loop, count, on)
+        for loop in _comma_list(args.loops)
+        for count in worker_counts
+        for on in shared
+    ]
 
 
 def run_plan(args: argparse.Namespace, scenarios: list[str], output: Path) -> list[ScenarioRun]:
     """Every scenario against every server, one server at a time; Ctrl-C ends it early."""
     (output / "locust").mkdir(parents=True, exist_ok=True)
     runs: list[ScenarioRun] = []
-    for backend, workers in servers_to_test(args):
+    for backend, workers, shared in servers_to_test(args):
         label = backend if workers is None else f"{backend}-w{workers}"
+        label += "-shared" if shared else ""
         batch = [
             ScenarioRun(
                 scenario,
@@ -337,6 +360,7 @@ def run_plan(args: argparse.Namespace, scenarios: list[str], output: Path) -> li
                 args.users,
                 args.duration,
                 files=f"locust/{label}-{scenario}",
+                shared_cache=shared,
             )
             for scenario in scenarios
         ]
@@ -359,7 +383,8 @@ def run_plan(args: argparse.Namespace, scenarios: list[str], output: Path) -> li
 def run_batch(args: argparse.Namespace, batch: list[ScenarioRun], output: Path) -> None:
     """Start one server (unless --host), run each scenario of ``batch`` against it, stop it."""
     first = batch[0]
-    server = None if args.host else forkloop_server(first.backend, first.workers or 1)
+    extra = ["--shared-cache", "on"] if first.shared_cache else []
+    server = None if args.host else forkloop_server(first.backend, first.workers or 1, extra)
     try:
         if server is not None:
             server.start()
@@ -509,6 +534,9 @@ def check_ready(args: argparse.Namespace, scenarios: list[str]) -> str | None:
             return f"--workers takes whole numbers, not {args.workers!r}"
         except backends.BackendUnavailable as exc:
             return str(exc)
+        settings = _comma_list(args.shared_cache)
+        if not settings or set(settings) - {"on", "off"}:
+            return f"--shared-cache takes off, on or off,on, not {args.shared_cache!r}"
     return None
 
 

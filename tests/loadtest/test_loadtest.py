@@ -197,6 +197,28 @@ def test_counters_are_summed_over_the_workers_of_a_master(tmp_path):
     assert runs["cancel"]["server_counters"]["cancelled_disconnect"] > 0
 
 
+@pytest.mark.timeout(120)
+def test_the_cache_scenarios_run_against_four_workers_and_the_shared_cache(tmp_path):
+    status, results, stderr = run_loadtest(
+        "--loops", first_available_backend(), "--workers", "4", "--shared-cache", "on",
+        "--scenarios", "cached,stampede", *SHORT, *FAST_BURSTS, "--output", str(tmp_path),
+        timeout=100,
+    )  # fmt: skip
+    assert status == 0, stderr
+    runs = runs_by_scenario(results)
+    for scenario, run in runs.items():
+        assert run["error"] is None and run["failures"] == 0, (scenario, run["failure_messages"])
+        assert (run["workers"], run["shared_cache"]) == (4, True)
+    stampede = runs["stampede"]["server_counters"]
+    assert stampede["cache_fallbacks"] == 0
+    # every burst is one request per user (4) for one key: one computation for the server,
+    # wherever the kernel put each user's connection (a burst cut by the run's end aside)
+    assert stampede["cache_computations"] <= runs["stampede"]["requests"] // 4 + 1
+    report = (tmp_path / "report.md").read_text()
+    assert "| 4 + shared cache |" in report
+    assert (tmp_path / "locust" / f"{first_available_backend()}-w4-shared-stampede.html").exists()
+
+
 def test_the_ramp_shape_raises_users_in_steps(tmp_path):
     status, results, stderr = run_loadtest(
         "--loops", first_available_backend(), "--scenarios", "hello", "--duration", "2",
