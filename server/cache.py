@@ -44,9 +44,13 @@ worker wait for that fill, notified when it ends; otherwise this worker holds
 the server's one lease for the key, computes, and shares the result. A fill
 that fails (raises, or answers 5xx) is shared too, as a failure: its waiters
 in every worker get its error once (or their stale entry within
-``stale-if-error``) and compute nothing; nothing is stored. A
-request never knows how many levels there are; the counters do
-(``shared_hits``, ``shared_coalesced``, ``takeovers``, ``fallbacks``).
+``stale-if-error``) and compute nothing; nothing is stored. Behind the
+server's tier there may be the fleet's (``--cache-url``: `server.fleet_cache`,
+a Redis store several servers share), asked by the holder of the server's
+lease; `server.cache_levels` stacks them, and ``shared_tier()`` returns the
+stack. A request never knows how many levels there are; the counters do
+(``shared_hits``, ``shared_coalesced``, ``takeovers``, ``fallbacks``, and the
+fleet's own).
 
 Freshness comes from the handler's ``Cache-Control`` (``s-maxage`` over
 ``max-age``; ``stale-while-revalidate`` and ``stale-if-error`` likewise) or

@@ -244,6 +244,7 @@ class ScoreboardCollector:
             totals.get("cache_computations", 0),
         )
         yield from shared_cache_families(totals)
+        yield from fleet_cache_families(totals)
         restarts = CounterMetricFamily(
             "forkloop_worker_restarts",
             "workers the master replaced, by why (retired: --max-requests)",
@@ -323,3 +324,40 @@ def shared_cache_families(totals: dict[str, int]) -> Iterator[Any]:
             f"{text} (since the cache process last started)",
             board[name],
         )
+
+
+# The fleet tier's events (`server.fleet_cache`), summed over the workers: only when the
+# server names a store (--cache-url).
+FLEET_EVENTS = {  # counter -> (label, what it counts)
+    "cache_fleet_hits": ("hit", "an entry found in the store"),
+    "cache_fleet_coalesced": ("coalesced", "an entry found after waiting for another server"),
+    "cache_fleet_fills": ("fill", "a lease granted: this server computed for the fleet"),
+    "cache_fleet_takeovers": ("takeover", "a lease granted after the filler elsewhere died"),
+    "cache_fleet_notifications": ("notification", "a fill's end told by the store"),
+    "cache_fleet_fenced": ("fenced", "a late write refused: the lease had passed on"),
+    "cache_fleet_store_errors": ("store_error", "a call that failed or missed its deadline"),
+    "cache_fleet_fallbacks": ("fallback", "an ask answered without the store (breaker open)"),
+}
+
+
+def fleet_cache_families(totals: dict[str, int]) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from . import fleet_cache
+
+    if fleet_cache.current() is None:
+        return
+    events = CounterMetricFamily(
+        "forkloop_fleet_cache_events",
+        "the fleet tier's events, by kind: "
+        + "; ".join(f"{label}: {text}" for label, text in FLEET_EVENTS.values()),
+        labels=("event",),
+    )
+    for counter, (label, _) in FLEET_EVENTS.items():
+        events.add_metric((label,), totals.get(counter, 0))
+    yield events
+    yield GaugeMetricFamily(
+        "forkloop_fleet_cache_breaker_open",
+        "workers whose breaker on the store is open (they fill for their server meanwhile)",
+        totals.get("cache_fleet_breaker_open", 0),
+    )

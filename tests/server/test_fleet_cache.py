@@ -19,10 +19,12 @@ import re
 import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from forkloop.loadtest.servers import free_port
 from forkloop.server import settings
 from forkloop.server.cache import Entry
 from forkloop.server.fleet_cache import FleetLease, FleetTier, StoreNames
@@ -262,6 +264,7 @@ class FleetServer(MasterUnderTest):
     def __init__(self, tmp_path: Path, name: str, fills: Path, store_url: str) -> None:
         folder = tmp_path / name
         folder.mkdir()
+        self.metrics_port = free_port()
         super().__init__(
             "asyncio",
             folder,
@@ -273,6 +276,8 @@ class FleetServer(MasterUnderTest):
             store_url,
             "--cache-call-timeout",
             "0.2",
+            "--metrics-bind",
+            f"127.0.0.1:{self.metrics_port}",
             "--no-access-log",
             app="tests.server.apps.fills:app",
             env={"FORKLOOP_TEST_FILLS": str(fills)},
@@ -293,6 +298,10 @@ class FleetServer(MasterUnderTest):
 
     def totals(self) -> dict[str, int]:
         return json.loads(self.get("/stats")[1])["server"]
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as answer:
+            return answer.read().decode()
 
 
 class Fleet:
@@ -373,6 +382,9 @@ def test_two_servers_sharing_a_store_compute_a_cold_key_once(fleet):
     assert wait_for(lambda: other.totals()["cache_fleet_hits"] >= 1, 5), other.totals()
     assert wait_for(lambda: other.totals()["cache_fleet_notifications"] >= 1, 5)
     assert other.totals()["cache_fleet_store_errors"] == 0
+    exposition = filled_by.metrics()
+    assert 'forkloop_fleet_cache_events_total{event="fill"} 1.0' in exposition, exposition
+    assert "forkloop_fleet_cache_breaker_open 0.0" in exposition
 
 
 def test_a_stale_entry_is_refreshed_once_for_the_fleet(fleet):
