@@ -11,6 +11,17 @@ at once, and reports how many computations the server ran (from ``/stats``,
 summed over the workers) and the latency every client saw. With single-flight on, the handler runs
 once and everyone waits for it; off, every request computes.
 
+Where a waiter's time goes: each worker writes down, for every answer of the
+single-flight stampede, when its request reached the handler and when its
+answer was ready to write, both counted from the moment the fill ended
+(``CLOCK_MONOTONIC`` is one clock for every process of the machine; the fill
+writes its end time and its pid into the value). A *waiter* arrived before the
+fill ended: its delay after the fill's end is the wake-up (notification across
+processes, then this worker's pass over its followers). A *late arrival* came
+after: its delay is the server accepting and answering the rest of the 1,000
+connections, which no notification scheme removes. The client's own latency
+adds its loop's share (it runs on the same cores).
+
 Then it compares the server's CPU per request for a cache hit against the
 plain hello-world handler, with ``wrk`` (user + system µs per request, for
 the whole server process tree, read from ``/proc``).
@@ -41,17 +52,61 @@ from .servers import ServerProcess, free_port, python
 app = App()
 
 
+WAKE_ENV = "FORKLOOP_STAMPEDE_WAKE"  # a folder: each worker writes its answers' timings there
+
+
 async def _compute(request: Request) -> Response:
     ms = request.query_param("ms", "200")
     assert ms is not None  # a default is given
     await asyncio.sleep(int(ms) / 1000)
     return Response(
-        f"value of {request.params['key']}\n", headers={"Cache-Control": "max-age=3600"}
+        f"value of {request.params['key']} filled {time.monotonic():.6f} by {os.getpid()}\n",
+        headers={"Cache-Control": "max-age=3600"},
     )
 
 
-app.get("/sf/{key}", cache=CachePolicy(ttl=3600))(_compute)
-app.get("/nosf/{key}", cache=CachePolicy(ttl=3600, single_flight=False))(_compute)
+class WakeRecorder:
+    """One worker's timings, written to its file in the ``WAKE_ENV`` folder half a
+    second after the first (after the burst: no file write while it lasts)."""
+
+    def __init__(self, folder: str) -> None:
+        self.path = os.path.join(folder, f"{os.getpid()}.wake")
+        self.lines: list[str] = []
+
+    def record(self, arrived: float, response: Response) -> None:
+        ready = time.monotonic()
+        words = response.body.split()  # b"value of KEY filled T by PID"
+        filled, filler = float(words[4]), words[6].decode()
+        if not self.lines:
+            asyncio.get_running_loop().call_later(0.5, self.flush)
+        self.lines.append(f"{os.getpid()} {filler} {arrived - filled:.6f} {ready - filled:.6f}\n")
+
+    def flush(self) -> None:
+        with open(self.path, "a") as timings:
+            timings.writelines(self.lines)
+        self.lines.clear()
+
+
+def _route(path: str, policy: CachePolicy) -> None:
+    folder = os.environ.get(WAKE_ENV)
+    if not folder:
+        app.get(path, cache=policy)(_compute)  # hits answered inline, as in any app
+        return
+    cached = app.cache.wrap(_compute, policy)
+    recorder = WakeRecorder(folder)
+
+    async def measured(request: Request) -> Response:
+        arrived = time.monotonic()
+        answer = cached(request)
+        response: Response = await answer if inspect.isawaitable(answer) else answer
+        recorder.record(arrived, response)
+        return response
+
+    app.get(path)(measured)
+
+
+_route("/sf/{key}", CachePolicy(ttl=3600))
+_route("/nosf/{key}", CachePolicy(ttl=3600, single_flight=False))
 
 
 @app.get("/")
@@ -147,33 +202,79 @@ def settled_totals(port: int, answered: int, timeout: float = 5.0) -> dict[str, 
         time.sleep(0.1)  # workers publish their counters on their heartbeat
 
 
-def run_stampedes(args: argparse.Namespace, workers: int, shared: str) -> list[tuple[Any, ...]]:
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, int(len(ordered) * fraction) - 1)] if ordered else float("nan")
+
+
+def wake_split(folder: str, workers: int, shared: str, client_p99: float) -> tuple[Any, ...]:
+    """Where the waiters' time went, from the workers' timings (ms after the fill's end)."""
+    waiters: list[float] = []
+    elsewhere: list[float] = []
+    late: list[float] = []
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name)) as timings:
+            for line in timings:
+                worker, filler, arrived, ready = line.split()
+                if float(arrived) >= 0:
+                    late.append(float(ready) * 1000)
+                    continue
+                waiters.append(float(ready) * 1000)
+                if worker != filler:
+                    elsewhere.append(float(ready) * 1000)
+    return (
+        workers,
+        shared,
+        len(waiters),
+        len(elsewhere),
+        min(elsewhere, default=float("nan")),  # the notification's own delay
+        percentile(waiters, 0.5),
+        percentile(waiters, 0.99),
+        percentile(elsewhere, 0.99),
+        max(waiters, default=float("nan")),
+        len(late),
+        percentile(late, 0.99),
+        client_p99,
+    )
+
+
+def run_stampedes(
+    args: argparse.Namespace, workers: int, shared: str
+) -> tuple[list[tuple[Any, ...]], tuple[Any, ...] | None]:
     rows: list[tuple[Any, ...]] = []
+    split = None
     port = free_port()
     modes = (("on", "/sf"), ("off", "/nosf")) if shared == "off" else (("on", "/sf"),)
-    with ServerProcess("stampede", server_command(port, args.loop, workers, shared), port):
-        answered = 0
-        for mode, prefix in modes:
-            before = settled_totals(port, answered).get("cache_computations", 0)
-            path = f"{prefix}/cold-{mode}?ms={args.compute_ms}"
-            latencies = sorted(asyncio.run(stampede(port, path, args.requests)))
-            answered += len(latencies)
-            computations = settled_totals(port, answered)["cache_computations"] - before
-            p50 = statistics.median(latencies) * 1000
-            p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
-            rows.append(
-                (
-                    workers,
-                    shared,
-                    mode,
-                    len(latencies),
-                    computations,
-                    p50,
-                    p99,
-                    latencies[-1] * 1000,
+    folder = tempfile.mkdtemp(prefix="forkloop-wake-")
+    command = server_command(port, args.loop, workers, shared)
+    try:
+        with ServerProcess("stampede", command, port, env={WAKE_ENV: folder}):
+            answered = 0
+            for mode, prefix in modes:
+                before = settled_totals(port, answered).get("cache_computations", 0)
+                path = f"{prefix}/cold-{mode}?ms={args.compute_ms}"
+                latencies = sorted(asyncio.run(stampede(port, path, args.requests)))
+                answered += len(latencies)
+                computations = settled_totals(port, answered)["cache_computations"] - before
+                p99 = percentile(latencies, 0.99) * 1000
+                if mode == "on":
+                    time.sleep(1.0)  # each worker writes its timings after the burst
+                    split = wake_split(folder, workers, shared, p99 - args.compute_ms)
+                rows.append(
+                    (
+                        workers,
+                        shared,
+                        mode,
+                        len(latencies),
+                        computations,
+                        statistics.median(latencies) * 1000,
+                        p99,
+                        latencies[-1] * 1000,
+                    )
                 )
-            )
-    return rows
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return rows, split
 
 
 def hit_costs(args: argparse.Namespace) -> str:
@@ -269,9 +370,13 @@ def main() -> int:
         resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * args.requests + 256)), hard)
     )
     rows = []
+    splits = []
     for workers in (int(n) for n in args.workers.split(",")):
         for shared in args.shared_cache.split(","):
-            rows += run_stampedes(args, workers, shared)
+            more, split = run_stampedes(args, workers, shared)
+            rows += more
+            if split is not None:
+                splits.append(split)
     hit_note = hit_costs(args) if shutil.which("wrk") else ""
     hit_note += "\n\n" + lookup_costs(args.lookups)
     print(
@@ -287,6 +392,24 @@ def main() -> int:
         print(
             f"| {workers} | {shared} | {mode} | {count} | {computations} "
             f"| {p50:.0f} | {p99:.0f} | {worst:.0f} |"
+        )
+    print(
+        "\nWhere the single-flight waiters' time went, ms after the fill ended (see the "
+        "module's essay): wake = the waiters' answers ready; late = requests that reached "
+        "the handler after the fill had ended\n"
+    )
+    print(
+        "| workers | shared cache | waiters | in other workers | first answer in another worker "
+        "| wake p50 | wake p99 | wake p99, other workers | wake max | late arrivals | late p99 "
+        "| client p99 − fill |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for workers, shared, *figures in splits:
+        counts = " | ".join(str(n) for n in figures[:2])
+        times = " | ".join(f"{ms:.1f}" for ms in figures[2:7])
+        print(
+            f"| {workers} | {shared} | {counts} | {times} | {figures[7]} "
+            f"| {figures[8]:.1f} | {figures[9]:.0f} |"
         )
     print(hit_note)
     return 0
