@@ -11,6 +11,9 @@ a noisy machine, next to requests/s and latency, and ratios against the peer
 ``--asgi`` runs the ASGI benchmark instead: the same ASGI applications on
 forkloop and on uvicorn, granian and hypercorn (`loadtest.asgi_bench`).
 
+``--proxy`` runs the proxy benchmark instead: ``forkloop proxy --cache`` on
+each loop against nginx's ``proxy_cache`` (`loadtest.proxy_bench`).
+
 ``--raw`` adds a bare httptools protocol on each loop (`loadtest.raw`), so the
 loop's own cost can be told apart from the server's. ``--pipeline 16`` sends
 16 requests per write (wrk with a Lua script).
@@ -114,9 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", type=int, default=1, help="requests per write (wrk Lua)")
     parser.add_argument("--path", default="/", help="URL path to request")
     parser.add_argument("--output", default=None, help="also write the table to this file")
-    from . import asgi_bench  # it builds on this module's measurements
+    from . import asgi_bench, proxy_bench  # they build on this module's measurements
 
     asgi_bench.add_arguments(parser)
+    proxy_bench.add_arguments(parser)
 
 
 def connection_counts(text: str) -> list[int]:
@@ -262,6 +266,10 @@ def main(args: argparse.Namespace) -> int:
         from . import asgi_bench
 
         return asgi_bench.main(args)
+    if args.proxy:
+        from . import proxy_bench
+
+        return proxy_bench.main(args)
     if shutil.which("wrk") is None:
         print(
             "forkloop bench needs wrk: apt-get install wrk (or brew install wrk)", file=sys.stderr

@@ -165,6 +165,7 @@ def _proxy(config: Config) -> ProxyFrontDoor | CachingProxy:
         use_stale=config.proxy_cache_use_stale,
         finish_abandoned_fills=config.finish_abandoned_fills,
         purge_allow=purge_networks(config.purge_allow),
+        scheme="https" if config.certfile else "http",
     )
     return CachingProxy(proxy, ResponseCache(config.cache_size), cache_settings)
 

@@ -54,24 +54,23 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from functools import partial
 
 from . import purges, shared_cache
+from .app import Route
 from .cache import (
     CachePolicy,
     Entry,
     FillFailed,
     ResponseCache,
     freshness_lifetime,
-    inspect_awaitable,
     may_store,
     normalized_url,
 )
 from .frontdoor import DirectRoute, Responder
 from .http import Request, Response, error_response
-from .proxy import ProxyFrontDoor, answer_head, relay, upstream_head
+from .proxy import ProxyFrontDoor, answer_head, upstream_head
 from .upstream import UpstreamError, UpstreamResponse
 
 log = logging.getLogger("forkloop.proxy")
@@ -95,6 +94,7 @@ class ProxyCacheSettings:
     purge_allow: tuple[Network, ...] = ()
     max_entry: int = DEFAULT_MAX_ENTRY
     lock_timeout: float = 5.0
+    scheme: str = "http"  # X-Forwarded-Proto of a fill: https when the server serves TLS
 
 
 @dataclass
@@ -107,26 +107,37 @@ class ProxyCacheStats:
 
 
 class RelayedBody:
-    """An upstream answer that goes to one client as it arrives, never stored:
-    the `Response.stream` of a fill that may not be stored (`ResponseCache` then
-    gives it to the request that filled only)."""
+    """An upstream answer that goes to one client as it arrives, never stored: the
+    `Response.stream` of a fill that may not be stored (`ResponseCache` gives it
+    to the request that filled only). The connection streams it with its
+    backpressure; closed before its end (the client left, or asked with HEAD),
+    it closes the upstream connection too."""
 
     def __init__(self, answer: UpstreamResponse, first: bytes = b"") -> None:
         self.answer = answer
         self.first = first
+        self.done = False
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._pieces()
+    def __aiter__(self) -> RelayedBody:
+        return self
 
-    async def _pieces(self) -> AsyncIterator[bytes]:
-        """For a consumer other than `relay` (none in the server): the body, once."""
-        data, more = self.first, True
-        while more:
-            if data:
-                yield data
+    async def __anext__(self) -> bytes:
+        if self.first:
+            data, self.first = self.first, b""
+            return data
+        while not self.done:
             data, more = await self.answer.read()
-        if data:
-            yield data
+            if not more:
+                self.done = True
+                self.answer.release()
+            if data:
+                return data
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        if not self.done:
+            self.done = True
+            self.answer.abort()
 
 
 class CachingProxy:
@@ -149,7 +160,8 @@ class CachingProxy:
             finish_abandoned_fills=settings.finish_abandoned_fills,
         )
         self.stats = ProxyCacheStats()
-        self.cached = DirectRoute(self._serve)
+        # a plain route: a hit is answered inline, with no task (`server.app`)
+        self.cached = Route("/", "GET", self._lookup, False, {})
         self.purging = DirectRoute(self._purge)
 
     @property
@@ -168,7 +180,7 @@ class CachingProxy:
     async def shutdown(self) -> None:
         await self.proxy.shutdown()
 
-    def resolve(self, request: Request) -> DirectRoute:
+    def resolve(self, request: Request) -> Route | DirectRoute:
         method = request.method
         if method == "GET" or method == "HEAD":
             if request.upgrade is None and request.path.startswith(self.settings.prefixes):
@@ -179,28 +191,15 @@ class CachingProxy:
 
     # ------------------------------------------------------------------ serving
 
-    async def _serve(self, request: Request, connection: Responder) -> None:
-        fill = partial(self._fill, connection.endpoint[0])
-        answer = self.cache.serve(request, fill, self.policy)
-        if inspect_awaitable(answer):
-            try:
-                answer = await answer  # type: ignore[misc]
-            except FillFailed as failure:  # a fill of this request's own (no cache to fall back on)
-                answer = failure.response
-        assert isinstance(answer, Response)
-        body = answer.stream
-        if isinstance(body, RelayedBody):  # this request's own answer, not stored
-            answer.stream = None
-            if connection.client_gone:
-                body.answer.abort()
-                return
-            await relay(request, answer, body.answer, connection, body.first)
-        elif not connection.client_gone:
-            connection.send_response(request, answer)
+    def _lookup(self, request: Request) -> Response | Awaitable[Response]:
+        answer = self.cache.serve(request, self._fill, self.policy)
+        if answer.__class__ is Response:
+            return answer
+        return _after_fill(answer)  # type: ignore[arg-type]
 
-    async def _fill(self, scheme: str, request: Request) -> Response:
+    async def _fill(self, request: Request) -> Response:
         """One request upstream for ``request``'s key; see the module's docstring."""
-        head_lines, _, _ = upstream_head(request, scheme)
+        head_lines, _, _ = upstream_head(request, self.settings.scheme)
         stored = self.cache.stored(request)
         if stored is not None:
             head_lines += _conditions(stored.headers)
@@ -287,6 +286,15 @@ class CachingProxy:
         self.stats.purges += 1
         status = 200 if found or tier is not None else 404
         connection.send_response(request, Response.json({"purged": url}, status))
+
+
+async def _after_fill(answer: Awaitable[Response]) -> Response:
+    """The answer a miss waited for; the error, when its own fill failed with no
+    stale entry to fall back on."""
+    try:
+        return await answer
+    except FillFailed as failure:
+        return failure.response
 
 
 async def _read(answer: UpstreamResponse, limit: int) -> tuple[bytes, bool]:

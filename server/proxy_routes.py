@@ -69,7 +69,7 @@ class ProxyPrefixes:
         self.routes.sort(key=lambda route: len(route[0]), reverse=True)
         self.prefixes = tuple(prefix for prefix, _ in self.routes)
 
-    def resolve(self, request: Request) -> DirectRoute | None:
+    def resolve(self, request: Request) -> Route | DirectRoute | None:
         """The proxy's route for ``request``; None when no prefix matches."""
         path = request.path
         if not path.startswith(self.prefixes):
