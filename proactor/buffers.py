@@ -214,6 +214,9 @@ class ProvidedBuffers:
         self._slot_buffer = [-1] * count  # which buffer's entry each ring slot holds now
         self._in_id_order = True  # slot i holds buffer i, as bundles need (see _write_entry)
         self._lent_count = 0
+        # consume() gives a buffer back by moving the tail alone for a completion of at
+        # most this many bytes: one buffer's size while none is lent, else none (-1).
+        self._consumed_in_place_up_to = size
         self._tail = 0
         for buffer_id in range(count):
             self._publish(buffer_id)
@@ -247,6 +250,7 @@ class ProvidedBuffers:
         buffer_id = self._claim(cqe_flags)
         self._lent[buffer_id] = 1
         self._lent_count += 1
+        self._consumed_in_place_up_to = -1
         start = buffer_id * self.size
         return buffer_id, self._arena_view[start : start + length]
 
@@ -260,14 +264,10 @@ class ProvidedBuffers:
         slot this buffer was taken from, which still holds its entry (see
         `_write_entry` for when entries must be rewritten).
         """
-        size = self.size
-        if self._lent_count or length > size:
+        if length > self._consumed_in_place_up_to:
             return self._consume_bundle_or_lent(cqe_flags, length)
-        start = (cqe_flags >> _BUFFER_SHIFT) * size
-        tail = self._tail + 1
-        if tail == 0x10000:
-            tail = 0
-        self._tail = tail
+        start = (cqe_flags >> _BUFFER_SHIFT) * self.size
+        self._tail = tail = (self._tail + 1) & 0xFFFF
         self._tail_word[0] = tail  # the release store: the entry is in place already
         return self._arena[start : start + length]
 
@@ -323,6 +323,8 @@ class ProvidedBuffers:
             )
         self._lent[buffer_id] = 0
         self._lent_count -= 1
+        if not self._lent_count:
+            self._consumed_in_place_up_to = self.size
         self._publish(buffer_id)
 
     def _publish(self, buffer_id: int) -> None:

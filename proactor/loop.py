@@ -91,7 +91,7 @@ import itertools
 import logging
 import operator
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from ..reactor.datagrams import Datagrams
@@ -230,7 +230,23 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, Datagrams):
                 self._confirmed_through = submits
                 if self._awaiting_confirmation:
                     self._confirm_sends()
-        self._dispatch(completions)
+        # _dispatch(completions), written out: this runs every iteration.
+        handlers = self._handlers
+        entries = iter(completions)
+        try:
+            for user_data, result, flags in entries:
+                try:
+                    if flags & _MORE:
+                        handlers[user_data](result, flags)
+                    else:
+                        handlers.pop(user_data)(result, flags)
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    self._completion_handler_failed(user_data, result, exc)
+        except BaseException:
+            self._keep_undelivered(entries)
+            raise
 
     def _dispatch_unconfirmed_first(self, completions: list[Completion]) -> list[Completion]:
         """Dispatch the completions of unconfirmed sends; return the others, in order."""
@@ -269,17 +285,24 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, Datagrams):
                 except (SystemExit, KeyboardInterrupt):
                     raise
                 except BaseException as exc:
-                    self.call_exception_handler(
-                        {
-                            "message": f"Exception in the completion handler of operation "
-                            f"{user_data} (result {result})",
-                            "exception": exc,
-                        }
-                    )
+                    self._completion_handler_failed(user_data, result, exc)
         except BaseException:
-            left = list(entries)  # older than anything read early meanwhile
-            self._undelivered = left + self._undelivered if self._undelivered else left
+            self._keep_undelivered(entries)
             raise
+
+    def _completion_handler_failed(self, user_data: int, result: int, exc: BaseException) -> None:
+        self.call_exception_handler(
+            {
+                "message": f"Exception in the completion handler of operation "
+                f"{user_data} (result {result})",
+                "exception": exc,
+            }
+        )
+
+    def _keep_undelivered(self, entries: Iterator[Completion]) -> None:
+        """A dispatch was interrupted: the next one starts with what it left."""
+        left = list(entries)  # older than anything read early meanwhile
+        self._undelivered = left + self._undelivered if self._undelivered else left
 
     def _submit_early(self, user_data: int) -> tuple[int, int] | None:
         """Hand the engine what is queued now, in the middle of an iteration.
