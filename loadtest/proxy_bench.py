@@ -249,6 +249,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.stampede < 1:
+        print("forkloop bench --proxy: --stampede must be 1 or more", file=sys.stderr)
+        return 2
     if shutil.which("wrk") is None:
         print("forkloop bench --proxy needs wrk: apt-get install wrk", file=sys.stderr)
         return 2
