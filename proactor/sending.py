@@ -111,7 +111,8 @@ if TYPE_CHECKING:
     from .loop import CompletionHandler, EventLoop
 
 # Ordinary sends of at least this many bytes go zero-copy where the engine can (SEND_ZC)
-# and the peer is on another host; see the README's Benchmark section for how it was set.
+# and the peer is on another host; README "The proactor at every load" says how it was
+# set, with what `python -m forkloop.loadtest.zerocopy` measures.
 ZERO_COPY_SEND_FROM = 64 * 1024
 NEVER = sys.maxsize
 _NOTIF = abi.CQE_F_NOTIF
