@@ -54,7 +54,9 @@ fleet's own).
 
 Freshness comes from the handler's ``Cache-Control`` (``s-maxage`` over
 ``max-age``; ``stale-while-revalidate`` and ``stale-if-error`` likewise) or
-else from the route's policy. Storage is an LRU bounded by total bytes.
+else from the route's policy: those rules, what may be stored and the key are
+`server.freshness`; this module is the flow. Storage is an LRU bounded by
+total bytes.
 
 Cancellation through the cache
 ------------------------------
@@ -71,49 +73,46 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from functools import partial
 from typing import Any
-from urllib.parse import urlencode
 
 from . import cache_levels, purges, shared_cache
-from .http import (
-    Request,
-    Response,
-    as_response,
-    content_type_line,
-    encode_header,
-    error_response,
+from .freshness import (
+    CachePolicy,
+    Entry,
+    cache_control,
+    freshness_lifetime,
+    may_store,
+    normalized_url,
+    seconds,
+    vary_key,
+    vary_names,
+    with_cache_status,
+    xfetch_says_refresh,
 )
+from .http import Request, Response, as_response, error_response
 from .singleflight import SingleFlight
+
+__all__ = [  # the rules live in server.freshness; importers of this module find them here
+    "CachePolicy",
+    "CacheStats",
+    "Entry",
+    "FillFailed",
+    "ResponseCache",
+    "freshness_lifetime",
+    "inspect_awaitable",
+    "may_store",
+    "normalized_url",
+]
 
 log = logging.getLogger("forkloop.cache")
 
-CACHEABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 410})
 ENTRY_OVERHEAD = 256  # bytes counted per entry beyond its body and headers
-_CACHE_STATUS_BYTES = {s: s.encode() for s in ("HIT", "MISS", "STALE", "UPDATING", "BYPASS")}
 MAX_NORMALIZED = 65536  # remembered target -> key normalizations (cleared when full)
-
-
-@dataclass(frozen=True)
-class CachePolicy:
-    """How one route is cached. Seconds throughout; 0 turns a feature off."""
-
-    ttl: float = 0.0  # freshness when the handler sends no max-age
-    stale_while_revalidate: float = 0.0
-    stale_if_error: float = 0.0
-    lock_timeout: float = 5.0
-    hit_for_miss: float = 10.0
-    xfetch_beta: float = 0.0  # 1.0 is the paper's default
-    finish_abandoned_fills: bool = False
-    # False: every concurrent miss computes (nginx's proxy_cache_lock off); for comparison
-    single_flight: bool = True
 
 
 @dataclass
@@ -140,35 +139,6 @@ class CacheStats:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
-
-
-@dataclass
-class Entry:
-    status: int
-    headers: list[tuple[str, str]]
-    content_type: str | None
-    body: bytes
-    stored_at: float
-    fresh_until: float
-    stale_while_revalidate_until: float
-    stale_if_error_until: float
-    compute_seconds: float
-    size: int = 0
-    header_block: bytes = b""  # the headers and Content-Type, validated and encoded once
-
-    def __post_init__(self) -> None:
-        self.header_block = b"".join(encode_header(n, v) for n, v in self.headers)
-        if self.content_type is not None:
-            self.header_block += content_type_line(self.content_type)
-
-    def response(self, cache_status: str, now: float) -> Response:
-        response = Response(self.body, self.status, None, self.content_type)
-        response.encoded_headers = b"%sX-Cache: %s\r\nAge: %d\r\n" % (
-            self.header_block,
-            _CACHE_STATUS_BYTES[cache_status],
-            now - self.stored_at,
-        )
-        return response
 
 
 @dataclass
@@ -259,14 +229,14 @@ class ResponseCache:
             if variants.uncacheable_until > now:
                 self.stats.bypass += 1
                 return self._bypass(request, handler)
-            entry = variants.entries.get(_vary_key(request, variants.vary))
+            entry = variants.entries.get(vary_key(request, variants.vary))
             board = purges.BOARD
             if entry is not None and board is not None and board.purged_since(url, entry.stored_at):
                 self._forget_url(url)  # purged in another worker (server.purges)
                 entry = None
             if entry is not None:
                 if now < entry.fresh_until:
-                    if policy.xfetch_beta and _xfetch_says_refresh(entry, now, policy.xfetch_beta):
+                    if policy.xfetch_beta and xfetch_says_refresh(entry, now, policy.xfetch_beta):
                         self._refresh_in_background(url, request, handler, policy)
                     self.stats.hits += 1
                     return entry.response("HIT", now)
@@ -288,7 +258,7 @@ class ResponseCache:
             value = await self._compute_and_store(url, request, handler, policy)
             self.stats.misses += 1
             if isinstance(value, _Uncacheable):
-                return _with_cache_status(value.response, "MISS")
+                return with_cache_status(value.response, "MISS")
             return value.response("MISS", self.clock())
         key = self._flight_key(url, request)
         joining = key in self._flights
@@ -317,7 +287,7 @@ class ResponseCache:
             if stale is not None:
                 return stale
             self.stats.misses += 1
-            return _with_cache_status(failure.response, "MISS")
+            return with_cache_status(failure.response, "MISS")
         except Exception:
             stale = self._stale_for_error(url, request)
             if stale is not None:
@@ -332,7 +302,7 @@ class ResponseCache:
             if result.coalesced:  # never share what was not meant to be shared
                 return await self._compute_alone(request, handler, "BYPASS")
             self.stats.misses += 1
-            return _with_cache_status(value.response, "MISS")
+            return with_cache_status(value.response, "MISS")
         if value.status >= 500:
             stale = self._stale_for_error(url, request)
             if stale is not None:
@@ -358,7 +328,7 @@ class ResponseCache:
         if tier is not None:
             got = await tier.acquire(url.encode(), policy.lock_timeout)
             if isinstance(got, shared_cache.Varies):  # ask for this request's variant
-                variant = shared_cache.variant_key(url, _vary_key(request, got.vary))
+                variant = shared_cache.variant_key(url, vary_key(request, got.vary))
                 got = await tier.acquire(variant, policy.lock_timeout)
                 if isinstance(got, shared_cache.Varies):
                     got = shared_cache.ALONE  # a marker where a variant belongs
@@ -372,8 +342,8 @@ class ResponseCache:
                     self.stats.coalesced += 1
                 else:
                     self.stats.shared_hits += 1
-                vary = _vary_names(got.entry.headers)
-                self._keep(url, _vary_key(request, vary), vary, got.entry)
+                vary = vary_names(got.entry.headers)
+                self._keep(url, vary_key(request, vary), vary, got.entry)
                 return _FromSharedTier(got.entry)
             if isinstance(got, shared_cache.Failed):  # its error, once: nobody here computes
                 self.stats.shared_failures += 1
@@ -445,12 +415,12 @@ class ResponseCache:
         else:
             if not may_store(request, response):
                 return None
-            directives = _cache_control(response.header("cache-control"))
+            directives = cache_control(response.header("cache-control"))
             ttl = freshness_lifetime(response, policy.ttl)
             if ttl <= 0:
                 return None
-        swr = _seconds(directives.get("stale-while-revalidate"), policy.stale_while_revalidate)
-        sie = _seconds(directives.get("stale-if-error"), policy.stale_if_error)
+        swr = seconds(directives.get("stale-while-revalidate"), policy.stale_while_revalidate)
+        sie = seconds(directives.get("stale-if-error"), policy.stale_if_error)
         headers = [(n, v) for n, v in response.headers if n.lower() not in ("x-cache", "age")]
         return Entry(
             response.status,
@@ -465,10 +435,10 @@ class ResponseCache:
         )
 
     def _store(self, url: str, request: Request, response: Response, entry: Entry) -> None:
-        vary = _vary_names(response.headers)
+        vary = vary_names(response.headers)
         if "*" in vary:
             return
-        self._keep(url, _vary_key(request, vary), vary, entry)
+        self._keep(url, vary_key(request, vary), vary, entry)
 
     def _keep(
         self, url: str, key: tuple[str | None, ...], vary: tuple[str, ...], entry: Entry
@@ -530,7 +500,7 @@ class ResponseCache:
         variants = self._urls.get(url)
         if variants is None:
             return None
-        entry = variants.entries.get(_vary_key(request, variants.vary))
+        entry = variants.entries.get(vary_key(request, variants.vary))
         now = self.clock()
         if entry is None or (now >= entry.stale_if_error_until and not any_age):
             return None
@@ -545,7 +515,7 @@ class ResponseCache:
         variants = self._urls.get(normalized_url(request))
         if variants is None:
             return None
-        return variants.entries.get(_vary_key(request, variants.vary))
+        return variants.entries.get(vary_key(request, variants.vary))
 
     def purge(self, url: str) -> bool:
         """Forget every variant stored for the normalized ``url``; False if none was."""
@@ -558,10 +528,10 @@ class ResponseCache:
 
     def _flight_key(self, url: str, request: Request) -> tuple[str, tuple[str | None, ...]]:
         variants = self._urls.get(url)
-        return (url, _vary_key(request, variants.vary) if variants is not None else ())
+        return (url, vary_key(request, variants.vary) if variants is not None else ())
 
     async def _bypass(self, request: Request, handler: Handler) -> Response:
-        return _with_cache_status(await _call(handler, request), "BYPASS")
+        return with_cache_status(await _call(handler, request), "BYPASS")
 
     async def _compute_alone(
         self, request: Request, handler: Handler, cache_status: str
@@ -571,7 +541,7 @@ class ResponseCache:
             self.stats.bypass += 1
         else:
             self.stats.misses += 1
-        return _with_cache_status(await _call(handler, request), cache_status)
+        return with_cache_status(await _call(handler, request), cache_status)
 
     @property
     def waiting(self) -> int:
@@ -621,12 +591,12 @@ def _end_lease(
         lease.fail()
         return
     stats.shared_waiters += lease.others_waiting
-    vary = _vary_names(value.headers)
+    vary = vary_names(value.headers)
     if not vary:
         lease.store(value)
         return
     # the variant first, then the marker: a waiter woken by the marker finds the variant
-    variant = shared_cache.variant_key(url, _vary_key(request, vary))
+    variant = shared_cache.variant_key(url, vary_key(request, vary))
     entry = shared_cache.encode_entry(value)
     marker = shared_cache.encode_vary_marker(vary, value.fresh_until)
     if lease.key == variant:
@@ -635,45 +605,6 @@ def _end_lease(
     else:
         lease.tier.keep(variant, entry)
         lease.store_encoded(marker)
-
-
-def may_store(request: Request, response: Response) -> bool:
-    """Whether a shared cache may keep ``response`` at all, told by its status and
-    head alone (the body need not have arrived): RFC 9111 3 and 3.5."""
-    if response.status not in CACHEABLE_STATUSES:
-        return False
-    directives = _cache_control(response.header("cache-control"))
-    if {"no-store", "private", "no-cache"} & directives.keys():
-        return False
-    # a shared cache keeps nobody's cookie, nor an answer to credentials unless
-    # the answer says it is public (RFC 9111 3.5)
-    if response.header("set-cookie") is not None:
-        return False
-    return "public" in directives or "authorization" not in request.headers
-
-
-def freshness_lifetime(response: Response, default: float) -> float:
-    """Seconds ``response`` stays fresh from now (RFC 9111 4.2.1): ``s-maxage``,
-    else ``max-age``, else ``Expires`` less ``Date``, else ``default``; less the
-    ``Age`` it already had when it came from another cache."""
-    directives = _cache_control(response.header("cache-control"))
-    lifetime = _seconds(directives.get("s-maxage"), _seconds(directives.get("max-age"), -1.0))
-    if lifetime < 0:
-        expires = response.header("expires")
-        if expires is None:
-            lifetime = default
-        else:
-            expiry = _http_date(expires)  # an invalid date means already expired
-            date = _http_date(response.header("date") or "") or time.time()
-            lifetime = expiry - date if expiry is not None else 0.0
-    return lifetime - _seconds(response.header("age"), 0.0)
-
-
-def _http_date(value: str) -> float | None:
-    try:
-        return parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
 
 
 def _failure_for_the_waiters(error: BaseException | None, value: object) -> Entry | None:
@@ -694,57 +625,4 @@ def _failure_for_the_waiters(error: BaseException | None, value: object) -> Entr
     headers = [(n, v) for n, v in response.headers if n.lower() not in ("x-cache", "age")]
     return Entry(
         response.status, headers, response.content_type, response.body, now, now, now, now, 0
-    )
-
-
-def _vary_names(headers: list[tuple[str, str]]) -> tuple[str, ...]:
-    """The request headers a stored response's Vary names, sorted and lower-case."""
-    names = (value for name, value in headers if name.lower() == "vary")
-    return tuple(sorted({n.strip().lower() for v in names for n in v.split(",") if n.strip()}))
-
-
-def _with_cache_status(response: Response, cache_status: str) -> Response:
-    response.headers = [
-        *(h for h in response.headers if h[0].lower() != "x-cache"),
-        ("X-Cache", cache_status),
-    ]
-    return response
-
-
-def normalized_url(request: Request) -> str:
-    """Path percent-decoded, query parameters in sorted order: one key per resource."""
-    if not request.query_string:
-        return request.path
-    pairs = sorted((k, v) for k, values in request.query.items() for v in values)
-    return request.path + "?" + urlencode(pairs)
-
-
-def _vary_key(request: Request, vary: tuple[str, ...]) -> tuple[str | None, ...]:
-    if not vary:
-        return ()
-    headers = request.headers
-    return tuple(headers.get(name) for name in vary)
-
-
-def _cache_control(value: str | None) -> dict[str, str | None]:
-    directives: dict[str, str | None] = {}
-    if value:
-        for part in value.split(","):
-            name, _, argument = part.strip().partition("=")
-            if name:
-                directives[name.lower()] = argument.strip('"') if argument else None
-    return directives
-
-
-def _seconds(value: str | None, default: float) -> float:
-    if value is None or not (value.isascii() and value.isdigit()):
-        return default
-    return float(value)
-
-
-def _xfetch_says_refresh(entry: Entry, now: float, beta: float) -> bool:
-    """XFetch: refresh early with a probability that grows as expiry nears."""
-    return (
-        now - entry.compute_seconds * beta * math.log(random.random() or 1e-300)
-        >= entry.fresh_until
     )
