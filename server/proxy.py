@@ -190,13 +190,14 @@ async def relay(
 ) -> None:
     """The upstream's answer, through the client's connection, piece by piece:
     ``first`` (what was already read of its body), then the rest as it comes."""
-    complete = answer.connection.complete and not answer.connection.pieces
-    if complete and request.method != "HEAD":
-        response.body = first  # nothing left to stream: the server frames it itself
+    rest = answer.whole_body() if request.method != "HEAD" else None
+    if rest is not None:  # all of it is here: one write, framed by the server itself
+        response.body = first + rest
         response.headers = [h for h in response.headers if h[0] != "Content-Length"]
         connection.send_response(request, response)
         answer.release()
         return
+    complete = answer.connection.complete
     stream = connection.begin_stream(request, response)
     if stream is None:  # its head could not be sent: a 500 went out
         answer.abort()

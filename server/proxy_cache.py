@@ -160,6 +160,7 @@ class CachingProxy:
             finish_abandoned_fills=settings.finish_abandoned_fills,
         )
         self.stats = ProxyCacheStats()
+        self.everywhere = settings.prefixes == ("/",)  # no path to decode to tell
         # a plain route: a hit is answered inline, with no task (`server.app`)
         self.cached = Route("/", "GET", self._lookup, False, {})
         self.purging = DirectRoute(self._purge)
@@ -183,7 +184,9 @@ class CachingProxy:
     def resolve(self, request: Request) -> Route | DirectRoute:
         method = request.method
         if method == "GET" or method == "HEAD":
-            if request.upgrade is None and request.path.startswith(self.settings.prefixes):
+            if request.upgrade is None and (
+                self.everywhere or request.path.startswith(self.settings.prefixes)
+            ):
                 return self.cached
         elif method == "PURGE":
             return self.purging

@@ -432,6 +432,16 @@ class UpstreamResponse:
     async def read(self) -> tuple[bytes, bool]:
         return await self.connection.read()
 
+    def whole_body(self) -> bytes | None:
+        """The whole body, taken at once, when all of it has arrived; else None."""
+        connection = self.connection
+        if not connection.complete or connection.failure is not None:
+            return None
+        body = b"".join(connection.pieces)
+        connection.pieces.clear()
+        connection.waiting = 0
+        return body
+
     def release(self) -> None:
         """The body was read to its end: the connection may serve another request."""
         self.connection.pool.release(self.connection)
