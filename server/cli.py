@@ -209,8 +209,10 @@ def check_config(config: Config, launch_dir: str) -> int:
     except AppLoadError as exc:
         return _boot_error(str(exc))
     where = ", ".join(config.binds)
+    what = f"proxy to {', '.join(config.upstreams)}" if config.upstreams else None
+    what = what or f"app {config.app or 'demo'}"
     print(
-        f"forkloop: configuration OK: app {config.app or 'demo'}, "
+        f"forkloop: configuration OK: {what}, "
         f"{config.workers} worker{'s' if config.workers != 1 else ''}, {where}"
         + (f", config {config.config_path}" if config.config_path else "")
     )

@@ -346,6 +346,11 @@ def read_config_file(path: str) -> dict[str, tuple[Any, str]]:
             raise SettingError(f"{path}: unknown setting {key!r}{_did_you_mean(name, known)}")
         if option.kind is list and isinstance(value, str):
             value = [value]
+        if option.metavar == "BYTES" and isinstance(value, str):  # "256MiB"
+            try:
+                value = byte_size(value)
+            except ValueError:
+                raise SettingError(f"{source}: expected {_SIZE_WORDS}, not {value!r}") from None
         settings[name] = (_check(option, _expect(option.kind, value, source), source), source)
     return settings
 
@@ -686,6 +691,8 @@ def _convert_text(option: Option, text: str, check_choices: bool = True) -> Any:
                 raise ValueError
         elif kind is list:
             value = [part for part in re.split(r"[,\s]+", text) if part]
+        elif kind is int and option.metavar == "BYTES":
+            value = byte_size(text)
         elif kind is int:
             if not (text.strip().isascii() and text.strip().lstrip("-").isdigit()):
                 raise ValueError
@@ -695,10 +702,24 @@ def _convert_text(option: Option, text: str, check_choices: bool = True) -> Any:
         else:
             value = text
     except ValueError:
-        raise SettingError(f"expected {_KIND_NAMES[kind]}, not {text!r}") from None
+        expected = _SIZE_WORDS if option.metavar == "BYTES" else _KIND_NAMES[kind]
+        raise SettingError(f"expected {expected}, not {text!r}") from None
     if not check_choices:  # argparse's conversion: the range is checked with the flag's name
         return value
     return _check(option, value, "")
+
+
+_SIZE_WORDS = "a size in bytes (4096, 64KiB, 256MiB, 1GiB)"
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def byte_size(text: str) -> int:
+    """``"256MiB"`` (or ``256M``, ``256MB``, ``256m``: nginx's sizes, powers of 1024)
+    -> bytes; ValueError for anything else."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", text)
+    if match is None:
+        raise ValueError(text)
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
 def _check(option: Option, value: Any, source: str) -> Any:

@@ -225,3 +225,21 @@ def _free_port() -> int:
     from forkloop.loadtest.servers import free_port
 
     return free_port()
+
+
+def test_sizes_take_nginx_units_on_the_command_line_in_the_environment_and_in_a_file(folder):
+    folder.write("forkloop.toml", 'cache-size = "1GiB"\nshared-cache-size = 4096\n')
+    namespace = argparse.Namespace(config="forkloop.toml")
+    config = settings.resolve(namespace, {"FORKLOOP_WS_MAX_SIZE": "64k"}, str(folder.root))
+    assert (config.cache_size, config.shared_cache_size) == (1 << 30, 4096)
+    assert config.websocket.max_size == 64 << 10
+    command_line = run_forkloop("--cache-size", "256MiB", "--check-config", cwd=folder.root)
+    assert command_line.returncode == 0, command_line.stderr
+    for size in ("256m", "256MB", "256 MiB"):
+        assert settings.byte_size(size) == 256 << 20
+    refused = run_forkloop("--cache-size", "lots", cwd=folder.root)
+    assert refused.returncode == 2
+    assert last_error_line(refused) == (
+        "forkloop: argument --cache-size: expected a size in bytes (4096, 64KiB, 256MiB, "
+        "1GiB), not 'lots'"
+    )
