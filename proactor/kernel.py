@@ -225,6 +225,10 @@ class RingRegistration:
     _cq_head_index: int
     _cq_tail_index: int
     _cq_overflow_index: int
+    _sq_tail_word: memoryview
+    _sq_flags_word: memoryview
+    _cq_head_word: memoryview
+    _cq_tail_word: memoryview
     _sq_tail: int
     _sqe_position: int
     _sq_unpublished: int
@@ -365,6 +369,17 @@ class RingRegistration:
         self._cq_head_index = cq["head"] >> 2
         self._cq_tail_index = cq["tail"] >> 2
         self._cq_overflow_index = cq["overflow"] >> 2
+        # The words submit_and_reap reads or writes every iteration, each as its own view.
+        self._sq_tail_word = self._sq_words[self._sq_tail_index :][:1]
+        self._sq_flags_word = self._sq_words[self._sq_flags_index :][:1]
+        self._cq_head_word = self._cq_words[self._cq_head_index :][:1]
+        self._cq_tail_word = self._cq_words[self._cq_tail_index :][:1]
+        self._views[:0] = (
+            self._sq_tail_word,
+            self._sq_flags_word,
+            self._cq_head_word,
+            self._cq_tail_word,
+        )
         array_index = sq["array"] >> 2
         for slot in range(self.sq_entries):
             self._sq_words[array_index + slot] = slot

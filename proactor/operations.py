@@ -455,6 +455,8 @@ class Operations:
         head, tail = bytes(fixed[:_SQE_HEAD_END]), bytes(fixed[_SQE_TAIL_START:])
         data_at = _BYTES_AT
         ring = self
+        sqes = self._sqes  # mapped for the ring's life (released when it closes)
+        last_position = self._sqes_size - abi.SQE_SIZE
 
         def send_unconfirmed(data: bytes) -> None:
             if type(data) is not bytes:
@@ -462,9 +464,8 @@ class Operations:
             if not ring._sq_space:
                 ring._make_room()
             position = ring._sqe_position
-            _pack_sqe_around_span(ring._sqes, position, head, id(data) + data_at, len(data), tail)
-            position += 64  # abi.SQE_SIZE
-            ring._sqe_position = 0 if position == ring._sqes_size else position
+            _pack_sqe_around_span(sqes, position, head, id(data) + data_at, len(data), tail)
+            ring._sqe_position = 0 if position == last_position else position + 64
             ring._sq_unpublished += 1
             ring._sq_space -= 1
             ring._unconfirmed_pins.append(data)

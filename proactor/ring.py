@@ -178,6 +178,7 @@ class Ring(Operations, RingRegistration):
         "_in_flight _backlog _buffer_groups _internal_serial _internal "
         "_deadline _deadline_pin _getevents_arg _getevents_arg_pointer _getevents_arg_pin "
         "_sq_words _cq_words _sqes _sq_head_index _sq_tail_index _sq_flags_index "
+        "_sq_tail_word _sq_flags_word _cq_head_word _cq_tail_word "
         "_cq_head_index _cq_tail_index _cq_overflow_index _cqes _cqes_size "
         "_sqe_position _sqes_size _sq_tail _sq_unpublished _sq_pending _sq_space "
         "_cq_head _cq_position _unconfirmed_pins settled capabilities _ext_arg __weakref__".split()
@@ -383,9 +384,8 @@ class Ring(Operations, RingRegistration):
         unpublished = self._sq_unpublished
         if unpublished:
             self._sq_unpublished = 0
-            tail = (self._sq_tail + unpublished) & _MASK32
-            self._sq_tail = tail
-            self._sq_words[self._sq_tail_index] = tail
+            self._sq_tail = tail = (self._sq_tail + unpublished) & _MASK32
+            self._sq_tail_word[0] = tail
             pending += unpublished
         if timeout is None:
             result = _libc_enter(
@@ -407,7 +407,7 @@ class Ring(Operations, RingRegistration):
                 self._getevents_arg_pointer,
                 _GETEVENTS_ARG_SIZE,
             )
-        elif pending or self._sq_words[self._sq_flags_index]:  # TASKRUN or CQ_OVERFLOW
+        elif pending or self._sq_flags_word[0]:  # TASKRUN or CQ_OVERFLOW
             result = _libc_enter(
                 _NR_ENTER, self._enter_fd, pending, 0, self._enter_flags, None, _NO_ARGUMENT_SIZE
             )
@@ -425,13 +425,12 @@ class Ring(Operations, RingRegistration):
                 self._unconfirmed_pins = []  # their enter has returned: see that method
         if self._backlog:
             return self.completions()
-        words = self._cq_words
-        tail = words[self._cq_tail_index]
+        tail = self._cq_tail_word[0]
         if tail == self._cq_head:
             if not self.settled:
                 self._settle()
             return []
-        sq_flags = self._sq_words[self._sq_flags_index]
+        sq_flags = self._sq_flags_word[0]
         if tail - self._cq_head == 1 and not sq_flags:
             # One completion, the common case at low load: read it here.
             start = self._cq_position
@@ -439,14 +438,14 @@ class Ring(Operations, RingRegistration):
             start += 16  # abi.CQE_SIZE
             self._cq_position = 0 if start == self._cqes_size else start
             self._cq_head = tail
-            words[self._cq_head_index] = tail
+            self._cq_head_word[0] = tail
             if not entry[2] & _F_MORE:
                 self._in_flight.pop(entry[0], None)
             if not self.settled:
                 self._settle()
             return [entry]
         ready = self._reap()
-        if sq_flags and self._sq_words[self._sq_flags_index] & abi.SQ_CQ_OVERFLOW:
+        if sq_flags and self._sq_flags_word[0] & abi.SQ_CQ_OVERFLOW:
             self._flush_overflow(ready)
         if not self.settled:
             self._settle()
@@ -517,7 +516,7 @@ class Ring(Operations, RingRegistration):
         instead and costs more). A lone CQE, the common case at low load, is
         read directly.
         """
-        tail = self._cq_words[self._cq_tail_index]
+        tail = self._cq_tail_word[0]
         count = tail - self._cq_head
         if count < 0:
             count += 0x100000000
@@ -527,7 +526,7 @@ class Ring(Operations, RingRegistration):
             start += 16  # abi.CQE_SIZE
             self._cq_position = 0 if start == self._cqes_size else start
             self._cq_head = tail
-            self._cq_words[self._cq_head_index] = tail
+            self._cq_head_word[0] = tail
             if not entry[2] & _F_MORE:
                 self._in_flight.pop(entry[0], None)
             return [entry]
@@ -545,7 +544,7 @@ class Ring(Operations, RingRegistration):
                 ready.extend(_iter_unpack_cqes(self._cqes[:end]))
             self._cq_position = end
         self._cq_head = tail
-        self._cq_words[self._cq_head_index] = tail  # the slots are the kernel's again
+        self._cq_head_word[0] = tail  # the slots are the kernel's again
         release = self._in_flight.pop
         for entry in ready:
             if not entry[2] & _F_MORE:
