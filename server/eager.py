@@ -55,7 +55,11 @@ MAX_IDLE_HOSTS = 64
 
 _enter_task = asyncio.tasks._enter_task
 _leave_task = asyncio.tasks._leave_task
-_current_task = asyncio.current_task
+# the loop -> running task map behind current_task() (where Python keeps one): a
+# dictionary lookup, where asyncio.current_task is a Python function on 3.11
+_RUNNING: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = getattr(
+    asyncio.tasks, "_current_tasks", None
+)
 
 
 class EagerStarter:
@@ -72,33 +76,51 @@ class EagerStarter:
     def start(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
         """Run ``coroutine``'s first step now, in a fresh copy of the server's
         context; None if it finished, else the task that now drives it to its end."""
-        loop, idle = self.loop, self.idle
-        host = None
-        while idle:
-            candidate = idle.pop()
-            if not candidate.task.cancelling() and not candidate.task.done():
-                host = candidate
-                break
-        if host is None:
+        idle = self.idle
+        host = idle.pop() if idle else None
+        if host is None or host.task.cancelling():  # invariant 2: a cancelled host ends
             host = _Host(self)
-        context = self.base.copy()
-        task = host.task
-        outer = _current_task(loop)  # a handler finishing may start the next request
-        if outer is not None:
-            _leave_task(loop, outer)
+        loop, task, context = self.loop, host.task, self.base.copy()
+        running = _RUNNING.get(loop) if _RUNNING is not None else asyncio.current_task(loop)
+        if running is not None:  # a task runs (one finishing starts the next request)
+            return self._start_within(coroutine, host, context, running)
         _enter_task(loop, task)
         try:
             waiting = context.run(coroutine.send, None)
         except StopIteration:
+            _leave_task(loop, task)
             idle.append(host)
             return None
         except BaseException:
+            _leave_task(loop, task)
             idle.append(host)
+            raise
+        _leave_task(loop, task)
+        host.take(coroutine, context, waiting)
+        return task
+
+    def _start_within(
+        self,
+        coroutine: Coroutine[Any, Any, None],
+        host: _Host,
+        context: contextvars.Context,
+        outer: asyncio.Task[Any],
+    ) -> asyncio.Task[None] | None:
+        """`start` from inside a running task: it steps aside for the first step."""
+        loop, task = self.loop, host.task
+        _leave_task(loop, outer)
+        _enter_task(loop, task)
+        try:
+            waiting = context.run(coroutine.send, None)
+        except StopIteration:
+            self.idle.append(host)
+            return None
+        except BaseException:
+            self.idle.append(host)
             raise
         finally:
             _leave_task(loop, task)
-            if outer is not None:
-                _enter_task(loop, outer)
+            _enter_task(loop, outer)
         host.take(coroutine, context, waiting)
         return task
 
