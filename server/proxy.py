@@ -77,8 +77,9 @@ class ProxyFrontDoor:
     cache_stats: dict[str, int] | None = None
     streams_bodies = True  # uploads are forwarded as they arrive
 
-    def __init__(self, pool: UpstreamPool) -> None:
+    def __init__(self, pool: UpstreamPool, marks: tuple[tuple[str, str], ...] = ()) -> None:
         self.pool = pool
+        self.marks = marks  # header fields added to every relayed answer (X-Cache: BYPASS)
         self.route = DirectRoute(self._serve)
 
     def resolve(self, request: Request) -> DirectRoute:
@@ -105,7 +106,9 @@ class ProxyFrontDoor:
             log.warning("%s %s: 502: %s", request.method, request.path, failure.reason)
             connection.send_response(request, error_response(502, failure.reason))
             return
-        await relay(request, answer_head(answer), answer, connection)
+        response = answer_head(answer)
+        response.headers += self.marks
+        await relay(request, response, answer, connection)
 
 
 def upstream_head(

@@ -152,6 +152,7 @@ class CachingProxy:
         settings: ProxyCacheSettings | None = None,
     ) -> None:
         self.proxy = proxy
+        proxy.marks = (("X-Cache", "BYPASS"),)  # what the cache never sees still says so
         self.cache = cache
         self.settings = settings = settings or ProxyCacheSettings()
         self.policy = CachePolicy(

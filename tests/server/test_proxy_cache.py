@@ -148,8 +148,13 @@ def test_stale_if_error_serves_the_stale_entry_while_the_upstream_fails(backend)
         expire()
         stale = get(proxy.port, "/cache/s?max_age=1&sie=60")
         failed = get(proxy.port, "/cache/plain?max_age=1")
+        upstream.stop()  # and with the upstream gone altogether
+        still_stale = get(proxy.port, "/cache/s?max_age=1&sie=60")
+        refused = get(proxy.port, "/cache/plain?max_age=1")
     assert (stale.status, stale.body, stale.header("x-cache")) == (200, b"s #1", "STALE")
     assert (failed.status, failed.body) == (503, b"down")  # relayed once, not stored
+    assert (still_stale.body, still_stale.header("x-cache")) == (b"s #1", "STALE")
+    assert refused.status == 502
 
 
 def test_use_stale_serves_any_stale_entry_for_the_failures_it_names(backend):
@@ -285,5 +290,6 @@ def test_other_methods_pass_through_uncached(backend):
         with RawClient(proxy.port) as client:
             for _ in range(2):
                 client.request("POST", "/echo", body=b"posted")
-                assert client.read_reply().body == b"posted"
+                reply = client.read_reply()
+                assert (reply.body, reply.header("x-cache")) == (b"posted", "BYPASS")
     assert upstream.seen.counts[b"/echo"] == 2
