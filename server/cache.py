@@ -349,7 +349,8 @@ class ResponseCache:
                 self.stats.shared_failures += 1
                 entry = got.entry
                 raise FillFailed(
-                    Response(entry.body, entry.status, entry.headers, entry.content_type)
+                    Response(entry.body, entry.status, entry.headers, entry.content_type),
+                    use_stale=entry.status in policy.stale_on_statuses,
                 )
             if cache_levels.is_lease(got):
                 lease = got

@@ -54,6 +54,9 @@ class CachePolicy:
     finish_abandoned_fills: bool = False
     # False: every concurrent miss computes (nginx's proxy_cache_lock off); for comparison
     single_flight: bool = True
+    # a failure shared by another worker's fill with one of these statuses is answered
+    # with a stale entry of any age (the proxy's --proxy-cache-use-stale)
+    stale_on_statuses: frozenset[int] = frozenset()
 
 
 @dataclass

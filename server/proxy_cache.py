@@ -157,6 +157,7 @@ class CachingProxy:
         self.settings = settings = settings or ProxyCacheSettings()
         self.policy = CachePolicy(
             stale_while_revalidate=_UPDATING_FOREVER if "updating" in settings.use_stale else 0,
+            stale_on_statuses=_statuses(settings.use_stale),
             lock_timeout=settings.lock_timeout,
             finish_abandoned_fills=settings.finish_abandoned_fills,
         )
@@ -290,6 +291,16 @@ class CachingProxy:
         self.stats.purges += 1
         status = 200 if found or tier is not None else 404
         connection.send_response(request, Response.json({"purged": url}, status))
+
+
+def _statuses(use_stale: frozenset[str]) -> frozenset[int]:
+    """The statuses of a failure shared by another worker's fill that are answered
+    with a stale entry: the failure's kind travels as its status (error: 502,
+    timeout: 504, http_N: N)."""
+    statuses = {int(kind[5:]) for kind in use_stale if kind.startswith("http_")}
+    statuses |= {502} if "error" in use_stale else set()
+    statuses |= {504} if "timeout" in use_stale else set()
+    return frozenset(statuses)
 
 
 async def _after_fill(answer: Awaitable[Response]) -> Response:

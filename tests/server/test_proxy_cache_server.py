@@ -80,3 +80,19 @@ def test_a_bad_proxy_cache_flag_is_a_one_line_usage_error(tmp_path, flag, value,
     )
     assert result.returncode == 2
     assert last_error_line(result) == f"forkloop: {flag}: {said}"
+
+
+def test_use_stale_answers_from_every_worker_when_the_upstream_is_down(tmp_path, backend):
+    options = ("--shared-cache", "on", "--proxy-cache-use-stale", "error")
+    with Upstream() as upstream:
+        served = serve_proxy(tmp_path, upstream, backend, *options)
+        try:
+            warm = stampede(served.port, "/cache/u?max_age=1", 200)  # a copy in every worker
+            upstream.stop()
+            time.sleep(1.05)
+            down = stampede(served.port, "/cache/u?max_age=1", 200)
+        finally:
+            served.stop()
+    assert {(status, body) for status, _, body in warm} == {(200, b"u #1")}
+    assert {(status, body) for status, _, body in down} == {(200, b"u #1")}
+    assert {cache for _, cache, _ in down} <= {"STALE", "UPDATING"}
