@@ -4,8 +4,9 @@ reaches it.
 
     python -m forkloop.loadtest.origin --port 9000
 
-- ``/hit``: 1 KiB, ``Cache-Control: public, max-age=3600`` (stored by a cache);
-- ``/pass``: 1 KiB, ``Cache-Control: no-store`` (relayed every time);
+- ``/hit?size=N``: N bytes (1 KiB by default), ``Cache-Control: public,
+  max-age=3600`` (stored by a cache);
+- ``/pass?size=N``: the same, ``Cache-Control: no-store`` (relayed every time);
 - ``/cold/KEY?ms=N``: the same as ``/hit``, answered after ``N`` ms (a slow
   origin, for a stampede on a cold key);
 - ``/count/PATH``: how many requests for ``/PATH`` reached the origin, asked
@@ -46,13 +47,15 @@ class Origin:
             body = str(self.counts[path.removeprefix("/count")]).encode()
             return _response(body, NOT_STORED)
         self.counts[path] += 1
+        asked = parse_qs(query)
+        body = b"x" * int(asked["size"][0]) if "size" in asked else BODY
         if path.startswith("/cold/"):
-            milliseconds = int(parse_qs(query).get("ms", ["0"])[0])
+            milliseconds = int(asked.get("ms", ["0"])[0])
             await asyncio.sleep(milliseconds / 1000)
-            return _response(BODY, CACHEABLE)
+            return _response(body, CACHEABLE)
         if path == "/pass":
-            return _response(BODY, NOT_STORED)
-        return _response(BODY, CACHEABLE)
+            return _response(body, NOT_STORED)
+        return _response(body, CACHEABLE)
 
 
 def _response(body: bytes, control: bytes) -> bytes:

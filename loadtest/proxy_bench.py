@@ -159,8 +159,9 @@ def run_stampede(port: int, path: str, clients: int) -> list[float | None]:
 
 
 def measure(args: argparse.Namespace, origin: int, contenders: list[Contender]) -> None:
-    wrk = argparse.Namespace(**{**vars(args), "path": "/hit", "pipeline": 1})
-    passing = argparse.Namespace(**{**vars(args), "path": "/pass", "pipeline": 1})
+    size = f"?size={args.page_size}"
+    wrk = argparse.Namespace(**{**vars(args), "path": "/hit" + size, "pipeline": 1})
+    passing = argparse.Namespace(**{**vars(args), "path": "/pass" + size, "pipeline": 1})
     for contender in contenders:
         run_wrk(wrk, contender.server.port, 1.0, None)  # warm-up: the page is stored
         run_wrk(passing, contender.server.port, 1.0, None)
@@ -189,7 +190,7 @@ def format_tables(args: argparse.Namespace, contenders: list[Contender]) -> str:
     peer = next((c for c in contenders if c.name == "nginx"), None)
     lines = [
         f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s x {args.rounds} rounds, "
-        f"{args.workers} worker(s) each, 1 KiB pages, {os.cpu_count()} cores, "
+        f"{args.workers} worker(s) each, pages of {args.page_size:,} bytes, {os.cpu_count()} cores, "
         f"Python {sys.version.split()[0]}",
         "",
         "| proxy | hit req/s | hit user µs/req | hit sys µs/req | hit total µs/req | total vs nginx "
@@ -245,6 +246,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--origin-ms", type=int, default=200, help="with --proxy: the origin's answer time"
+    )
+    parser.add_argument(
+        "--page-size",
+        type=int,
+        default=1024,
+        help="with --proxy: bytes of the page hit and passed through (default 1024)",
     )
 
 
