@@ -245,6 +245,15 @@ class ScoreboardCollector:
         )
         yield from shared_cache_families(totals)
         yield from fleet_cache_families(totals)
+        proxied = CounterMetricFamily(
+            "forkloop_proxy_cache_events",
+            "the proxy cache's requests upstream (fill), 304s that refreshed an entry "
+            "(revalidated), answers relayed unstored (not_stored), PURGEs (purge, refused)",
+            labels=("event",),
+        )
+        for event, name in PROXY_EVENTS.items():
+            proxied.add_metric((event,), totals.get(name, 0))
+        yield proxied
         restarts = CounterMetricFamily(
             "forkloop_worker_restarts",
             "workers the master replaced, by why (retired: --max-requests)",
@@ -254,6 +263,15 @@ class ScoreboardCollector:
             restarts.add_metric((reason,), totals.get(f"worker_restarts_{reason}", 0))
         yield restarts
         yield GaugeMetricFamily("forkloop_workers", "worker processes", totals.get("workers", 1))
+
+
+PROXY_EVENTS = {
+    "fill": "cache_upstream_fills",
+    "revalidated": "cache_revalidated",
+    "not_stored": "cache_not_stored",
+    "purge": "cache_purges",
+    "refused": "cache_purges_refused",
+}
 
 
 # The server-wide tier's events as the workers count them, and the cache process's own

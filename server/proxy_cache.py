@@ -169,16 +169,7 @@ class CachingProxy:
 
     @property
     def cache_stats(self) -> dict[str, int]:
-        counts = self.cache.stats.as_dict()
-        stats = self.stats
-        counts.update(
-            upstream_fills=stats.upstream_fills,
-            revalidated=stats.revalidated,
-            not_stored=stats.not_stored,
-            purges=stats.purges,
-            purges_refused=stats.purges_refused,
-        )
-        return counts
+        return {**self.cache.stats.as_dict(), **vars(self.stats)}
 
     async def shutdown(self) -> None:
         await self.proxy.shutdown()

@@ -79,6 +79,15 @@ FLEET_CACHE_COUNTERS = (
     "cache_fleet_fallbacks",
     "cache_fleet_breaker_open",
 )
+# The proxy's cache (server.proxy_cache): requests its fills sent upstream, those a 304
+# answered, answers relayed without being stored, PURGEs done and refused
+PROXY_CACHE_COUNTERS = (
+    "cache_upstream_fills",
+    "cache_revalidated",
+    "cache_not_stored",
+    "cache_purges",
+    "cache_purges_refused",
+)
 CANCEL_REASONS = ("disconnect", "deadline", "shutdown")
 CANCEL_COUNTERS = tuple(f"cancelled_{reason}" for reason in CANCEL_REASONS)
 # Written by the master into the retired slot: workers it had to replace, by why.
@@ -107,6 +116,7 @@ COUNTERS = (
     + CACHE_COUNTERS
     + SHARED_CACHE_COUNTERS
     + FLEET_CACHE_COUNTERS
+    + PROXY_CACHE_COUNTERS
     + CANCEL_COUNTERS
     + RESTART_COUNTERS
     + RESPONSE_COUNTERS

@@ -8,12 +8,15 @@ reaches every worker's copy; a bad flag is a one-line usage error.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 
 import pytest
 
+from forkloop.loadtest.servers import free_port
 from tests.server.frontdoor_support import Served, UserFolder, last_error_line, run_forkloop
+from tests.server.master_support import wait_for
 from tests.server.stampede_support import stampede
 from tests.server.support import RawClient
 from tests.server.upstream_support import Upstream
@@ -23,17 +26,32 @@ pytestmark = pytest.mark.timeout(120)
 WORKERS = "4"
 
 
-def serve_proxy(tmp_path, upstream: Upstream, backend, *options: str) -> Served:
+def serve_proxy(
+    tmp_path, upstream: Upstream, backend, *options: str, metrics: str = "off"
+) -> Served:
     folder = UserFolder(tmp_path / "project")
     arguments = ("proxy", f"http://127.0.0.1:{upstream.port}", "--workers", WORKERS, "--cache")
-    return Served(folder.root, *arguments, "--loop", backend.backend, *options).start()
+    served = Served(folder.root, *arguments, "--loop", backend.backend, *options, metrics=metrics)
+    return served.start()
+
+
+def proxy_events(served: Served, metrics_port: int) -> dict[str, float]:
+    """The forkloop_proxy_cache_events_total series from /metrics, by event."""
+    status, text = served.get("/metrics", port=metrics_port)
+    assert status == 200
+    found = re.findall(rb'forkloop_proxy_cache_events_total\{event="(\w+)"\} ([\d.e+]+)', text)
+    return {event.decode(): float(value) for event, value in found}
 
 
 def test_a_stampede_over_four_workers_costs_the_upstream_one_request(tmp_path, backend):
     with Upstream() as upstream:
-        served = serve_proxy(tmp_path, upstream, backend, "--shared-cache", "on")
+        metrics_port = free_port()
+        served = serve_proxy(
+            tmp_path, upstream, backend, "--shared-cache", "on", metrics=f"127.0.0.1:{metrics_port}"
+        )
         try:
             cold = stampede(served.port, "/cache/k?max_age=1&ms=200", 1000)
+            assert wait_for(lambda: proxy_events(served, metrics_port).get("fill") == 1, 5)
             fills_when_cold = upstream.seen.counts[b"/cache/k"]
             time.sleep(1.05)  # the entry expires (max-age=1) in every worker and the tier
             expired = stampede(served.port, "/cache/k?max_age=1&ms=200", 1000)
