@@ -3,15 +3,17 @@
     apt-get install valgrind
     python -m forkloop.loadtest.instructions                        # asyncio, uvloop, reactor
     python -m forkloop.loadtest.instructions --loops reactor --requests 20000
+    python -m forkloop.loadtest.instructions --loops reactor,proactor-uring --connections 1
     python -m forkloop.loadtest.instructions --full        # the whole server, not the bare protocol
     python -m forkloop.loadtest.instructions --loops uvloop --uvicorn \\
         --app forkloop.loadtest.asgi_apps:hello            # an ASGI app, against uvicorn
 
 Each loop serves the bare httptools protocol (`loadtest.raw`), or with
 ``--full`` forkloop's whole server (one worker, no master, the demo app's
-``/``), under ``valgrind --tool=callgrind``. After a warm-up the counters are zeroed, a
-client sends ``--requests`` requests over 10 keep-alive connections (one
-request per connection in flight), and the counters are dumped. Every
+``/``), under ``valgrind --tool=callgrind``. After a warm-up the counters are
+zeroed, a client sends ``--requests`` requests over ``--connections`` (10)
+keep-alive connections (one request per connection in flight; with one, one
+request per loop iteration), and the counters are dumped. Every
 instruction the server executed in user space is counted, in C and in the
 interpreter alike; the kernel's side of each system call is not. The counts
 do not depend on the machine's load, so unlike CPU seconds they compare well
@@ -103,11 +105,11 @@ def grouped(costs: collections.Counter[str]) -> dict[str, int]:
     return totals
 
 
-def drive(port: int, requests: int) -> None:
-    """``requests`` requests over CONNECTIONS keep-alive connections, in lock-step."""
-    connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(CONNECTIONS)]
+def drive(port: int, requests: int, count: int = CONNECTIONS) -> None:
+    """``requests`` requests over ``count`` keep-alive connections, in lock-step."""
+    connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
     try:
-        for _ in range(requests // CONNECTIONS):
+        for _ in range(requests // count):
             for connection in connections:
                 connection.sendall(REQUEST)
             for connection in connections:
@@ -149,6 +151,7 @@ def count(
     full: bool = False,
     app: str | None = None,
     peer: bool = False,
+    connections: int = CONNECTIONS,
 ) -> collections.Counter[str]:
     """Instructions by function over ``requests`` requests to one server under callgrind:
     forkloop on ``loop`` (see `server_command`), or uvicorn serving ``app`` (``peer``)."""
@@ -167,9 +170,9 @@ def count(
     try:
         assert server.process is not None
         pid = server.process.pid
-        drive(port, WARM_UP_REQUESTS)
+        drive(port, WARM_UP_REQUESTS, connections)
         subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
-        drive(port, requests)
+        drive(port, requests, connections)
         subprocess.run(["callgrind_control", "--dump", str(pid)], check=True, capture_output=True)
         parts = sorted(workdir.glob(f"callgrind.{loop}.*"))
         deadline = time.monotonic() + 30
@@ -203,6 +206,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loops", default="asyncio,uvloop,reactor")
     parser.add_argument("--requests", type=int, default=6000)
     parser.add_argument(
+        "--connections",
+        type=int,
+        default=CONNECTIONS,
+        help="keep-alive connections in lock-step (1: one request per loop iteration)",
+    )
+    parser.add_argument(
         "--full", action="store_true", help="count forkloop's whole server, not the bare protocol"
     )
     parser.add_argument(
@@ -216,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.uvicorn and not args.app:
         parser.error("--uvicorn needs --app (the ASGI app it serves)")
+    if not 1 <= args.connections <= args.requests:
+        parser.error("--connections must be between 1 and --requests")
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install valgrind")
@@ -225,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.uvicorn:
             columns.append(("uvicorn", True))
         for name, peer in columns:
-            costs = count(name, args.requests, Path(workdir), args.full, args.app, peer)
+            costs = count(
+                name, args.requests, Path(workdir), args.full, args.app, peer, args.connections
+            )
             per_request[name] = {g: c / args.requests for g, c in grouped(costs).items()}
             total = sum(per_request[name].values())
             print(f"{name}: {total:,.0f} instructions per request", flush=True)
