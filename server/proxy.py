@@ -89,7 +89,8 @@ class ProxyFrontDoor:
         self.pool.close()
 
     async def _serve(self, request: Request, connection: Responder) -> None:
-        head_lines, body, chunked = upstream_head(request, connection.endpoint[0], connection)
+        scheme = connection.endpoint[0]
+        head_lines, body, chunked = upstream_head(request, scheme, self.pool.host, connection)
         try:
             answer = await self.pool.request(
                 request.method, request.target, head_lines, body, chunked
@@ -112,12 +113,14 @@ class ProxyFrontDoor:
 
 
 def upstream_head(
-    request: Request, scheme: str, connection: Responder | None = None
+    request: Request, scheme: str, default_host: str, connection: Responder | None = None
 ) -> tuple[bytes, AsyncIterator[bytes] | None, bool]:
     """The header lines to send upstream for ``request``, the body to stream, and
-    whether it is chunked. Without a ``connection`` (a cache fill, which belongs to
-    no client) the request goes without its body, its conditions or its range:
-    the fill fetches the whole resource for everyone."""
+    whether it is chunked. The client's Host is kept; a client that sent none
+    (HTTP/1.0) has ``default_host`` sent for it, as nginx sends ``$proxy_host``.
+    Without a ``connection`` (a cache fill, which belongs to no client) the
+    request goes without its body, its conditions or its range: the fill fetches
+    the whole resource for everyone."""
     named = _named_by_connection(request.raw_headers)
     dropped = HOP_BY_HOP if connection is not None else HOP_BY_HOP | _CLIENT_CONDITIONS
     lines = []
@@ -148,6 +151,8 @@ def upstream_head(
     )
     if host:
         lines.append(b"X-Forwarded-Host: %s\r\n" % host)
+    else:  # HTTP/1.1 upstream requests need a Host
+        lines.append(b"Host: %s\r\n" % default_host.encode())
     lines.append(b"Via: 1.1 forkloop\r\n")
     body: AsyncIterator[bytes] | None = None
     if connection is None:

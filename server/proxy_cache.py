@@ -195,7 +195,7 @@ class CachingProxy:
 
     async def _fill(self, request: Request) -> Response:
         """One request upstream for ``request``'s key; see the module's docstring."""
-        head_lines, _, _ = upstream_head(request, self.settings.scheme)
+        head_lines, _, _ = upstream_head(request, self.settings.scheme, self.proxy.pool.host)
         stored = self.cache.stored(request)
         if stored is not None:
             head_lines += _conditions(stored.headers)

@@ -103,6 +103,7 @@ class UpstreamPool:
         if not urls:
             raise ValueError("a proxy needs at least one upstream")
         self.addresses = [UpstreamAddress(*parse_upstream(url)) for url in urls]
+        self.host = str(self.addresses[0])  # the Host sent for a client that sent none
         self.settings = settings or UpstreamSettings()
         self._next = 0
         self.connections_opened = 0  # counters, for /stats

@@ -33,7 +33,11 @@ import pytest
 
 from forkloop.server.app import App
 from forkloop.server.asgi import AsgiApp
+from forkloop.server.cache import ResponseCache
 from forkloop.server.http import Request, Response, error_response, safe_join
+from forkloop.server.proxy import ProxyFrontDoor
+from forkloop.server.proxy_cache import CachingProxy
+from forkloop.server.upstream import UpstreamPool
 from tests.server.support import HttpReply, RawClient, running_server
 
 LIMITS = dict(
@@ -364,14 +368,24 @@ def server_for(tmp_path_factory) -> Iterator[Callable]:
 
         def serve(backend, kind):
             if (backend.id, kind) not in servers:
-                server = running_server(backend, apps[kind], **LIMITS)
+                if kind == "proxy":  # the caching proxy in front of the native app
+                    origin = serve(backend, "native")
+                    front = caching_proxy_to(origin.port)
+                    server = running_server(backend, front, **LIMITS)
+                else:
+                    server = running_server(backend, apps[kind], **LIMITS)
                 servers[backend.id, kind] = stack.enter_context(server)
             return servers[backend.id, kind]
 
         yield serve
 
 
-@pytest.mark.parametrize("kind", ["native", "asgi"])
+def caching_proxy_to(port: int) -> CachingProxy:
+    pool = UpstreamPool([f"http://127.0.0.1:{port}"])
+    return CachingProxy(ProxyFrontDoor(pool), ResponseCache())
+
+
+@pytest.mark.parametrize("kind", ["native", "asgi", "proxy"])
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_hostile_request_gets_its_answer_and_the_server_goes_on(backend, server_for, case, kind):
     server = server_for(backend, kind)

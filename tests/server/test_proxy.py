@@ -70,6 +70,15 @@ def test_the_answer_to_head_says_the_upstreams_length_and_sends_no_body(backend)
     assert after == b"" and upstream.seen.heads[0].startswith(b"HEAD /hello ")
 
 
+def test_a_client_without_host_gets_the_upstreams_name_sent_for_it(backend):
+    with Upstream() as upstream, proxy_to(backend, upstream.port) as proxy:
+        answer = send_raw(proxy.port, b"GET /hello HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"hello from upstream")
+    head = upstream.seen.heads[0].lower()
+    assert b"host: 127.0.0.1:%d\r\n" % upstream.port in head
+    assert b"x-forwarded-host" not in head
+
+
 def test_keep_alive_connections_to_the_upstream_are_reused(backend):
     with Upstream() as upstream, proxy_to(backend, upstream.port) as proxy:
         with RawClient(proxy.port) as client:
