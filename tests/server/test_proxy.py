@@ -163,7 +163,7 @@ def test_a_slow_client_holds_the_upstream_back(backend):
 
         held = proxy.call(held_by_the_proxy)
         # kernel socket buffers hold some megabytes; the proxy itself two high-water
-        # marks and a read or two on each side, of the 64 MiB answer
+        # marks and a read or two on each side, of the 100 MiB answer
         assert held <= 2 << 20, f"the proxy holds {held} bytes"
         assert upstream.seen.huge_written < 32 << 20, upstream.seen.huge_written
         sock.close()

@@ -120,8 +120,8 @@ class Upstream:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nclosed")
             return False
         if path == b"/huge":
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (64 << 20))
-            for _ in range(1024):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (100 << 20))
+            for _ in range(1600):  # 100 MiB
                 writer.write(b"x" * 65536)
                 self.seen.huge_written += 65536
                 await writer.drain()
