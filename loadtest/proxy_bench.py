@@ -241,17 +241,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="forkloop proxy --cache vs nginx proxy_cache: a cache hit, a pass-through, "
         "a stampede on a cold key",
     )
-    parser.add_argument(
-        "--stampede", type=int, default=300, help="with --proxy: clients of a stampede"
+    group = parser.add_argument_group("--proxy", "the proxy benchmark (forkloop bench --proxy)")
+    group.add_argument(
+        "--stampede", type=int, default=300, help="clients of a stampede (default 300)"
     )
-    parser.add_argument(
-        "--origin-ms", type=int, default=200, help="with --proxy: the origin's answer time"
+    group.add_argument(
+        "--origin-ms",
+        type=int,
+        default=200,
+        help="milliseconds the origin takes to answer a cold key (default 200)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--page-size",
         type=int,
         default=1024,
-        help="with --proxy: bytes of the page hit and passed through (default 1024)",
+        help="bytes of the page hit and passed through (default 1024)",
     )
 
 
