@@ -142,3 +142,33 @@ def test_an_unconfirmed_send_queued_when_the_engine_closes_still_goes_out(
     engine.prepare_send_unconfirmed(1, server.fileno(), b"last words")
     engine.close()
     assert read_exactly(client, 10) == b"last words"
+
+
+def test_a_transports_sender_sends_what_fits_silently_and_reports_what_did_not(
+    engine: Ring | EmulatedRing, connection: tuple[socket.socket, socket.socket]
+) -> None:
+    """`unconfirmed_sender`: the same operation with its user_data and fd fixed, as a
+    transport makes one per response."""
+    client, server = connection
+    send = engine.unconfirmed_sender(5, server.fileno())
+    for word in (b"first ", b"second"):  # one per enter, as a transport makes them
+        send(word)
+        engine.submit()
+        assert engine.completions() == []
+    assert read_exactly(client, 12) == b"first second"
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+    fill(server)
+    send(b"no room")
+    engine.submit()
+    assert engine.completions() == [(5, -errno.EAGAIN, 0)]
+
+
+def test_the_rings_sender_refuses_anything_but_bytes(
+    ring: Ring, connection: tuple[socket.socket, socket.socket]
+) -> None:
+    """The SQE carries the address of a bytes object's data: another object's would be wrong."""
+    _, server = connection
+    send = ring.unconfirmed_sender(5, server.fileno())
+    with pytest.raises(TypeError, match="takes bytes"):
+        send(bytearray(b"mutable"))  # type: ignore[arg-type]
+    assert ring.submit() == 0, "nothing was queued"
