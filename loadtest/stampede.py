@@ -73,13 +73,14 @@ class WakeRecorder:
         self.path = os.path.join(folder, f"{os.getpid()}.wake")
         self.lines: list[str] = []
 
-    def record(self, arrived: float, response: Response) -> None:
+    def record(self, arrived: float, request: Request, response: Response) -> None:
         ready = time.monotonic()
         words = response.body.split()  # b"value of KEY filled T by PID"
-        filled, filler = float(words[4]), words[6].decode()
+        filled, filler = words[4].decode(), words[6].decode()
+        number = request.headers.get("x-request-number", "-")
         if not self.lines:
             asyncio.get_running_loop().call_later(0.5, self.flush)
-        self.lines.append(f"{os.getpid()} {filler} {arrived - filled:.6f} {ready - filled:.6f}\n")
+        self.lines.append(f"{os.getpid()} {filler} {number} {filled} {arrived:.6f} {ready:.6f}\n")
 
     def flush(self) -> None:
         with open(self.path, "a") as timings:
@@ -99,7 +100,7 @@ def _route(path: str, policy: CachePolicy) -> None:
         arrived = time.monotonic()
         answer = cached(request)
         response: Response = await answer if inspect.isawaitable(answer) else answer
-        recorder.record(arrived, response)
+        recorder.record(arrived, request, response)
         return response
 
     app.get(path)(measured)
@@ -119,25 +120,43 @@ def stats(request: Request) -> Response:
     return Response.json(request.server_stats())
 
 
+Sent = dict[int, tuple[float, float]]  # request number -> (sent, received), CLOCK_MONOTONIC
+
+
 async def _one_request(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    path: str,
+    number: int = 0,
+    sent: Sent | None = None,
 ) -> float:
-    started = time.perf_counter()
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+    started = time.monotonic()
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: bench\r\nX-Request-Number: {number}\r\n\r\n".encode()
+    )
     head = await reader.readuntil(b"\r\n\r\n")
     length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
     body = await reader.readexactly(length)
+    received = time.monotonic()
     if not head.startswith(b"HTTP/1.1 200") or not body.startswith(b"value of"):
         raise RuntimeError(f"bad answer: {head[:40]!r} {body[:40]!r}")
-    return time.perf_counter() - started
+    if sent is not None:
+        sent[number] = (started, received)
+    return received - started
 
 
-async def stampede(port: int, path: str, count: int) -> list[float]:
+async def stampede(port: int, path: str, count: int, sent: Sent | None = None) -> list[float]:
+    """Open ``count`` connections, then send one request for ``path`` on each at once:
+    the latencies (and, into ``sent``, when each request went and its answer came)."""
     connections = await asyncio.gather(
         *(asyncio.open_connection("127.0.0.1", port) for _ in range(count))
     )
     try:
-        return list(await asyncio.gather(*(_one_request(r, w, path) for r, w in connections)))
+        return list(
+            await asyncio.gather(
+                *(_one_request(r, w, path, n, sent) for n, (r, w) in enumerate(connections))
+            )
+        )
     finally:
         for _, writer in connections:
             writer.close()
@@ -207,34 +226,47 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[max(0, int(len(ordered) * fraction) - 1)] if ordered else float("nan")
 
 
-def wake_split(folder: str, workers: int, shared: str, client_p99: float) -> tuple[Any, ...]:
-    """Where the waiters' time went, from the workers' timings (ms after the fill's end)."""
-    waiters: list[float] = []
-    elsewhere: list[float] = []
-    late: list[float] = []
+def wake_split(folder: str, sent: Sent, workers: int, shared: str, fill_ms: int) -> tuple[Any, ...]:
+    """Where each single-flight request's time went, in ms, from the workers' timings and
+    the client's (one clock): sent -> reached the handler (accepting and reading, on
+    busy cores), the fill's end -> its answer ready (the wake-up: for a waiter in another
+    worker, the notification first), answer ready -> received (writing it, and the
+    client's own loop)."""
+    to_handler: list[float] = []
+    wake: list[float] = []
+    wake_elsewhere: list[float] = []
+    to_client: list[float] = []
+    late = 0
     for name in os.listdir(folder):
         with open(os.path.join(folder, name)) as timings:
             for line in timings:
-                worker, filler, arrived, ready = line.split()
-                if float(arrived) >= 0:
-                    late.append(float(ready) * 1000)
+                worker, filler, number, filled, arrived, ready = line.split()
+                times = sent.get(int(number)) if number.isdigit() else None
+                if times is None:
                     continue
-                waiters.append(float(ready) * 1000)
-                if worker != filler:
-                    elsewhere.append(float(ready) * 1000)
+                if float(arrived) >= float(filled):
+                    late += 1  # reached the handler after the fill had ended: a plain hit
+                to_handler.append((float(arrived) - times[0]) * 1000)
+                to_client.append((times[1] - float(ready)) * 1000)
+                if float(arrived) < float(filled):
+                    wake.append((float(ready) - float(filled)) * 1000)
+                    if worker != filler:
+                        wake_elsewhere.append(wake[-1])
+    latencies = [(received - started) * 1000 for started, received in sent.values()]
     return (
         workers,
         shared,
-        len(waiters),
-        len(elsewhere),
-        min(elsewhere, default=float("nan")),  # the notification's own delay
-        percentile(waiters, 0.5),
-        percentile(waiters, 0.99),
-        percentile(elsewhere, 0.99),
-        max(waiters, default=float("nan")),
-        len(late),
-        percentile(late, 0.99),
-        client_p99,
+        len(wake),
+        len(wake_elsewhere),
+        late,
+        percentile(to_handler, 0.5),
+        percentile(to_handler, 0.99),
+        min(wake_elsewhere, default=float("nan")),  # the notification's own delay
+        percentile(wake, 0.5),
+        percentile(wake, 0.99),
+        percentile(to_client, 0.5),
+        percentile(to_client, 0.99),
+        percentile(latencies, 0.99) - fill_ms,
     )
 
 
@@ -253,13 +285,14 @@ def run_stampedes(
             for mode, prefix in modes:
                 before = settled_totals(port, answered).get("cache_computations", 0)
                 path = f"{prefix}/cold-{mode}?ms={args.compute_ms}"
-                latencies = sorted(asyncio.run(stampede(port, path, args.requests)))
+                sent: Sent = {}
+                latencies = sorted(asyncio.run(stampede(port, path, args.requests, sent)))
                 answered += len(latencies)
                 computations = settled_totals(port, answered)["cache_computations"] - before
                 p99 = percentile(latencies, 0.99) * 1000
                 if mode == "on":
                     time.sleep(1.0)  # each worker writes its timings after the burst
-                    split = wake_split(folder, workers, shared, p99 - args.compute_ms)
+                    split = wake_split(folder, sent, workers, shared, args.compute_ms)
                 rows.append(
                     (
                         workers,
@@ -394,23 +427,21 @@ def main() -> int:
             f"| {p50:.0f} | {p99:.0f} | {worst:.0f} |"
         )
     print(
-        "\nWhere the single-flight waiters' time went, ms after the fill ended (see the "
-        "module's essay): wake = the waiters' answers ready; late = requests that reached "
-        "the handler after the fill had ended\n"
+        "\nWhere a single-flight request's time went, ms (see the module's essay): "
+        "sent → handler = accepting and reading it; wake = the fill's end → its answer "
+        "ready (waiters only; in another worker, after the notification); ready → client "
+        "= writing it and the client's loop reading it\n"
     )
     print(
-        "| workers | shared cache | waiters | in other workers | first answer in another worker "
-        "| wake p50 | wake p99 | wake p99, other workers | wake max | late arrivals | late p99 "
-        "| client p99 − fill |"
+        "| workers | shared cache | waiters | in other workers | late | sent → handler p50 "
+        "| p99 | first answer in another worker | wake p50 | wake p99 | ready → client p50 "
+        "| p99 | client p99 − fill |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for workers, shared, *figures in splits:
-        counts = " | ".join(str(n) for n in figures[:2])
-        times = " | ".join(f"{ms:.1f}" for ms in figures[2:7])
-        print(
-            f"| {workers} | {shared} | {counts} | {times} | {figures[7]} "
-            f"| {figures[8]:.1f} | {figures[9]:.0f} |"
-        )
+        counts = " | ".join(str(n) for n in figures[:3])
+        times = " | ".join(f"{ms:.1f}" for ms in figures[3:])
+        print(f"| {workers} | {shared} | {counts} | {times} |")
     print(hit_note)
     return 0
 
