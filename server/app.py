@@ -32,6 +32,7 @@ from .http import Request, Response, error_response
 
 if TYPE_CHECKING:
     from .frontdoor import DirectRoute
+    from .instant import InstantAnswers
     from .proxy_cache import ProxyCacheSettings
     from .proxy_routes import ProxyPrefixes
     from .upstream import UpstreamSettings
@@ -138,6 +139,11 @@ class App:
         if self._cache is None:
             self._cache = ResponseCache()
         return self._cache
+
+    @property
+    def instant_answers(self) -> InstantAnswers | None:
+        """The cached routes' fresh hits, ready for the parser to answer (`server.instant`)."""
+        return self._cache.instant if self._cache is not None else None
 
     @property
     def cache_stats(self) -> dict[str, int] | None:

@@ -38,6 +38,7 @@ from .asgi import AsgiApp, HttpCycle
 from .cache import CachePolicy, ResponseCache, inspect_awaitable
 from .frontdoor import AnswerStream, DirectRoute, Responder
 from .http import Request, Response, error_response
+from .instant import InstantAnswers
 
 log = logging.getLogger("forkloop.cache")
 
@@ -67,6 +68,11 @@ class CachedAsgiApp:
     @property
     def cache_stats(self) -> dict[str, int]:
         return self.cache.stats.as_dict()
+
+    @property
+    def instant_answers(self) -> InstantAnswers:
+        """Fresh hits, ready for the parser to answer (`server.instant`)."""
+        return self.cache.instant
 
     async def startup(self) -> None:
         await self.inner.startup()

@@ -95,6 +95,7 @@ from .freshness import (
     xfetch_says_refresh,
 )
 from .http import Request, Response, as_response, error_response
+from .instant import InstantAnswers
 from .singleflight import SingleFlight
 
 __all__ = [  # the rules live in server.freshness; importers of this module find them here
@@ -198,6 +199,8 @@ class ResponseCache:
         self._background: set[asyncio.Task[Any]] = set()
         self._normalized: dict[bytes, str] = {}  # raw request target -> normalized URL
         self._refreshing: set[tuple[str, tuple[str | None, ...]]] = set()
+        # fresh hits kept ready to write, for the parser to answer (server.instant)
+        self.instant = InstantAnswers(self._holds, self.stats, clock)
 
     # ------------------------------------------------------------------ the route wrapper
 
@@ -236,8 +239,11 @@ class ResponseCache:
                 entry = None
             if entry is not None:
                 if now < entry.fresh_until:
-                    if policy.xfetch_beta and xfetch_says_refresh(entry, now, policy.xfetch_beta):
-                        self._refresh_in_background(url, request, handler, policy)
+                    if policy.xfetch_beta:
+                        if xfetch_says_refresh(entry, now, policy.xfetch_beta):
+                            self._refresh_in_background(url, request, handler, policy)
+                    elif not variants.vary and self.instant.enabled:
+                        self.instant.offer(request.target, request.method, url, entry)
                     self.stats.hits += 1
                     return entry.response("HIT", now)
                 if now < entry.stale_while_revalidate_until:
@@ -335,6 +341,7 @@ class ResponseCache:
             if isinstance(got, shared_cache.Uncacheable):  # hit-for-miss, server-wide
                 variants = self._urls.setdefault(url, _Variants())
                 variants.uncacheable_until = max(variants.uncacheable_until, got.until)
+                self.instant.changes += 1
                 got = shared_cache.ALONE
             if isinstance(got, shared_cache.Hit):
                 if got.waited:
@@ -399,6 +406,7 @@ class ResponseCache:
         if entry is None:
             variants = self._urls.setdefault(url, _Variants())
             variants.uncacheable_until = now + policy.hit_for_miss
+            self.instant.changes += 1
             return _Uncacheable(response)
         if response.status < 500:
             self._store(url, request, response, entry)
@@ -449,6 +457,7 @@ class ResponseCache:
             if variants is not None:
                 self._forget_url(url)
             variants = self._urls[url] = _Variants(vary)
+        self.instant.changes += 1  # ready answers check their entry again
         variants.uncacheable_until = 0.0
         old = variants.entries.get(key)
         if old is not None:
@@ -465,6 +474,7 @@ class ResponseCache:
             self.stats.evictions += 1
 
     def _forget_url(self, url: str) -> None:
+        self.instant.changes += 1
         variants = self._urls.pop(url)
         self.size -= sum(entry.size for entry in variants.entries.values())
 
@@ -507,6 +517,19 @@ class ResponseCache:
             return None
         self.stats.stale += 1
         return entry.response("STALE", now)
+
+    # ------------------------------------------------------------------ instant answers
+
+    def _holds(self, url: str, entry: Entry) -> bool:
+        """Whether ``entry`` is still what is stored for ``url`` (a hit on it counts
+        as use, for the LRU)."""
+        variants = self._urls.get(url)
+        if variants is None or variants.vary or variants.entries.get(()) is not entry:
+            return False
+        if variants.uncacheable_until and variants.uncacheable_until > self.clock():
+            return False  # hit-for-miss now: the usual way bypasses the entry
+        self._urls.move_to_end(url)
+        return True
 
     # ------------------------------------------------------------------ for fillers
 

@@ -36,6 +36,7 @@ from .logs import AccessLog
 if TYPE_CHECKING:
     from .app import Route
     from .frontdoor import DirectRoute
+    from .instant import InstantAnswers
 
 TOO_MANY_CONNECTIONS = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -126,6 +127,7 @@ class ConnectionContext:
         snapshot: Callable[[], dict[str, Any]] | None = None,
         stream_bodies: bool = False,
         websockets: bool = False,
+        instant: InstantAnswers | None = None,
     ) -> None:
         self.loop = loop
         # the front door reads request bodies as they arrive (server.request_body)
@@ -136,6 +138,12 @@ class ConnectionContext:
         self.resolve = resolve
         self.starter = EagerStarter(loop)  # runs async handlers' first steps inline
         self.access_log = access_log
+        # the front door's ready cache hits (server.instant), when no access log line
+        # needs the request: the reader answers them itself
+        self.instant = instant if access_log is None or not access_log.lines else None
+        self.instant_metrics = access_log.metrics if access_log is not None else None
+        if self.instant is not None:
+            self.instant.enabled = True
         self.stats = Stats()
         self.connections: set[Connection] = set()
         self.draining = False

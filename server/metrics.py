@@ -84,7 +84,11 @@ class RequestMetrics:
     def observe(self, request: Request | None, status: int, seconds: float | None) -> None:
         """Count one response; ``seconds`` since its dispatch (None: never dispatched)."""
         # None: refused before it was a request (400, 413 on the head, 503)
-        row = _OTHER_METHOD if request is None else _METHOD_ROWS.get(request.method, _OTHER_METHOD)
+        self.observe_method("" if request is None else request.method, status, seconds)
+
+    def observe_method(self, method: str, status: int, seconds: float | None) -> None:
+        """Count one response to ``method`` (an instant answer has no `Request`)."""
+        row = _METHOD_ROWS.get(method, _OTHER_METHOD)
         column = _STATUS_COLUMNS[status] if 100 <= status < 600 else len(STATUSES) - 1
         values = self.values
         values[row * len(STATUSES) + column] += 1

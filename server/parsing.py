@@ -118,6 +118,9 @@ class RequestReader:
         # the handler read what waited, parsing may go on
         self.on_body_drained = on_body_drained
         self.streamed: StreamedBody | None = None  # the body being streamed, if any
+        # set by the connection when its front door keeps cache hits ready
+        # (server.instant): answer(target, method) -> True when it answered
+        self.answer_instantly: Callable[[bytes, bytes], bool] | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.max_header_bytes = self.limits.max_header_bytes
         self.max_header_count = self.limits.max_header_count
@@ -399,6 +402,18 @@ class RequestReader:
             self._finish_streamed_body()
             return
         parser = self.parser
+        answer_instantly = self.answer_instantly
+        if (
+            answer_instantly is not None
+            and not self.framing  # no body, no framing header, no Expect
+            and not self.pending
+            and self.version == "1.1"
+            and parser.should_keep_alive()
+            and not parser.should_upgrade()
+            and answer_instantly(self.url, parser.get_method())
+        ):
+            self._next_request()
+            return
         method = _METHODS.get(parser.get_method()) or _method_name(parser.get_method())
         self.pending.append(
             Request(
@@ -412,6 +427,12 @@ class RequestReader:
                 self.context,
             )
         )
+        self._next_request()
+        if len(self.pending) >= self.max_pipelined:
+            self.flow.read_paused = True
+
+    def _next_request(self) -> None:
+        """The request just parsed is queued (or answered): ready for the next head."""
         self.url = b""
         self.headers = []
         self.head_size = 0
@@ -419,8 +440,6 @@ class RequestReader:
         self.head_done = False
         self.phase = IDLE  # enter(IDLE), written out: once per request
         self.deadline = 0.0
-        if len(self.pending) >= self.max_pipelined:
-            self.flow.read_paused = True
 
     def _finish_streamed_body(self) -> None:
         streamed = self.streamed

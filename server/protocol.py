@@ -95,12 +95,14 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 from typing import Any, Final, cast
 
 from .context import DEADLINE, DISCONNECT, SHUTDOWN, ConnectionContext
 from .flow import FlowControl
 from .frontdoor import AnswerStream, DirectHandler, DirectRoute, UpgradedSession
 from .http import Request, Response, as_response, error_response
+from .instant import InstantAnswers
 from .parsing import BODY, HEAD, IDLE, LINGER, RequestReader
 from .responses import CONTINUE, BodyStream, ResponseWriter, peer_name
 
@@ -181,6 +183,9 @@ class HttpConnection(asyncio.Protocol):
         self.writer = ResponseWriter(transport, self.context, flow, self.client)
         drained = self._body_drained if self.context.stream_bodies else None
         self.reader = RequestReader(self.context, flow, self.client, self._expect_continue, drained)
+        instant = self.context.instant
+        if instant is not None:  # fresh cache hits answered from the parser
+            self.reader.answer_instantly = partial(self._answer_instantly, instant)
         self.context.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -321,6 +326,31 @@ class HttpConnection(asyncio.Protocol):
         data = self.flow.resume_reading()
         if data:
             self.reader.feed(data)
+
+    def _answer_instantly(self, instant: InstantAnswers, target: bytes, method: bytes) -> bool:
+        """Answer a request the reader has just parsed with a ready cache hit
+        (`server.instant`); False when it must take the usual way: something runs
+        ahead of it, the client is not reading, or the connection closes after it."""
+        if self.phase is not OPEN or self.flow.write_paused:
+            return False
+        writer, context = self.writer, self.context
+        if writer.requests_left <= 1 or context.draining:
+            return False
+        ready = instant.answer(target, method, context.date_and_server)
+        if ready is None:
+            return False
+        writer.requests_left -= 1
+        output = writer.output
+        output.append(ready.head if method == b"HEAD" else ready.get)
+        if ready.large or len(output) >= 32:
+            # written now, as respond() does for a large body: once the client stops
+            # reading, write_paused sends what follows the usual way, into the queue
+            writer.flush()
+        self.stats.requests += 1
+        context.stats.responses[ready.status] += 1
+        if context.instant_metrics is not None:
+            context.instant_metrics.observe_method(method.decode(), ready.status, 0.0)
+        return True
 
     def _dispatch(self, request: Request) -> None:
         self.stats.requests += 1

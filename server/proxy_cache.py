@@ -70,6 +70,7 @@ from .cache import (
 )
 from .frontdoor import DirectRoute, Responder
 from .http import Request, Response, error_response
+from .instant import InstantAnswers
 from .proxy import ProxyFrontDoor, answer_head, upstream_head
 from .upstream import UpstreamError, UpstreamResponse
 
@@ -170,6 +171,11 @@ class CachingProxy:
     @property
     def cache_stats(self) -> dict[str, int]:
         return {**self.cache.stats.as_dict(), **vars(self.stats)}
+
+    @property
+    def instant_answers(self) -> InstantAnswers:
+        """Fresh hits, ready for the parser to answer (`server.instant`)."""
+        return self.cache.instant
 
     async def shutdown(self) -> None:
         await self.proxy.shutdown()

@@ -98,6 +98,7 @@ class HttpService:
             self.snapshot,
             stream_bodies=getattr(self.app, "streams_bodies", False),
             websockets=getattr(self.app, "serves_websockets", False),
+            instant=getattr(self.app, "instant_answers", None),
         )
         await start_front_door(self.app)  # an ASGI lifespan: before the first connection
         self._tick_handle = loop.call_later(self.tick_interval, self._tick)
