@@ -320,7 +320,11 @@ class HttpCycle:
     def scope(self) -> Scope:
         request, front, connection = self.request, self.front, self.connection
         root = front.root_path
-        path, raw_path, query = request.split_target()
+        target = request.target
+        if target[:1] == b"/" and b"?" not in target and b"%" not in target:  # the common case
+            path, raw_path, query = target.decode("utf-8", "replace"), target, b""
+        else:
+            path, raw_path, query = request.split_target()
         scheme, server = connection.endpoint
         client = request.client
         if front.trusted_proxies is not _NOBODY:
@@ -548,8 +552,22 @@ def encode_header_block(headers: Iterable[tuple[bytes, bytes]]) -> tuple[bytes, 
     it asked for ``Connection: close``. `HeaderError` names the first bad one.
 
     Applications send the same few pairs again and again (a content type, a
-    length), so each checked pair's line is remembered (up to ``_LINE_CACHE_SIZE``
-    pairs): a pair seen before costs one dictionary lookup."""
+    length), often the same whole list, so each checked list and each checked
+    pair is remembered (up to ``_LINE_CACHE_SIZE`` of each): a list seen before
+    costs one dictionary lookup, a pair seen before one more."""
+    key = tuple(headers)
+    try:
+        known = _BLOCK_CACHE.get(key)
+    except TypeError:  # list pairs, as ASGI allows: not hashable
+        return _encode_pairs(key)
+    if known is None:
+        known = _encode_pairs(key)
+        if len(_BLOCK_CACHE) < _LINE_CACHE_SIZE:
+            _BLOCK_CACHE[key] = known
+    return known
+
+
+def _encode_pairs(headers: Iterable[tuple[bytes, bytes]]) -> tuple[bytes, int | None, bool]:
     lines = []
     declared: int | None = None
     close = False
@@ -594,6 +612,7 @@ def _checked_line(name: bytes, value: bytes) -> bytes | int | object:
 
 _CLOSE, _DROPPED = object(), object()
 _LINE_CACHE: dict[tuple[bytes, bytes], bytes | int | object] = {}
+_BLOCK_CACHE: dict[tuple[tuple[bytes, bytes], ...], tuple[bytes, int | None, bool]] = {}
 _LINE_CACHE_SIZE = 4096
 
 
