@@ -446,10 +446,13 @@ class HttpConnection(asyncio.Protocol):
     # answer: a whole response, or a stream begun and then finished or cut.
 
     def send_response(self, request: Request, response: Response) -> None:
-        """Answer with a complete response, written at once."""
+        """Answer with a complete response: written at once by a handler that has
+        suspended; in a handler's first step (no task yet), it joins the output
+        that `_run_pending` writes when it is done (one write for a pipelined burst)."""
         if not self.writer.respond(request, response):
             self._enter(CLOSING)
-        self._flush()
+        if self.task is not None:
+            self._flush()
 
     def begin_stream(self, request: Request, response: Response) -> BodyStream | None:
         """Write the head of a streamed answer; None if a 500 went out instead."""
