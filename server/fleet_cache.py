@@ -63,7 +63,10 @@ connection or a deadline missed opens the *breaker*: one logged error, every
 waiter in this worker woken with ``FALLBACK`` at once, and every ``acquire``
 answers ``FALLBACK`` without touching the network until a background probe
 (a ``PING`` every `PROBE_INTERVAL`, backing off to `PROBE_INTERVAL_MAX`)
-succeeds; then the breaker closes by itself and one line says so. Under
+succeeds; then the breaker closes by itself, and the first call that works
+says so in one line. A breaker that opens again before any call worked (a
+cluster whose failed master is not yet replaced: the probe's node answers,
+the key's does not) logs nothing more and probes less often. Under
 ``FALLBACK`` the levels in front (the server-wide lease, the worker's own
 single-flight) still coalesce: the fleet is lost, not the machine's
 guarantees. A waiter on a store that froze mid-wait notices at its next wake,
@@ -404,6 +407,8 @@ class FleetTier:
         self._scripts: dict[str, Any] = {}
         self._waiters: set[asyncio.Future[None]] = set()  # woken when the breaker opens
         self._prober: asyncio.Task[None] | None = None
+        self._outage = False  # an error was logged, and no call has worked since
+        self._probe_interval = PROBE_INTERVAL
 
     # ------------------------------------------------------------------ the client
 
@@ -413,39 +418,52 @@ class FleetTier:
         return self._client
 
     async def connect(self) -> bool:
-        """Reach the store once (and learn whether it is a cluster); False opens the breaker."""
+        """Reach the store (and learn whether it is a cluster) with a client of its own,
+        which then serves every call; False: the breaker is open."""
+        client = _new_client(self.url, self.call_timeout, cluster=False)
         try:
-            info = await self.call(self.client().info("cluster"))
+            info = await self.call(client.info("cluster"), checking=True)
+            if info.get("cluster_enabled"):
+                await _close_quietly(client)
+                client = _new_client(self.url, self.call_timeout, cluster=True)
+                await self.call(client.initialize(), checking=True)
         except StoreUnavailable:
+            self.in_background(_close_quietly(client))
             return False
-        if info.get("cluster_enabled"):
-            plain, self._client = self._client, _new_client(self.url, self.call_timeout, True)
-            self._scripts.clear()
-            await _close_quietly(plain)
-            try:
-                await self.call(self._client.initialize())
-            except StoreUnavailable:
-                return False
-        log.info("worker %d uses the fleet cache at %s", os.getpid(), _without_password(self.url))
+        replaced, self._client = self._client, client
+        self._scripts.clear()
+        if replaced is not None:
+            self.in_background(_close_quietly(replaced))
+        if not self._outage:
+            log.info(
+                "worker %d uses the fleet cache at %s", os.getpid(), _without_password(self.url)
+            )
         return True
 
     @property
     def breaker_open(self) -> bool:
         return self.stats.fleet_breaker_open == 1
 
-    async def call(self, awaitable: Any) -> Any:
-        """One call to the store, within the call timeout; any failure opens the breaker."""
-        if self.breaker_open:
+    async def call(self, awaitable: Any, checking: bool = False) -> Any:
+        """One call to the store, within the call timeout; any failure opens the breaker.
+        A ``checking`` call (connecting) does not count as the store being back."""
+        if self.breaker_open and not checking:
             if asyncio.iscoroutine(awaitable):
                 awaitable.close()
             raise StoreUnavailable
         try:
             async with asyncio.timeout(self.call_timeout):
-                return await awaitable
+                answer = await awaitable
         except TimeoutError:
             self.open_breaker(f"a call took longer than {self.call_timeout}s")
         except (redis.RedisError, OSError) as exc:
             self.open_breaker(str(exc) or type(exc).__name__)
+        else:
+            if self._outage and not checking:  # the first call that worked since the error
+                self._outage = False
+                self._probe_interval = PROBE_INTERVAL
+                log.info("fleet cache at %s is back", _without_password(self.url))
+            return answer
         raise StoreUnavailable
 
     async def script(self, source: str, keys: list[str], arguments: list[Any]) -> Any:
@@ -459,11 +477,15 @@ class FleetTier:
         if self.breaker_open:
             return
         self.stats.fleet_breaker_open = 1
-        log.error(
-            "fleet cache at %s unavailable: %s; each server fills for itself until it is back",
-            _without_password(self.url),
-            why,
-        )
+        if self._outage:  # it opened again before any call worked: probe less often
+            self._probe_interval = min(self._probe_interval * 2, PROBE_INTERVAL_MAX)
+        else:  # one logged error per outage
+            self._outage = True
+            log.error(
+                "fleet cache at %s unavailable: %s; each server fills for itself until it is back",
+                _without_password(self.url),
+                why,
+            )
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -476,22 +498,19 @@ class FleetTier:
             self._prober = asyncio.get_running_loop().create_task(self._probe())
 
     async def _probe(self) -> None:
-        interval = PROBE_INTERVAL
+        """While the breaker is open: connect anew now and then; once that works, close it
+        (nothing else uses the client meanwhile, so a cluster's map is learnt first)."""
         while True:
-            await asyncio.sleep(interval)
-            client = _new_client(self.url, self.call_timeout, cluster=False)
+            await asyncio.sleep(self._probe_interval)
             try:
-                async with asyncio.timeout(self.call_timeout):
-                    await client.ping()
-            except (TimeoutError, redis.RedisError, OSError):
-                interval = min(interval * 2, PROBE_INTERVAL_MAX)
-                continue
-            finally:
-                await _close_quietly(client)
-            self.stats.fleet_breaker_open = 0
-            if await self.connect():
-                log.info("fleet cache at %s is back", _without_password(self.url))
+                connected = await self.connect()
+            except Exception as exc:  # noqa: BLE001 - the probe must outlive any surprise
+                log.warning("fleet cache probe failed unexpectedly: %r", exc)
+                connected = False
+            if connected:
+                self.stats.fleet_breaker_open = 0  # calls go to the store again
                 return
+            self._probe_interval = min(self._probe_interval * 2, PROBE_INTERVAL_MAX)
 
     def in_background(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -9,6 +9,7 @@ and killing it (SIGKILL) are real signals to the real process.
 
 from __future__ import annotations
 
+import random
 import shutil
 import signal
 import socket
@@ -41,11 +42,29 @@ def _ping(port: int | None, unix: Path | None) -> bool:
         return False
 
 
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (10,000 higher) is free too, below the
+    kernel's ephemeral range (a cluster node's port must be 55535 or less)."""
+    while True:
+        port = random.randrange(20000, 30000)
+        if _free(port) and _free(port + 10000):
+            return port
+
+
 class StoreUnderTest:
     """One redis-server process on 127.0.0.1 (or a Unix socket when ``unix`` is set)."""
 
     def __init__(self, folder: Path, unix: bool = False, cluster: bool = False) -> None:
-        self.port = free_port()
+        self.port = cluster_port() if cluster else free_port()
         self.folder = folder / f"store-{self.port}"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.unix = self.folder / "redis.sock" if unix else None
@@ -78,8 +97,13 @@ class StoreUnderTest:
             command += ["--unixsocket", str(self.unix), "--unixsocketperm", "700"]
         if self.cluster:
             command += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            command += ["--cluster-node-timeout", "1000"]  # a dead master is failed over in ~2 s
+            # replicas copy their master at once, and may always take over from it
+            command += ["--repl-diskless-sync-delay", "0", "--cluster-replica-validity-factor", "0"]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-        assert wait_for(lambda: _ping(self.port, self.unix), 10), self.log()
+        if not wait_for(lambda: _ping(self.port, self.unix), 10):
+            self.kill()
+            raise AssertionError(f"redis-server did not answer:\n{self.log()}")
         return self
 
     def log(self) -> str:
@@ -114,35 +138,49 @@ class StoreUnderTest:
 
 
 class ClusterUnderTest:
-    """Three masters, no replicas: every slot assigned, ``cluster_state:ok`` on each node."""
+    """Three masters (and a replica each, with ``replicas=1``): every slot assigned,
+    ``cluster_state:ok`` on each node."""
 
-    def __init__(self, folder: Path) -> None:
-        self.nodes = [StoreUnderTest(folder, cluster=True) for _ in range(3)]
+    def __init__(self, folder: Path, replicas: int = 0) -> None:
+        self.replicas = replicas
+        self.nodes = [StoreUnderTest(folder, cluster=True) for _ in range(3 * (1 + replicas))]
 
     @property
     def url(self) -> str:
         return self.nodes[0].url
 
     def start(self) -> ClusterUnderTest:
-        for node in self.nodes:
-            node.start()
-        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        subprocess.run(
-            [store_binary("cli"), "--cluster", "create", *addresses]
-            + ["--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True,
-            timeout=30,
-            check=True,
-        )
-        for node in self.nodes:
-            assert wait_for(lambda n=node: "cluster_state:ok" in n.cli("cluster", "info"), 15)
+        """Start every node and make the cluster; on any failure, stop what started."""
+        try:
+            for node in self.nodes:
+                node.start()
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            subprocess.run(
+                [store_binary("cli"), "--cluster", "create", *addresses]
+                + ["--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                capture_output=True,
+                timeout=30,
+                check=True,
+            )
+            self.wait_until_ok()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
+    def wait_until_ok(self) -> None:
+        for node in self.nodes:
+            if node.process is not None:
+                assert wait_for(lambda n=node: "cluster_state:ok" in n.cli("cluster", "info"), 15)
+                assert wait_for(lambda n=node: _replica_ready(n.cli("info", "replication")), 15)
+
     def node_of(self, key: str) -> StoreUnderTest:
-        """The node that serves ``key``'s slot."""
+        """The master that serves ``key``'s slot."""
         slot = int(self.nodes[0].cli("cluster", "keyslot", key))
         for line in self.nodes[0].cli("cluster", "nodes").splitlines():
             fields = line.split()
+            if "master" not in fields[2] or "fail" in fields[2]:
+                continue
             for part in fields[8:]:
                 low, _, high = part.partition("-")
                 if low.isdigit() and int(low) <= slot <= int(high or low):
@@ -153,3 +191,8 @@ class ClusterUnderTest:
     def stop(self) -> None:
         for node in self.nodes:
             node.kill()
+
+
+def _replica_ready(info: str) -> bool:
+    """A master is ready; a replica once its link to its master is up."""
+    return "role:master" in info or "master_link_status:up" in info
