@@ -2,6 +2,11 @@
 
     python -m forkloop.loadtest.stampede [--requests 1000] [--compute-ms 200] [--loop uvloop]
                                          [--workers 1,4] [--shared-cache off,on]
+    python -m forkloop.loadtest.stampede --servers 2 [--cache-url redis://...] [...]
+
+With ``--servers`` or ``--cache-url`` it is the fleet's benchmark instead:
+several servers sharing one Redis store (`loadtest.fleet_stampede`, which
+takes the rest of the options).
 
 For each worker count and shared-cache setting, a server runs this module's
 app (with ``--shared-cache on`` a cache process makes one fill per key for
@@ -389,6 +394,10 @@ def lookup_costs(count: int) -> str:
 
 
 def main() -> int:
+    if any(arg.startswith(("--servers", "--cache-url")) for arg in sys.argv[1:]):
+        from .fleet_stampede import main as fleet_main
+
+        return fleet_main()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--compute-ms", type=int, default=200)
