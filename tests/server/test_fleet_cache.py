@@ -303,12 +303,12 @@ def test_a_cluster_failover_of_a_keys_master_is_survived(tmp_path, caplog):
 
 
 class FleetServer(MasterUnderTest):
-    def __init__(self, tmp_path: Path, name: str, fills: Path, store_url: str) -> None:
+    def __init__(self, tmp_path: Path, name: str, fills: Path, store_url: str, loop: str) -> None:
         folder = tmp_path / name
         folder.mkdir()
         self.metrics_port = free_port()
         super().__init__(
-            "asyncio",
+            loop,
             folder,
             "--workers",
             "2",
@@ -347,11 +347,11 @@ class FleetServer(MasterUnderTest):
 
 
 class Fleet:
-    def __init__(self, tmp_path: Path, store_url: str) -> None:
+    def __init__(self, tmp_path: Path, store_url: str, loop: str) -> None:
         self.fills_path = tmp_path / "fills"
         self.fills_path.touch()
         self.servers = [
-            FleetServer(tmp_path, name, self.fills_path, store_url) for name in ("one", "two")
+            FleetServer(tmp_path, name, self.fills_path, store_url, loop) for name in ("one", "two")
         ]
 
     def fills(self, key: str) -> list[int]:
@@ -360,14 +360,27 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tmp_path, store):
-    started = Fleet(tmp_path, store.url)
-    for server in started.servers:
-        server.start()
-        assert wait_for(lambda s=server: len(s.workers()) == 3, 10), server.tail()
-    yield started
-    for server in started.servers:
-        server.stop()
+def fleet_on(tmp_path, store):
+    """Two servers sharing ``store``, on the loop named: ``fleet_on("uvloop")``."""
+    started: list[Fleet] = []
+
+    def start(loop: str) -> Fleet:
+        fleet = Fleet(tmp_path, store.url, loop)
+        started.append(fleet)
+        for server in fleet.servers:
+            server.start()
+            assert wait_for(lambda s=server: len(s.workers()) == 3, 10), server.tail()
+        return fleet
+
+    yield start
+    for fleet in started:
+        for server in fleet.servers:
+            server.stop()
+
+
+@pytest.fixture
+def fleet(fleet_on):
+    return fleet_on("asyncio")
 
 
 async def _one(port: int, path: str) -> tuple[int, str]:
@@ -405,7 +418,8 @@ def in_background(work) -> tuple[threading.Thread, list]:
     return thread, results
 
 
-def test_two_servers_sharing_a_store_compute_a_cold_key_once(fleet):
+def test_two_servers_sharing_a_store_compute_a_cold_key_once(fleet_on, backend: LoopUnderTest):
+    fleet = fleet_on(backend.backend)
     ports = [server.port for server in fleet.servers]
     answers = stampede(ports, "/fill/cold?ms=300", 1000)
     assert [a for a in answers if a[0] != 200] == []
