@@ -4,7 +4,7 @@ Everything is real: a ``redis-server`` subprocess (`tests.server.redis_support`)
 on a free port or a Unix socket, and for the server cases two forkloop masters
 with two workers each and their cache processes (``--shared-cache on
 --cache-url ...``), sent concurrent cold requests split between them. Fills are
-counted by the test app (`tests.server.apps.fills`), which appends "pid key" to
+counted by the test app (`tests.server.apps.fleet_fills`), which appends "pid key" to
 a file per computation. Failures are real signals: ``kill -9`` of a whole
 server, SIGKILL and SIGSTOP of the store.
 """
@@ -321,7 +321,7 @@ class FleetServer(MasterUnderTest):
             "--metrics-bind",
             f"127.0.0.1:{self.metrics_port}",
             "--no-access-log",
-            app="tests.server.apps.fills:app",
+            app="tests.server.apps.fleet_fills:app",
             env={"FORKLOOP_TEST_FILLS": str(fills)},
         )
 
@@ -462,10 +462,10 @@ def test_a_stale_entry_is_refreshed_once_for_the_fleet(fleet):
 
 def test_killing_the_filling_server_hands_the_fill_to_the_other(fleet):
     one, two = fleet.servers
-    doomed, _ = in_background(lambda: stampede([one.port], "/fill/victim?ms=1500", 20))
+    doomed, _ = in_background(lambda: stampede([one.port], "/slow/victim?ms=3000", 20))
     assert wait_for(lambda: len(fleet.fills("victim")) == 1, 10)
     assert fleet.fills("victim")[0] in one.workers()
-    survivors, results = in_background(lambda: stampede([two.port], "/fill/victim?ms=1500", 200))
+    survivors, results = in_background(lambda: stampede([two.port], "/slow/victim?ms=3000", 200))
     assert wait_for(lambda: two.totals()["requests"] >= 200, 10)
     one.kill_everything()
     survivors.join(60)
@@ -480,11 +480,11 @@ def test_killing_the_filling_server_hands_the_fill_to_the_other(fleet):
 
 def test_a_paused_fillers_late_write_is_refused(fleet):
     one, two = fleet.servers
-    first, _ = in_background(lambda: stampede([one.port], "/fill/fenced?ms=1000", 1))
+    first, _ = in_background(lambda: stampede([one.port], "/slow/fenced?ms=1000", 1))
     assert wait_for(lambda: len(fleet.fills("fenced")) == 1, 10)
     one.pause(signal.SIGSTOP)
     try:
-        second, results = in_background(lambda: stampede([two.port], "/fill/fenced?ms=1000", 1))
+        second, results = in_background(lambda: stampede([two.port], "/slow/fenced?ms=1000", 1))
         # the paused filler's lease expires; the other server takes the fill over
         assert wait_for(lambda: len(fleet.fills("fenced")) == 2, 10)
     finally:
