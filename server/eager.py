@@ -84,7 +84,13 @@ class EagerStarter:
         running = _RUNNING.get(loop) if _RUNNING is not None else asyncio.current_task(loop)
         if running is not None:  # a task runs (one finishing starts the next request)
             return self._start_within(coroutine, host, context, running)
-        _enter_task(loop, task)
+        try:
+            _enter_task(loop, task)
+        except RuntimeError:  # a Python that keeps the running task elsewhere: ask it
+            running = asyncio.current_task(loop)
+            if running is None:
+                raise
+            return self._start_within(coroutine, host, context, running)
         try:
             waiting = context.run(coroutine.send, None)
         except StopIteration:

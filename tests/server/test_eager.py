@@ -143,3 +143,37 @@ def test_a_cancel_left_behind_by_a_finished_request_never_reaches_the_next(backe
 
     backend.run(main)
     assert outcome == ["slept"]
+
+
+@pytest.mark.parametrize("running_map", ["asyncio's", "none", "one that is never filled"])
+def test_a_handler_started_inside_a_running_task_runs_on_its_host(
+    backend, monkeypatch, running_map
+):
+    """As when a handler's end starts the next pipelined request: the running task
+    steps aside for the first step and is current again after it, however the
+    Python at hand lets the starter find it."""
+    from forkloop.server import eager
+
+    if running_map == "none":
+        monkeypatch.setattr(eager, "_RUNNING", None)
+    elif running_map == "one that is never filled":
+        monkeypatch.setattr(eager, "_RUNNING", {})
+    seen: list[object] = []
+
+    async def handler() -> None:
+        seen.append(asyncio.current_task())
+        await asyncio.sleep(0)
+        seen.append(asyncio.current_task())
+
+    async def main() -> None:
+        outer = asyncio.current_task()
+        host = EagerStarter(asyncio.get_running_loop()).start(handler())
+        assert asyncio.current_task() is outer
+        assert host is not None and host is not outer
+        for _ in range(20):
+            if len(seen) == 2:
+                break
+            await asyncio.sleep(0)
+        assert seen == [host, host]
+
+    backend.run(main)
