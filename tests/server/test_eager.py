@@ -2,7 +2,8 @@
 
 Each request runs in its own copy of the context, sees one current task from
 its first step to its last, and can be cancelled by it; cancels it leaves
-behind never reach the next request. Checked through real sockets with ASGI
+behind never reach the next request; anyio (FastAPI's threads, cancel scopes
+and task groups) works on it. Checked through real sockets with ASGI
 apps (which start every request this way) and, for the cancels an app aims at
 its own task, on the starter directly. Every backend.
 """
@@ -11,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 
+import anyio
 import pytest
+from fastapi import FastAPI
 
 from forkloop.server.asgi import AsgiApp
 from forkloop.server.eager import EagerStarter
@@ -177,3 +181,44 @@ def test_a_handler_started_inside_a_running_task_runs_on_its_host(
         assert seen == [host, host]
 
     backend.run(main)
+
+
+def anyio_app() -> FastAPI:
+    api = FastAPI()
+
+    @api.get("/sync")
+    def in_a_thread() -> dict[str, str]:  # FastAPI runs it in anyio's thread pool
+        return {"ran": "in a thread"}
+
+    @api.get("/move-on")
+    async def moves_on() -> dict[str, bool]:
+        with anyio.move_on_after(0.01) as scope:
+            await anyio.sleep(30)
+        return {"cancelled": scope.cancelled_caught}
+
+    @api.get("/group")
+    async def in_a_group() -> dict[str, list[int]]:
+        done: list[int] = []
+
+        async def child(n: int) -> None:
+            await anyio.sleep(0)
+            done.append(n)
+
+        async with anyio.create_task_group() as group:
+            for n in range(3):
+                group.start_soon(child, n)
+        return {"done": sorted(done)}
+
+    return api
+
+
+def test_anyio_cancel_scopes_threads_and_task_groups_work_on_the_host(backend):
+    with running_server(backend, AsgiApp(anyio_app(), lifespan="off")) as server:
+        with RawClient(server.port) as client:
+            for _ in range(2):  # twice on one connection: nothing left behind
+                client.request("GET", "/sync")
+                assert json.loads(client.read_reply().body) == {"ran": "in a thread"}
+                client.request("GET", "/move-on")
+                assert json.loads(client.read_reply().body) == {"cancelled": True}
+                client.request("GET", "/group")
+                assert json.loads(client.read_reply().body) == {"done": [0, 1, 2]}
