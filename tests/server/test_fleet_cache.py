@@ -303,7 +303,9 @@ def test_a_cluster_failover_of_a_keys_master_is_survived(tmp_path, caplog):
 
 
 class FleetServer(MasterUnderTest):
-    def __init__(self, tmp_path: Path, name: str, fills: Path, store_url: str, loop: str) -> None:
+    def __init__(
+        self, tmp_path: Path, name: str, fills: Path, store_url: str, loop: str, shared: str
+    ) -> None:
         folder = tmp_path / name
         folder.mkdir()
         self.metrics_port = free_port()
@@ -313,7 +315,7 @@ class FleetServer(MasterUnderTest):
             "--workers",
             "2",
             "--shared-cache",
-            "on",
+            shared,
             "--cache-url",
             store_url,
             "--cache-call-timeout",
@@ -347,11 +349,12 @@ class FleetServer(MasterUnderTest):
 
 
 class Fleet:
-    def __init__(self, tmp_path: Path, store_url: str, loop: str) -> None:
+    def __init__(self, tmp_path: Path, store_url: str, loop: str, shared: str = "on") -> None:
         self.fills_path = tmp_path / "fills"
         self.fills_path.touch()
         self.servers = [
-            FleetServer(tmp_path, name, self.fills_path, store_url, loop) for name in ("one", "two")
+            FleetServer(tmp_path, name, self.fills_path, store_url, loop, shared)
+            for name in ("one", "two")
         ]
 
     def fills(self, key: str) -> list[int]:
@@ -361,15 +364,17 @@ class Fleet:
 
 @pytest.fixture
 def fleet_on(tmp_path, store):
-    """Two servers sharing ``store``, on the loop named: ``fleet_on("uvloop")``."""
+    """Two servers sharing ``store``, on the loop named: ``fleet_on("uvloop")``; with
+    ``shared="off"``, no server-wide tier: every worker asks the store itself."""
     started: list[Fleet] = []
 
-    def start(loop: str) -> Fleet:
-        fleet = Fleet(tmp_path, store.url, loop)
+    def start(loop: str, shared: str = "on") -> Fleet:
+        fleet = Fleet(tmp_path, store.url, loop, shared)
         started.append(fleet)
+        processes = 3 if shared == "on" else 2  # the workers, and the cache process
         for server in fleet.servers:
             server.start()
-            assert wait_for(lambda s=server: len(s.workers()) == 3, 10), server.tail()
+            assert wait_for(lambda s=server: len(s.workers()) == processes, 10), server.tail()
         return fleet
 
     yield start
@@ -439,6 +444,14 @@ def test_two_servers_sharing_a_store_compute_a_cold_key_once(fleet_on, backend: 
     fill_line = 'forkloop_fleet_cache_events_total{event="fill"} 1.0'
     assert wait_for(lambda: fill_line in filled_by.metrics(), 5), filled_by.metrics()
     assert "forkloop_fleet_cache_breaker_open 0.0" in filled_by.metrics()
+
+
+def test_without_the_server_wide_tier_every_worker_asks_the_fleet_and_it_fills_once(fleet_on):
+    fleet = fleet_on("uvloop", shared="off")
+    ports = [server.port for server in fleet.servers]
+    answers = stampede(ports, "/fill/alone?ms=300", 1000)
+    assert [a for a in answers if a[0] != 200] == []
+    assert len(fleet.fills("alone")) == 1
 
 
 def test_a_stale_entry_is_refreshed_once_for_the_fleet(fleet):
