@@ -222,9 +222,16 @@ class EventLoop(ReadinessOperations, Subprocesses, Networking, Datagrams):
                 # is in hand: an unconfirmed send before it that posted none has sent
                 # everything. The ones that did not are dispatched first, so no write
                 # meets a send as confirmed whose completion is still to come.
+                # (A lone completion counts too: a failed send confirmed before its
+                # completion is dispatched would lose what it did not send.)
                 if (
-                    len(completions) > 1
-                    and max(map(_user_data_of, completions)) >= UNCONFIRMED_USER_DATA
+                    completions
+                    and (
+                        completions[0][0]
+                        if len(completions) == 1
+                        else max(map(_user_data_of, completions))
+                    )
+                    >= UNCONFIRMED_USER_DATA
                 ):
                     completions = self._dispatch_unconfirmed_first(completions)
                 self._confirmed_through = submits
