@@ -15,7 +15,8 @@ How the levels compose
 only while it holds the lease of every level asked so far:
 
 - a ``Hit`` from level N is handed to the leases held in front of it (their
-  waiters get it as if this worker had computed it) and returned;
+  waiters get it as if this worker had computed it) and returned; a
+  ``Failed`` likewise (their waiters get the failed fill's error);
 - ``Uncacheable`` likewise (the marker is stored in front), ``Varies``
   stores a short-lived marker in front, so waiters there ask for their
   variant as this worker does;
@@ -161,6 +162,10 @@ class Levels:
         if isinstance(answer, Hit):
             for lease in held:
                 lease.store(answer.entry)
+            return answer
+        if isinstance(answer, Failed):  # the fill failed elsewhere: its error, here too
+            for lease in held:
+                lease.error(answer.entry)
             return answer
         if isinstance(answer, Uncacheable):
             for lease in held:

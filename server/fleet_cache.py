@@ -62,15 +62,22 @@ Every call has a deadline (``--cache-call-timeout``). An error, a refused
 connection or a deadline missed opens the *breaker*: one logged error, every
 waiter in this worker woken with ``FALLBACK`` at once, and every ``acquire``
 answers ``FALLBACK`` without touching the network until a background probe
-(a ``PING`` every `PROBE_INTERVAL`, backing off to `PROBE_INTERVAL_MAX`)
-succeeds; then the breaker closes by itself, and the first call that works
-says so in one line. A breaker that opens again before any call worked (a
-cluster whose failed master is not yet replaced: the probe's node answers,
-the key's does not) logs nothing more and probes less often. Under
+(a new client connecting, after `PROBE_INTERVAL`, backing off to
+`PROBE_INTERVAL_MAX`) succeeds; then the breaker closes by itself, and one
+line says so. A breaker that opens again before any call worked (a cluster
+whose failed master is not yet replaced: the probe's node answers, the key's
+does not) logs nothing more and probes less often. Under
 ``FALLBACK`` the levels in front (the server-wide lease, the worker's own
 single-flight) still coalesce: the fleet is lost, not the machine's
 guarantees. A waiter on a store that froze mid-wait notices at its next wake,
 within ``LEASE_TTL`` plus one call timeout.
+
+A fill that fails (raises, or answers 5xx) ends the lease as ``errored``:
+the same script keeps its error response under ``PREFIX{DIGEST}:error`` for
+`ERROR_KEPT` seconds, and its waiters on every server read it and serve it
+(``Failed``), computing nothing: a stampede on a failing origin costs it one
+call for the fleet. An answer that may not be shared ends it as ``failed``:
+the waiters compute for themselves.
 
 Clocks
 ------
@@ -101,6 +108,7 @@ from .shared_cache import (
     ALONE,
     EXPIRY,
     FALLBACK,
+    Failed,
     Hit,
     Uncacheable,
     Varies,
@@ -134,16 +142,18 @@ RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
-# KEYS: value, lease. ARGV: token, outcome, channel, value, value milliseconds.
+# KEYS: value, lease, error. ARGV: token, outcome, channel, blob, blob milliseconds.
 # -> 1 done, 0 refused (the lease is not the caller's any more: the fence)
 FINISH = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[2])
 if ARGV[2] == 'stored' then redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5]) end
+if ARGV[2] == 'errored' then redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5]) end
 redis.call('SPUBLISH', ARGV[3], ARGV[2])
 return 1
 """
-STORED, FAILED, RELEASED = b"stored", b"failed", b"released"
+STORED, FAILED, ERRORED, RELEASED = b"stored", b"failed", b"errored", b"released"
+ERROR_KEPT = 5.0  # seconds a failed fill's error stays in the store for its waiters to read
 
 
 @dataclass
@@ -164,16 +174,17 @@ class FleetStats:
 
 @dataclass(frozen=True)
 class StoreNames:
-    """The store's names for one cache key: one hash slot for all three."""
+    """The store's names for one cache key: one hash slot for them all."""
 
     value: str
     lease: str
     channel: str
+    error: str  # a failed fill's error response, briefly, for its waiters
 
     @classmethod
     def of(cls, prefix: str, key: bytes) -> StoreNames:
         tag = f"{prefix}{{{hashlib.blake2b(key, digest_size=16).hexdigest()}}}"
-        return cls(f"{tag}:value", f"{tag}:lease", f"{tag}:done")
+        return cls(f"{tag}:value", f"{tag}:lease", f"{tag}:done", f"{tag}:error")
 
 
 class StoreUnavailable(Exception):
@@ -331,9 +342,13 @@ class FleetLease:
         self._end(FAILED)
 
     def error(self, failure: Entry) -> None:
-        """The fill failed. Its failure is not carried across machines: waiters on other
-        servers compute for themselves (their own server-wide tier shares their result)."""
-        self._end(FAILED)
+        """The fill failed (raised, or answered 5xx): its waiters on every server get
+        ``failure`` once, and compute nothing; nothing is stored as the key's value."""
+        blob = encode_entry(failure)
+        if len(blob) > self.tier.max_entry_bytes:
+            self.fail()
+            return
+        self._end(ERRORED, blob)
 
     def release(self) -> None:
         self._end(RELEASED)
@@ -355,8 +370,13 @@ class FleetLease:
                 arguments[1] = outcome
             else:
                 arguments += [stored, lifetime]
+        elif outcome == ERRORED:
+            arguments += [to_wall(blob)[0], int(ERROR_KEPT * 1000)]
+        names = self.names
         try:
-            done = await self.tier.script(FINISH, [self.names.value, self.names.lease], arguments)
+            done = await self.tier.script(
+                FINISH, [names.value, names.lease, names.error], arguments
+            )
         except StoreUnavailable:
             return  # the lease expires by itself; waiters take over
         if not done:
@@ -408,6 +428,7 @@ class FleetTier:
         self._waiters: set[asyncio.Future[None]] = set()  # woken when the breaker opens
         self._prober: asyncio.Task[None] | None = None
         self._outage = False  # an error was logged, and no call has worked since
+        self._announced = False  # the outage's end was logged
         self._probe_interval = PROBE_INTERVAL
 
     # ------------------------------------------------------------------ the client
@@ -462,7 +483,6 @@ class FleetTier:
             if self._outage and not checking:  # the first call that worked since the error
                 self._outage = False
                 self._probe_interval = PROBE_INTERVAL
-                log.info("fleet cache at %s is back", _without_password(self.url))
             return answer
         raise StoreUnavailable
 
@@ -481,6 +501,7 @@ class FleetTier:
             self._probe_interval = min(self._probe_interval * 2, PROBE_INTERVAL_MAX)
         else:  # one logged error per outage
             self._outage = True
+            self._announced = False
             log.error(
                 "fleet cache at %s unavailable: %s; each server fills for itself until it is back",
                 _without_password(self.url),
@@ -509,6 +530,9 @@ class FleetTier:
                 connected = False
             if connected:
                 self.stats.fleet_breaker_open = 0  # calls go to the store again
+                if not self._announced:
+                    self._announced = True
+                    log.info("fleet cache at %s is back", _without_password(self.url))
                 return
             self._probe_interval = min(self._probe_interval * 2, PROBE_INTERVAL_MAX)
 
@@ -535,7 +559,7 @@ class FleetTier:
 
     async def acquire(
         self, key: bytes, wait_timeout: float
-    ) -> Hit | Varies | Uncacheable | FleetLease | _Alone:
+    ) -> Hit | Varies | Uncacheable | Failed | FleetLease | _Alone:
         """Ask the fleet for ``key``: its entry, the fill's lease, or ALONE / FALLBACK."""
         if self.breaker_open:
             self.stats.fleet_fallbacks += 1
@@ -572,7 +596,7 @@ class FleetTier:
 
     async def _wait(
         self, key: bytes, names: StoreNames, token: str, wait_timeout: float
-    ) -> Hit | Varies | Uncacheable | FleetLease | _Alone:
+    ) -> Hit | Varies | Uncacheable | Failed | FleetLease | _Alone:
         """Another server fills ``key``: wait for its notification, or its lease's end."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_timeout if wait_timeout else float("inf")
@@ -594,6 +618,12 @@ class FleetTier:
                     raise StoreUnavailable
                 if message == FAILED:
                     return ALONE  # not shared: compute for ourselves
+                if message == ERRORED:  # its error, once: nobody here computes
+                    failure = await self.call(self.client().get(names.error))
+                    found = from_wall(failure) if failure else None
+                    if found is None or isinstance(found, (Varies, Uncacheable)):
+                        return ALONE  # gone already: compute for ourselves
+                    return Failed(found)
                 # stored, released, or the lease's time is up: ask again
         finally:
             self._waiters.discard(broken)
