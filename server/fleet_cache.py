@@ -13,9 +13,10 @@ can stack it behind that one and the response cache never knows it is there:
 Who talks to the store
 ----------------------
 Each worker, through its own client (a connection pool for commands, one
-pub/sub connection for notifications). The levels are asked in order, and a
-level is only asked by whoever holds the level in front's lease: a worker's
-local single-flight leader asks the cache process, and only the worker that
+pub/sub connection for notifications, `server.fleet_notifications`). The
+levels are asked in order, and a level is only asked by whoever holds the
+level in front's lease: a worker's local single-flight leader asks the
+cache process, and only the worker that
 holds the *server's* lease asks the fleet. So at most one request per key per
 machine reaches the store, and the cache process stays what it is, a process
 that never waits on anything. (Had the cache process talked to Redis, a slow
@@ -104,6 +105,12 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from .fleet_notifications import (
+    Notifications,
+    StoreUnavailable,
+    close_quietly,
+    first_of,
+)
 from .shared_cache import (
     ALONE,
     EXPIRY,
@@ -187,10 +194,6 @@ class StoreNames:
         return cls(f"{tag}:value", f"{tag}:lease", f"{tag}:done", f"{tag}:error")
 
 
-class StoreUnavailable(Exception):
-    """A call failed or missed its deadline: the breaker is open."""
-
-
 # ---------------------------------------------------------------------- clocks
 
 
@@ -235,76 +238,6 @@ def _shift(blob: bytes, by: float) -> tuple[bytes, float]:
     )
     last = max(moved.fresh_until, moved.stale_while_revalidate_until, moved.stale_if_error_until)
     return encode_entry(moved), last
-
-
-# ---------------------------------------------------------------------- notifications
-
-
-class Notifications:
-    """One pub/sub connection per worker; each waiter gets the messages of its key's channel."""
-
-    def __init__(self, tier: FleetTier) -> None:
-        self.tier = tier
-        self.pubsub: Any = None  # redis-py's PubSub or ClusterPubSub
-        self.queues: dict[str, set[asyncio.Queue[bytes]]] = {}
-        self.reader: asyncio.Task[None] | None = None
-
-    async def listen(self, channel: str) -> asyncio.Queue[bytes]:
-        queue: asyncio.Queue[bytes] = asyncio.Queue()
-        listeners = self.queues.setdefault(channel, set())
-        listeners.add(queue)
-        if len(listeners) == 1:
-            if self.pubsub is None:
-                self.pubsub = self.tier.client().pubsub()
-            await self.tier.call(self.pubsub.ssubscribe(channel))
-            if self.reader is None or self.reader.done():
-                self.reader = asyncio.get_running_loop().create_task(self._read())
-        return queue
-
-    async def stop_listening(self, channel: str, queue: asyncio.Queue[bytes]) -> None:
-        listeners = self.queues.get(channel)
-        if listeners is None:
-            return
-        listeners.discard(queue)
-        if not listeners:
-            del self.queues[channel]
-            if self.pubsub is not None and not self.tier.breaker_open:
-                with contextlib.suppress(StoreUnavailable):
-                    await self.tier.call(self.pubsub.sunsubscribe(channel))
-
-    async def _read(self) -> None:
-        pubsub = self.pubsub
-        try:
-            while pubsub is self.pubsub:
-                message = await pubsub.get_sharded_message(timeout=None)
-                if message is None or message.get("type") != "smessage":
-                    continue
-                channel = message["channel"]
-                channel = channel.decode() if isinstance(channel, bytes) else channel
-                self.tier.stats.fleet_notifications += 1
-                for queue in self.queues.get(channel, ()):
-                    queue.put_nowait(message["data"])
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any failure of the store's connection
-            if pubsub is self.pubsub:
-                self.tier.open_breaker(f"its notification connection failed ({exc!r})")
-
-    def reset(self) -> None:
-        """The breaker opened: drop the connection; the next waiter opens another."""
-        pubsub, self.pubsub = self.pubsub, None
-        reader, self.reader = self.reader, None
-        if reader is not None and reader is not asyncio.current_task():
-            reader.cancel()
-        if pubsub is not None:
-            task = asyncio.get_running_loop().create_task(_close_quietly(pubsub))
-            self.tier.background.add(task)
-            task.add_done_callback(self.tier.background.discard)
-
-
-async def _close_quietly(closable: Any) -> None:
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(closable.aclose(), 1.0)
 
 
 # ---------------------------------------------------------------------- the lease
@@ -445,16 +378,16 @@ class FleetTier:
         try:
             info = await self.call(client.info("cluster"), checking=True)
             if info.get("cluster_enabled"):
-                await _close_quietly(client)
+                await close_quietly(client)
                 client = _new_client(self.url, self.call_timeout, cluster=True)
                 await self.call(client.initialize(), checking=True)
         except StoreUnavailable:
-            self.in_background(_close_quietly(client))
+            self.in_background(close_quietly(client))
             return False
         replaced, self._client = self._client, client
         self._scripts.clear()
         if replaced is not None:
-            self.in_background(_close_quietly(replaced))
+            self.in_background(close_quietly(replaced))
         if not self._outage:
             log.info(
                 "worker %d uses the fleet cache at %s", os.getpid(), _without_password(self.url)
@@ -514,7 +447,7 @@ class FleetTier:
         client, self._client = self._client, None
         self._scripts.clear()
         if client is not None:
-            self.in_background(_close_quietly(client))
+            self.in_background(close_quietly(client))
         if self._prober is None or self._prober.done():
             self._prober = asyncio.get_running_loop().create_task(self._probe())
 
@@ -613,7 +546,7 @@ class FleetTier:
                     return ALONE  # waited the route's lock timeout
                 lease_left = answer[1] / 1000 if answer[1] > 0 else self.lease_ttl
                 wake = min(deadline, now + lease_left + WAKE_MARGIN)
-                message = await _first_of(queue, broken, wake - now)
+                message = await first_of(queue, broken, wake - now)
                 if broken.done():
                     raise StoreUnavailable
                 if message == FAILED:
@@ -634,29 +567,9 @@ class FleetTier:
             if task is not None:
                 task.cancel()
         if self.notifications.pubsub is not None:
-            await _close_quietly(self.notifications.pubsub)
+            await close_quietly(self.notifications.pubsub)
         if self._client is not None:
-            await _close_quietly(self._client)
-
-
-async def _first_of(
-    queue: asyncio.Queue[bytes], broken: asyncio.Future[None], timeout: float
-) -> bytes | None:
-    """The next notification, or None when ``timeout`` passes or the breaker opens."""
-    if not queue.empty():
-        return queue.get_nowait()
-    getting = asyncio.ensure_future(queue.get())
-    try:
-        waited_for: set[asyncio.Future[Any]] = {getting, broken}
-        done, _ = await asyncio.wait(
-            waited_for, timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        if not getting.done():
-            getting.cancel()
-    if getting in done:
-        return getting.result()
-    return None
+            await close_quietly(self._client)
 
 
 def _new_client(url: str, timeout: float, cluster: bool) -> Any:
