@@ -19,7 +19,7 @@ from forkloop.server.upstream import UpstreamPool, UpstreamSettings
 from tests.server.frontdoor_support import Served, UserFolder
 from tests.server.master_support import wait_for
 from tests.server.support import RawClient, running_server, send_raw
-from tests.server.upstream_support import Upstream
+from tests.server.upstream_support import Upstream, check_a_slow_client_holds_the_upstream_back
 
 
 @contextmanager
@@ -145,28 +145,7 @@ def test_the_client_leaving_closes_the_upstream_request(backend):
 
 def test_a_slow_client_holds_the_upstream_back(backend):
     with Upstream() as upstream, proxy_to(backend, upstream.port) as proxy:
-        sock = socket.create_connection(("127.0.0.1", proxy.port))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.sendall(b"GET /huge HTTP/1.1\r\nHost: t\r\n\r\n")
-        assert wait_for(lambda: upstream.seen.huge_written > 0, 5)
-        wait_for(lambda: False, 1.0)  # the client reads nothing for a second
-
-        def held_by_the_proxy() -> int:
-            pool = proxy.service.app.pool
-            upstream_side = sum(c.waiting for c in pool.busy)
-            client_side = sum(
-                c.transport.get_write_buffer_size()
-                for c in proxy.service.connections
-                if c.transport is not None
-            )
-            return upstream_side + client_side
-
-        held = proxy.call(held_by_the_proxy)
-        # kernel socket buffers hold some megabytes; the proxy itself two high-water
-        # marks and a read or two on each side, of the 100 MiB answer
-        assert held <= 2 << 20, f"the proxy holds {held} bytes"
-        assert upstream.seen.huge_written < 32 << 20, upstream.seen.huge_written
-        sock.close()
+        check_a_slow_client_holds_the_upstream_back(upstream, proxy, proxy.service.app.pool)
 
 
 def test_a_smuggling_attempt_never_reaches_the_upstream(backend):

@@ -8,7 +8,6 @@ client got.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from forkloop.server.upstream import UpstreamPool, UpstreamSettings
 from tests.server.master_support import wait_for
 from tests.server.stampede_support import stampede
 from tests.server.support import RawClient, running_server
-from tests.server.upstream_support import Upstream
+from tests.server.upstream_support import Upstream, check_a_slow_client_holds_the_upstream_back
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -246,26 +245,7 @@ def test_an_answer_larger_than_an_entry_streams_past_the_cache(backend):
 
 def test_a_slow_client_of_an_uncacheable_answer_holds_the_upstream_back(backend):
     with Upstream() as upstream, caching_proxy(backend, upstream.port) as proxy:
-        sock = socket.create_connection(("127.0.0.1", proxy.port))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.sendall(b"GET /huge HTTP/1.1\r\nHost: t\r\n\r\n")
-        assert wait_for(lambda: upstream.seen.huge_written > 0, 5)
-        wait_for(lambda: False, 1.0)  # the client reads nothing for a second
-
-        def held_by_the_proxy() -> int:
-            pool = proxy.service.app.proxy.pool
-            upstream_side = sum(c.waiting for c in pool.busy)
-            client_side = sum(
-                c.transport.get_write_buffer_size()
-                for c in proxy.service.connections
-                if c.transport is not None
-            )
-            return upstream_side + client_side
-
-        held = proxy.call(held_by_the_proxy)
-        assert held <= 2 << 20, f"the proxy holds {held} bytes"
-        assert upstream.seen.huge_written < 32 << 20, upstream.seen.huge_written
-        sock.close()
+        check_a_slow_client_holds_the_upstream_back(upstream, proxy, proxy.service.app.proxy.pool)
 
 
 def test_purge_forgets_a_url_for_allowed_addresses_only(backend):

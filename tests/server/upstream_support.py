@@ -7,6 +7,7 @@ large body, or (under ``/cache/``) with the caching headers its query asks for.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -222,3 +223,31 @@ class Upstream:
             if key == name.lower():
                 return value.strip().encode()
         return b"-"
+
+
+def check_a_slow_client_holds_the_upstream_back(upstream: Upstream, proxy, pool) -> None:
+    """A client that reads nothing of ``/huge`` (100 MiB): after a second, the proxy
+    (``proxy``, a running server; ``pool``, its upstream pool) holds at most about
+    two high-water marks and a read or two on each side, and the upstream has
+    written far less than the answer (kernel socket buffers hold some megabytes)."""
+    from tests.server.master_support import wait_for
+
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.sendall(b"GET /huge HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert wait_for(lambda: upstream.seen.huge_written > 0, 5)
+    wait_for(lambda: False, 1.0)  # the client reads nothing for a second
+
+    def held_by_the_proxy() -> int:
+        upstream_side = sum(c.waiting for c in pool.busy)
+        client_side = sum(
+            c.transport.get_write_buffer_size()
+            for c in proxy.service.connections
+            if c.transport is not None
+        )
+        return upstream_side + client_side
+
+    held = proxy.call(held_by_the_proxy)
+    assert held <= 2 << 20, f"the proxy holds {held} bytes"
+    assert upstream.seen.huge_written < 32 << 20, upstream.seen.huge_written
+    sock.close()
