@@ -142,8 +142,11 @@ class ConnectionContext:
         # needs the request: the reader answers them itself
         self.instant = instant if access_log is None or not access_log.lines else None
         self.instant_metrics = access_log.metrics if access_log is not None else None
+        # requests answered instantly, by their bytes: target and method (server.instant)
+        self.known_requests: dict[bytes, tuple[bytes, bytes]] | None = None
         if self.instant is not None:
             self.instant.enabled = True
+            self.known_requests = {}
         self.stats = Stats()
         self.connections: set[Connection] = set()
         self.draining = False

@@ -36,6 +36,26 @@ What stays true
    on (as nginx's bench config turns its log off).
 4. Date and Age: the ready bytes are rebuilt when the connection's
    Date/Server prefix changes, once a second; Age is counted then.
+
+Known requests: a hit not even parsed
+-------------------------------------
+What the parser makes of a request depends on nothing but the request's bytes
+and the parser's state, and between two requests that state is always the
+same. So when one read held exactly one request, from a message boundary to
+the next, and it was answered instantly, the connection's context remembers
+those bytes with the request's target and method (`remember`). A later read
+of the very same bytes, on any connection, at a message boundary, is that
+request again: it is answered without going through the parser at all
+(`HttpConnection.data_received`). All that depends on more than the bytes is
+checked each time as on the parsed way: the connection's state (nothing
+ahead, the client reading, not its last keep-alive request, not draining)
+and the entry (still the one stored, still fresh); if any says no, the read
+is parsed. An HTTP client on a keep-alive connection sends the same bytes
+each time it asks for the same thing (a poller, a health check, a browser's
+refetch, a load generator); any other read from a message boundary costs a
+dictionary lookup on its bytes. A request over ``MAX_KNOWN_BYTES`` is always
+parsed; the table holds at most ``MAX_KNOWN`` (it is cleared when full), so
+at most 8 MiB of request bytes.
 """
 
 from __future__ import annotations
@@ -51,6 +71,8 @@ if TYPE_CHECKING:
     from .freshness import Entry
 
 MAX_READY = 4096  # targets kept ready (the table is cleared when full)
+MAX_KNOWN = 4096  # known requests kept (the table is cleared when full)
+MAX_KNOWN_BYTES = 2048  # longer requests are parsed every time
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -132,6 +154,16 @@ class InstantAnswers:
 
     def forget(self) -> None:
         self._ready.clear()
+
+
+def remember(
+    known: dict[bytes, tuple[bytes, bytes]], data: bytes, request: tuple[bytes, bytes]
+) -> None:
+    """``data`` is one whole request, ``request`` its target and method, answered
+    instantly: a known request from now on."""
+    if len(known) >= MAX_KNOWN:
+        known.clear()
+    known[data] = request
 
 
 def _build(ready: Ready, prefix: bytes, now: float) -> None:

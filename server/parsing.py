@@ -26,7 +26,7 @@ LINGER   ignored: its request was refused, and what    ``lingering_timeout``
 Transitions go through `enter`: IDLE -> HEAD at a request's first byte;
 HEAD -> BODY when a head announces a body; HEAD or BODY -> IDLE when the
 request is complete; any -> LINGER when the connection closes on a refusal.
-The two that every request takes (to HEAD in ``on_url``, to IDLE in
+The two that every request takes (to HEAD in ``on_message_begin``, to IDLE in
 ``on_message_complete``) are written out where they happen, marked so: a call
 per request there is a measurable share of a hello-world request.
 The header deadline runs from the first byte of a head and is not extended by
@@ -136,7 +136,10 @@ class RequestReader:
         self.continue_owed = False  # a 100 Continue is due once the request ahead is answered
 
         # the request being parsed
-        self.url = b""  # non-empty while a request is in progress
+        self.url = b""
+        self.in_message = False  # from a request's first byte to its end
+        self.instant_answers = 0  # requests answered from the parser (server.instant)
+        self.last_instant = (b"", b"")  # the last one's target and method
         self.head_done = False
         self.framing = False  # a body, framing header or oversized head was seen
         self.version = "1.1"
@@ -180,7 +183,7 @@ class RequestReader:
     # ------------------------------------------------------------------ feeding
 
     def feed(self, data: bytes) -> None:
-        in_head = self.url and not self.head_done
+        in_head = self.in_message and not self.head_done
         queued = len(self.pending)
         try:
             self.parser.feed_data(data)
@@ -196,7 +199,7 @@ class RequestReader:
                 self.fail_body(self.rejection[1])
             # Still in a head, and the same one: no request was completed on the way
             # (the chunk may finish the head it began in and start another).
-            if in_head and self.url and not self.head_done and len(self.pending) == queued:
+            if in_head and self.in_message and not self.head_done and len(self.pending) == queued:
                 self._count_head_chunk(len(data))
 
     def fail_body(self, reason: str) -> None:
@@ -264,20 +267,19 @@ class RequestReader:
 
     # ------------------------------------------------------------------ httptools callbacks
     #
-    # A request is "in progress" from its first URL byte (``url`` non-empty)
-    # until on_message_complete, which also resets the per-request state for
+    # A request is "in progress" (``in_message``) from its first byte until
+    # on_message_complete, which also resets the per-request state for
     # the next one. Fields that only some requests touch (body, framing
     # headers) are reset only when ``framing`` says one was touched.
 
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        if self.phase is not HEAD:  # a new request: its head deadline starts now
+            self.phase = HEAD  # enter(HEAD), written out: once per request
+            self.deadline = self.context.clock + self.header_timeout
+
     def on_url(self, piece: bytes) -> None:
-        url = self.url
-        if url:
-            url = self.url = url + piece
-        else:
-            url = self.url = piece
-            if self.phase is not HEAD:  # a new request: its head deadline starts now
-                self.phase = HEAD  # enter(HEAD), written out: once per request
-                self.deadline = self.context.clock + self.header_timeout
+        url = self.url = self.url + piece
         if len(url) > self.max_request_line:
             self.reject(414, f"request target is longer than {self.max_request_line} bytes")
 
@@ -412,6 +414,8 @@ class RequestReader:
             and not parser.should_upgrade()
             and answer_instantly(self.url, parser.get_method())
         ):
+            self.instant_answers += 1
+            self.last_instant = (self.url, parser.get_method())
             self._next_request()
             return
         method = _METHODS.get(parser.get_method()) or _method_name(parser.get_method())
@@ -434,6 +438,7 @@ class RequestReader:
     def _next_request(self) -> None:
         """The request just parsed is queued (or answered): ready for the next head."""
         self.url = b""
+        self.in_message = False
         self.headers = []
         self.head_size = 0
         self.host_count = 0
@@ -448,6 +453,7 @@ class RequestReader:
         streamed.finish()
         self._take_body()  # resets the framing fields
         self.url = b""
+        self.in_message = False
         self.headers = []
         self.head_size = 0
         self.host_count = 0

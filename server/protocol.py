@@ -102,7 +102,7 @@ from .context import DEADLINE, DISCONNECT, SHUTDOWN, ConnectionContext
 from .flow import FlowControl
 from .frontdoor import AnswerStream, DirectHandler, DirectRoute, UpgradedSession
 from .http import Request, Response, as_response, error_response
-from .instant import InstantAnswers
+from .instant import MAX_KNOWN_BYTES, InstantAnswers, remember
 from .parsing import BODY, HEAD, IDLE, LINGER, RequestReader
 from .responses import CONTINUE, BodyStream, ResponseWriter, peer_name
 
@@ -186,6 +186,7 @@ class HttpConnection(asyncio.Protocol):
         instant = self.context.instant
         if instant is not None:  # fresh cache hits answered from the parser
             self.reader.answer_instantly = partial(self._answer_instantly, instant)
+        self.known_requests = self.context.known_requests  # (server.instant) or None
         self.context.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -199,8 +200,38 @@ class HttpConnection(asyncio.Protocol):
         if self.flow.read_paused:
             self.flow.hold(data)
             return
-        reader.feed(data)
+        known = self.known_requests
+        if known is not None and not reader.in_message and len(data) <= MAX_KNOWN_BYTES:
+            request = known.get(data)
+            if request is not None and self._answer_known(*request):
+                return
+            self._feed_and_learn(known, data)
+        else:
+            reader.feed(data)
         self._run_pending()
+
+    def _answer_known(self, target: bytes, method: bytes) -> bool:
+        """Answer a read that is a known request (`server.instant`) without parsing it;
+        False when it must be parsed after all."""
+        answer = self.reader.answer_instantly  # set whenever requests are known
+        if answer is None or not answer(target, method):
+            return False
+        reader = self.reader
+        reader.phase = IDLE  # the request came and went: the keep-alive timeout runs
+        reader.deadline = self.context.clock + self.limits.keepalive_timeout
+        self._flush()
+        return True
+
+    def _feed_and_learn(self, known: dict[bytes, tuple[bytes, bytes]], data: bytes) -> None:
+        """Parse ``data``, read from a message boundary; if it was exactly one request,
+        answered instantly, remember it (`server.instant`)."""
+        reader = self.reader
+        answered = reader.instant_answers
+        reader.feed(data)
+        if reader.instant_answers == answered + 1 and not (
+            reader.in_message or reader.pending or reader.rejection
+        ):
+            remember(known, data, reader.last_instant)
 
     def eof_received(self) -> bool:
         self.peer_closed = True
@@ -645,7 +676,7 @@ class HttpConnection(asyncio.Protocol):
         if kind is LINGER:
             transport.close()  # quiet for lingering_timeout, or lingering_time is over
             return
-        if kind is IDLE or (kind is HEAD and not reader.url):
+        if kind is IDLE or (kind is HEAD and not reader.in_message):
             self._enter(CLOSING)
             self._flush()  # idle or nothing received: close quietly, as nginx does
             return
@@ -673,7 +704,7 @@ class HttpConnection(asyncio.Protocol):
         if self.session is not None:
             self.session.going_away()  # it closes once its client answers
             return False
-        if self.active_request is not None or reader.pending or reader.url:
+        if self.active_request is not None or reader.pending or reader.in_message:
             return False
         if self.writer.requests_left == self.limits.max_keepalive_requests:
             grace = self.context.clock + FIRST_REQUEST_GRACE

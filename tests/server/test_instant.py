@@ -21,6 +21,7 @@ from forkloop.server.http import Request, Response
 from forkloop.server.logs import AccessLog
 from forkloop.server.metrics import RequestMetrics
 from tests.server.support import RawClient, running_server, send_raw
+from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -177,3 +178,98 @@ def test_metrics_count_instant_answers_by_method_and_an_access_log_turns_them_of
                 client.read_reply()
     assert site.routed == 3  # every request logged as it came: the usual way
     assert len(lines.getvalue().splitlines()) == 3
+
+
+# ---------------------------------------------------------------------- known requests
+#
+# A read that is byte for byte a request answered instantly before is answered
+# without parsing (`server.instant`, "Known requests"). What a client sees must
+# not change; what could go wrong is answering bytes that, where they fall in
+# the stream, are not that request.
+
+PAGE = b"GET /page HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+def wait_on_server_loop(server, predicate) -> None:
+    asyncio.run_coroutine_threadsafe(until(predicate), server.loop).result(10)
+
+
+def known_requests(server) -> dict:
+    return server.call(lambda: dict(server.service.context.known_requests))
+
+
+def test_a_known_request_is_answered_on_any_connection_without_routing(backend):
+    site = Site()
+    with running_server(backend, site.app) as server:
+        with RawClient(server.port) as first:
+            for _ in range(3):  # a miss, a hit that makes it ready, an instant answer
+                first.send(PAGE)
+                first.read_reply()
+        assert known_requests(server) == {PAGE: (b"/page", b"GET")}
+        routed = site.routed
+        with RawClient(server.port) as second:  # its very first read: a known request
+            second.send(PAGE)
+            second.send(PAGE)
+            replies = [second.read_reply(), second.read_reply()]
+        snapshot = server.call(server.service.context.snapshot)
+    assert [(r.body, r.header("x-cache")) for r in replies] == [(b"page #1", "HIT")] * 2
+    assert site.routed == routed
+    assert snapshot["requests"] == 5 and snapshot["responses_by_status"] == {"200": 5}
+
+
+def test_a_known_request_after_a_stray_byte_is_parsed_with_it(backend):
+    """b"G" then the known bytes is the request line b"GGET /page": a 400, not a hit."""
+    site = Site()
+    with running_server(backend, site.app) as server, RawClient(server.port) as client:
+        for _ in range(3):
+            client.send(PAGE)
+            client.read_reply()
+        client.send(b"G")
+        connections = server.service.context.connections
+        wait_on_server_loop(server, lambda: any(c.reader.in_message for c in connections))
+        client.send(PAGE)
+        reply = client.read_reply()
+        assert client.is_closed_by_server()
+    assert reply.status == 400 and reply.header("connection") == "close"
+
+
+def test_two_known_requests_in_one_read_get_two_answers(backend):
+    site = Site()
+    with running_server(backend, site.app) as server, RawClient(server.port) as client:
+        for _ in range(3):
+            client.send(PAGE)
+            client.read_reply()
+        client.send(PAGE * 2)
+        replies = client.read_replies(2)
+        client.send(PAGE)  # and the connection is where it should be after them
+        replies.append(client.read_reply())
+        known = known_requests(server)
+    assert [r.body for r in replies] == [b"page #1"] * 3
+    assert list(known) == [PAGE]  # the pair was answered, not remembered as one request
+
+
+def test_a_known_request_behind_a_running_handler_waits_its_turn(backend):
+    site = Site()
+    with running_server(backend, site.app) as server, RawClient(server.port) as client:
+        for _ in range(3):
+            client.send(PAGE)
+            client.read_reply()
+        client.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        connections = server.service.context.connections
+        wait_on_server_loop(server, lambda: any(c.active_request for c in connections))
+        client.send(PAGE)  # read while /slow runs
+        replies = client.read_replies(2)
+    assert [r.body for r in replies] == [b"slow", b"page #1"]
+
+
+def test_a_known_request_at_the_keepalive_limit_is_answered_and_closes(backend):
+    site = Site()
+    with running_server(backend, site.app, max_keepalive_requests=4) as server:
+        with RawClient(server.port) as client:
+            replies = []
+            for _ in range(4):
+                client.send(PAGE)
+                replies.append(client.read_reply())
+            assert client.is_closed_by_server()
+    assert [r.header("connection") for r in replies] == [None, None, None, "close"]
+    assert [r.body for r in replies] == [b"page #1"] * 4
