@@ -7,6 +7,8 @@
     python -m forkloop.loadtest.instructions --full        # the whole server, not the bare protocol
     python -m forkloop.loadtest.instructions --loops uvloop --uvicorn \\
         --app forkloop.loadtest.asgi_apps:hello            # an ASGI app, against uvicorn
+    python -m forkloop.loadtest.instructions --loops reactor \\
+        --app forkloop.loadtest.instructions:cached_hello  # a cache hit (server.instant)
 
 Each loop serves the bare httptools protocol (`loadtest.raw`), or with
 ``--full`` forkloop's whole server (one worker, no master, the demo app's
@@ -39,6 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..server.app import App
+from ..server.cache import CachePolicy
+from ..server.http import Request, Response
 from .servers import ServerProcess, free_port, python
 
 CONNECTIONS = 10
@@ -60,6 +65,15 @@ GROUPS = [
     ("garbage collector", r"^gc_|visit_|_traverse|VisitInstance"),
     ("interpreter", r"."),
 ]
+
+
+cached_hello = App()
+
+
+@cached_hello.get("/", cache=CachePolicy(ttl=3600))
+def hello(request: Request) -> Response:
+    """Computed once: every request after the first is a fresh cache hit."""
+    return Response(b"Hello, World!")
 
 
 def self_costs(dump: Path) -> collections.Counter[str]:

@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 import threading
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -376,6 +377,19 @@ def test_instructions_drives_a_raw_server_in_lock_step():
     command = [python(), "-m", "forkloop.loadtest.raw", "--loop", "reactor", "--port", str(port)]
     with ServerProcess("raw reactor", command, port).start() as server:
         drive(server.port, 200)  # raises unless every request got its answer
+
+
+def test_instructions_cached_hello_is_a_cache_hit():
+    """The app the README counts a cache hit with: its page is stored, and hit."""
+    from forkloop.loadtest.instructions import drive, server_command
+    from forkloop.loadtest.servers import ServerProcess, free_port
+
+    port = free_port()
+    command = server_command("reactor", port, True, "forkloop.loadtest.instructions:cached_hello")
+    with ServerProcess("cached reactor", command, port).start() as server:
+        drive(server.port, 200)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/") as answer:
+            assert answer.headers["X-Cache"] == "HIT"
 
 
 def test_bench_table_has_the_peer_columns_only_when_the_peer_ran():
