@@ -31,6 +31,12 @@ What a handler sees is what a task of its own would give it:
   connection, or when the next is started by the end of the one before
   (pipelined requests), where a task would have copied the ending request's.
 
+`eager_task` does the same for work that wants a task of its own (a
+single-flight's fill): the task is made first, its first step runs at once as
+that task, and the task drives the rest. A cache fill's upstream request so
+leaves before the rest of the loop iteration's callbacks (hundreds of other
+clients' requests, in a stampede) have run, not after them.
+
 Invariants
 ----------
 1. A host drives at most one handler at a time; it is in the idle pool only
@@ -49,9 +55,11 @@ import asyncio
 import contextvars
 import types
 from collections.abc import Coroutine, Generator
-from typing import Any
+from typing import Any, TypeVar, cast
 
 MAX_IDLE_HOSTS = 64
+
+T = TypeVar("T")
 
 _enter_task = asyncio.tasks._enter_task
 _leave_task = asyncio.tasks._leave_task
@@ -183,6 +191,65 @@ class _Host:
             idle.append(self)
 
 
+def eager_task(
+    loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T], name: str | None = None
+) -> asyncio.Task[T]:
+    """A task of its own for ``coroutine``, whose first step runs now, inline, as
+    the task (Python 3.12's ``eager_start``): work that is due at once (a request
+    to an upstream) starts before the rest of this loop iteration's callbacks,
+    not after them. The task drives the steps that follow; cancelling it before
+    it first runs cancels what the first step awaits."""
+    context = contextvars.copy_context()
+    first = _FirstStep()
+    body = _after_first_step(coroutine, context, first)
+    body.send(None)  # to its first suspension: a cancel before the task's first step lands there
+    task = asyncio.Task(body, loop=loop, name=name)
+    outer = asyncio.current_task(loop)
+    if outer is not None:
+        _leave_task(loop, outer)
+    _enter_task(loop, task)
+    try:
+        first.waiting = context.run(coroutine.send, None)
+    except StopIteration as stop:
+        first.done, first.value = True, stop.value
+    except BaseException as error:  # noqa: BLE001 - the task raises it, as a task would
+        first.error = error
+    finally:
+        _leave_task(loop, task)
+        if outer is not None:
+            _enter_task(loop, outer)
+    return task
+
+
+class _FirstStep:
+    """How an eager task's inline first step ended."""
+
+    __slots__ = ("done", "value", "error", "waiting")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.waiting: Any = None  # what the coroutine awaits, if it suspended
+
+
+async def _after_first_step(
+    coroutine: Coroutine[Any, Any, T], context: contextvars.Context, first: _FirstStep
+) -> T:
+    cancelled = False
+    try:
+        await _suspend_once()
+    except asyncio.CancelledError:
+        cancelled = True
+    if first.error is not None:
+        raise first.error
+    if first.done:
+        return cast(T, first.value)
+    job = _Continue(coroutine, context, first.waiting)
+    job.cancel_first = cancelled
+    return cast(T, await job)
+
+
 @types.coroutine
 def _suspend_once() -> Generator[None, None, None]:
     yield
@@ -198,22 +265,22 @@ class _Continue:
     __slots__ = ("coroutine", "context", "waiting", "cancel_first")
 
     def __init__(
-        self, coroutine: Coroutine[Any, Any, None], context: contextvars.Context, waiting: Any
+        self, coroutine: Coroutine[Any, Any, Any], context: contextvars.Context, waiting: Any
     ) -> None:
         self.coroutine = coroutine
         self.context = context
         self.waiting = waiting
         self.cancel_first = False
 
-    def __await__(self) -> Generator[Any, None, None]:
+    def __await__(self) -> Generator[Any, None, Any]:
         coroutine, run, waiting = self.coroutine, self.context.run, self.waiting
         self.waiting = None
         if self.cancel_first:
             if waiting is None:
                 try:
                     waiting = run(coroutine.throw, asyncio.CancelledError())
-                except StopIteration:
-                    return
+                except StopIteration as stop:
+                    return stop.value
             else:
                 waiting.cancel()
         while True:
@@ -225,10 +292,10 @@ class _Continue:
             except BaseException as error:
                 try:
                     waiting = run(coroutine.throw, error)
-                except StopIteration:
-                    return
+                except StopIteration as stop:
+                    return stop.value
             else:
                 try:
                     waiting = run(coroutine.send, value)
-                except StopIteration:
-                    return
+                except StopIteration as stop:
+                    return stop.value

@@ -4,8 +4,10 @@
     body = await group.do(("GET", "/report"), lambda: render_report(params))
 
 The first caller for a key starts the *work* (``fn()``, run in a task of its
-own) and publishes it under the key; every caller that arrives while the key is
-published joins that work instead of starting another. When the work ends, each
+own, whose first step runs at once, inside that caller's call, as Python
+3.12's eager tasks do: `server.eager.eager_task`) and publishes it under the
+key; every caller that arrives while the key is published joins that work
+instead of starting another. When the work ends, each
 caller still waiting gets its result, or raises its exception, and the key is
 unpublished. Results are not kept: the next caller after the work ends starts
 new work (keeping results is the cache's job, built on top of this module).
@@ -23,7 +25,8 @@ Vocabulary
 When the shared work is cancelled
 ---------------------------------
 1. Never because a caller was cancelled while others still wait. The work does
-   not run inside the leader: cancelling the leader (or any follower, or letting
+   not run inside the leader (only its first step runs during the leader's
+   call, as the work's task): cancelling the leader (or any follower, or letting
    its ``asyncio.timeout`` expire) makes that caller leave at once with its
    ``CancelledError`` (or ``TimeoutError``), and everyone else keeps waiting.
 2. When the *last* waiter leaves, the group cancels the work and unpublishes its
@@ -92,6 +95,8 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic, TypeVar
+
+from .eager import eager_task
 
 __all__ = ["SharedResult", "SharedWorkCancelled", "SingleFlight", "SingleFlightStats"]
 
@@ -230,7 +235,8 @@ class SingleFlight:
             coalesced = False
             flight = self._flights[key] = _Flight(key, loop)
             self._leaders += 1
-            work = loop.create_task(_run_work(fn), name=f"single-flight work for {key!r}")
+            # its first step runs now (a fill's upstream request leaves at once)
+            work = eager_task(loop, _run_work(fn), f"single-flight work for {key!r}")
             flight.work = work
             work.add_done_callback(partial(self._finish, flight))
         else:
@@ -240,7 +246,8 @@ class SingleFlight:
                     f"single-flight work for {key!r} runs on another event loop; "
                     "a SingleFlight group serves one loop"
                 )
-            if flight.work is not None and flight.work is asyncio.current_task(loop):
+            # (no work yet: its first step is running, inline, and asking)
+            if flight.work is None or flight.work is asyncio.current_task(loop):
                 raise RuntimeError(
                     f"single-flight work for {key!r} asked for its own key: "
                     "it would wait for itself forever"

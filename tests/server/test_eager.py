@@ -19,7 +19,7 @@ import pytest
 from fastapi import FastAPI
 
 from forkloop.server.asgi import AsgiApp
-from forkloop.server.eager import EagerStarter
+from forkloop.server.eager import EagerStarter, eager_task
 from tests.server.support import RawClient, running_server
 
 seen_by: contextvars.ContextVar[str] = contextvars.ContextVar("seen_by", default="nobody")
@@ -222,3 +222,71 @@ def test_anyio_cancel_scopes_threads_and_task_groups_work_on_the_host(backend):
                 assert json.loads(client.read_reply().body) == {"cancelled": True}
                 client.request("GET", "/group")
                 assert json.loads(client.read_reply().body) == {"done": [0, 1, 2]}
+
+
+# ---------------------------------------------------------------------- eager_task
+#
+# A task whose first step runs inline, as the task (single-flight work starts
+# this way, so a fill's upstream request leaves before the rest of the loop
+# iteration's callbacks run).
+
+
+def test_an_eager_task_runs_its_first_step_at_once_as_itself(backend):
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        outer = asyncio.current_task()
+        release = loop.create_future()
+        seen: list[object] = []
+
+        async def work() -> str:
+            seen.append(asyncio.current_task())
+            seen_by.set("the work")
+            await release
+            seen.append(asyncio.current_task())
+            return "done"
+
+        task = eager_task(loop, work(), "eager")
+        assert seen == [task]  # ran before eager_task returned, as the task itself
+        assert asyncio.current_task() is outer and seen_by.get() == "nobody"
+        release.set_result(None)
+        assert await task == "done" and seen == [task, task]
+
+    backend.run(main)
+
+
+def test_an_eager_task_that_ends_or_fails_in_its_first_step_says_so_as_a_task(backend):
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def at_once() -> int:
+            return 7
+
+        async def fails() -> None:
+            raise ValueError("in the first step")
+
+        assert await eager_task(loop, at_once()) == 7
+        with pytest.raises(ValueError, match="in the first step"):
+            await eager_task(loop, fails())
+
+    backend.run(main)
+
+
+def test_cancelling_an_eager_task_before_it_runs_cancels_what_its_first_step_awaits(backend):
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        awaited = loop.create_future()
+        cleaned: list[bool] = []
+
+        async def work() -> None:
+            try:
+                await awaited
+            finally:
+                cleaned.append(awaited.cancelled())
+
+        task = eager_task(loop, work())
+        task.cancel()  # before the loop has run the task at all
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert cleaned == [True] and task.cancelled()
+
+    backend.run(main)

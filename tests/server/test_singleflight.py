@@ -745,3 +745,24 @@ async def play(data: st.DataObject, steps: int) -> None:
 @given(data=st.data(), steps=st.integers(min_value=1, max_value=30))
 def test_group_matches_model_under_random_arrivals_cancellations_and_failures(backend, data, steps):
     run_checked(backend, lambda: play(data, steps))
+
+
+def test_the_work_starts_before_callbacks_already_due(backend):
+    """The work's first step runs inside the leader's call (`server.eager.eager_task`):
+    a fill's upstream request does not wait for the rest of the loop's iteration
+    (with hundreds of clients arriving at once, that is milliseconds)."""
+
+    async def main() -> None:
+        group: SingleFlight[int] = SingleFlight()
+        started: list[str] = []
+
+        async def fn() -> int:
+            started.append("work")
+            await asyncio.sleep(0)
+            return 1
+
+        asyncio.get_running_loop().call_soon(started.append, "a callback due before")
+        assert await group.do("key", fn) == 1
+        assert started == ["work", "a callback due before"]
+
+    run_checked(backend, main)
