@@ -133,7 +133,6 @@ class CacheStats:
     # died, and fills done alone because the tier was unavailable
     shared_hits: int = 0
     shared_coalesced: int = 0
-    shared_waiters: int = 0  # other workers that waited for this worker's fills, and got them
     takeovers: int = 0
     fallbacks: int = 0
     shared_failures: int = 0  # fills that failed in another worker: their error served here
@@ -614,7 +613,6 @@ def _end_lease(
     if not isinstance(value, Entry) or value.status >= 500 or value.size == 0:
         lease.fail()
         return
-    stats.shared_waiters += lease.others_waiting
     vary = vary_names(value.headers)
     if not vary:
         lease.store(value)

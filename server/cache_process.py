@@ -121,6 +121,7 @@ class StoreStats:
     evictions: int = 0
     too_big: int = 0
     errors: int = 0  # fills that failed, their failure pushed to every waiter
+    served: int = 0  # waiters handed the entry of a fill another worker did
     replicated: int = 0  # entries copied from the cache process of the master this one upgraded
 
 
@@ -161,6 +162,7 @@ class SharedStore:
         flight = self.flights.get(key)
         if flight is not None and flight.holder == (connection, request_id):
             del self.flights[key]
+            self.stats.served += len(flight.waiters)
             for waiter, waiter_id in flight.waiters:
                 waiter.send(HIT, waiter_id, blob)
 
@@ -370,7 +372,7 @@ HANG_TIMEOUT = 3.0  # a cache process whose loop has not beaten this long is kil
 # What the cache process publishes on its board at each beat (for /metrics): gauges
 # first, then counters (which start again from 0 when the process is restarted).
 BOARD_GAUGES = ("entries", "bytes", "limit_bytes", "leases", "waiters")
-BOARD_COUNTERS = ("hits", "fills", "waits", "takeovers", "stores", "evictions", "errors")
+BOARD_COUNTERS = ("hits", "fills", "waits", "takeovers", "stores", "evictions", "errors", "served")
 BOARD_FIGURES = BOARD_GAUGES + BOARD_COUNTERS
 
 

@@ -296,6 +296,7 @@ SHARED_PROCESS_COUNTERS = {
     "evictions": "entries evicted to stay within the byte bound",
     "takeovers": "leases passed to a waiting worker when the filler left or died",
     "errors": "fills that failed, their error pushed to every waiting worker",
+    "served": "waiting workers handed the entry of a fill another worker did",
 }
 
 
@@ -316,11 +317,6 @@ def shared_cache_families(totals: dict[str, int]) -> Iterator[Any]:
     for name, result in SHARED_EVENTS.items():
         lookups.add_metric((result,), totals.get(name, 0))
     yield lookups
-    yield CounterMetricFamily(
-        "forkloop_shared_cache_waiters_served",
-        "workers that waited for a fill done in another worker, and got its entry",
-        totals.get("cache_shared_waiters", 0),
-    )
     yield CounterMetricFamily(
         "forkloop_shared_cache_worker_takeovers",
         "fills a worker took over from a filler that left or died",

@@ -61,7 +61,6 @@ CACHE_COUNTERS = (
 SHARED_CACHE_COUNTERS = (
     "cache_shared_hits",
     "cache_shared_coalesced",
-    "cache_shared_waiters",
     "cache_takeovers",
     "cache_fallbacks",
     "cache_shared_failures",

@@ -132,14 +132,14 @@ def test_a_stampede_over_every_worker_computes_once(server, backend):
     assert len(master.fills("cold")) == 1
 
     # server-wide figures: once every worker has published its counters, one computation,
-    # and the other workers' waits counted on both sides
+    # and the other workers' waits counted
     def totals() -> dict:
         return json.loads(master.get("/stats")[1])["server"]
 
     assert wait_for(lambda: totals()["cache_hits"] + totals()["cache_misses"] >= 1000, 5)
     server_wide = totals()
     assert server_wide["cache_computations"] == 1
-    assert server_wide["cache_shared_coalesced"] == server_wide["cache_shared_waiters"]
+    assert server_wide["cache_shared_coalesced"] >= 1  # other workers waited for the fill
     assert server_wide["cache_fallbacks"] == 0
 
 
@@ -639,7 +639,8 @@ def test_metrics_show_the_shared_tier_from_the_workers_and_the_cache_process(ser
             and value(s, "forkloop_shared_cache_waiters") == 0
         ),
     )
-    assert value(samples, "forkloop_shared_cache_waiters_served_total") == value(
+    # counted on both sides: by the cache process that served the waiters, by the waiters
+    assert value(samples, "forkloop_shared_cache_process_served_total") == value(
         samples, "forkloop_shared_cache_lookups_total", result="coalesced"
     )
     assert value(samples, "forkloop_shared_cache_up") == 1
