@@ -125,7 +125,9 @@ def origin_count(origin: int, path: str) -> int:
 
 async def _client(port: int, request: bytes, go: asyncio.Event) -> float | None:
     """One client of a stampede: its own connection, its request sent at ``go``;
-    the milliseconds until its whole answer came, or None if it failed."""
+    the milliseconds until its whole answer came (the head and the Content-Length
+    bytes of body, as an HTTP client reads it: not the close that follows, which
+    every server sends a moment later), or None if it failed."""
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
     except OSError:
@@ -134,14 +136,25 @@ async def _client(port: int, request: bytes, go: asyncio.Event) -> float | None:
         await go.wait()
         started = time.perf_counter()
         writer.write(request)
-        answer = await reader.read()
-        if not answer.startswith(b"HTTP/1.1 200 ") or not answer.endswith(b"x" * 64):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = _content_length(head)
+        body = await reader.readexactly(length) if length is not None else b""
+        elapsed = (time.perf_counter() - started) * 1000
+        if not head.startswith(b"HTTP/1.1 200 ") or not body.endswith(b"x" * 64):
             return None
-        return (time.perf_counter() - started) * 1000
-    except OSError:
+        return elapsed
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
         return None
     finally:
         writer.close()
+
+
+def _content_length(head: bytes) -> int | None:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return None
 
 
 def run_stampede(port: int, path: str, clients: int) -> list[float | None]:
