@@ -244,14 +244,14 @@ class ResponseCache:
                     elif not variants.vary and self.instant.enabled:
                         self.instant.offer(request.target, request.method, url, entry)
                     self.stats.hits += 1
-                    return entry.response("HIT", now)
+                    return entry.answer(request, "HIT", now)
                 if now < entry.stale_while_revalidate_until:
                     started = self._refresh_in_background(url, request, handler, policy)
                     if started:
                         self.stats.stale += 1
-                        return entry.response("STALE", now)
+                        return entry.answer(request, "STALE", now)
                     self.stats.updating += 1
-                    return entry.response("UPDATING", now)
+                    return entry.answer(request, "UPDATING", now)
         return self._miss(url, request, handler, policy)
 
     # ------------------------------------------------------------------ misses
@@ -264,7 +264,7 @@ class ResponseCache:
             self.stats.misses += 1
             if isinstance(value, _Uncacheable):
                 return with_cache_status(value.response, "MISS")
-            return value.response("MISS", self.clock())
+            return value.answer(request, "MISS", self.clock())
         key = self._flight_key(url, request)
         joining = key in self._flights
         try:
@@ -301,7 +301,7 @@ class ResponseCache:
         if isinstance(result.value, _FromSharedTier):
             self.stats.coalesced += result.coalesced
             self.stats.hits += 1
-            return result.value.entry.response("HIT", self.clock())
+            return result.value.entry.answer(request, "HIT", self.clock())
         value = result.value
         if isinstance(value, _Uncacheable):
             if result.coalesced:  # never share what was not meant to be shared
@@ -315,9 +315,9 @@ class ResponseCache:
         if result.coalesced:
             self.stats.coalesced += 1
             self.stats.hits += 1
-            return value.response("HIT", self.clock())
+            return value.answer(request, "HIT", self.clock())
         self.stats.misses += 1
-        return value.response("MISS", self.clock())
+        return value.answer(request, "MISS", self.clock())
 
     async def _fill(
         self,
@@ -515,7 +515,7 @@ class ResponseCache:
         if entry is None or (now >= entry.stale_if_error_until and not any_age):
             return None
         self.stats.stale += 1
-        return entry.response("STALE", now)
+        return entry.answer(request, "STALE", now)
 
     # ------------------------------------------------------------------ instant answers
 

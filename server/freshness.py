@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -86,6 +87,57 @@ class Entry:
             now - self.stored_at,
         )
         return response
+
+    def answer(self, request: Request, cache_status: str, now: float) -> Response:
+        """The entry as the answer to ``request``: a 304 when the request's
+        preconditions say the client's copy is this one (`not_modified`)."""
+        if not request.conditional or not not_modified(request, self):
+            return self.response(cache_status, now)
+        # a 304 carries what the 200 would have of these (RFC 9110 15.4.5), no body
+        response = Response(b"", 304, None, None)
+        kept = b"".join(
+            encode_header(name, value)
+            for name, value in self.headers
+            if name.lower() in _NOT_MODIFIED_FIELDS
+        )
+        response.encoded_headers = b"%sX-Cache: %s\r\nAge: %d\r\n" % (
+            kept,
+            _CACHE_STATUS_BYTES[cache_status],
+            now - self.stored_at,
+        )
+        return response
+
+
+_NOT_MODIFIED_FIELDS = frozenset({"etag", "cache-control", "expires", "vary", "content-location"})
+_ENTITY_TAG = re.compile(r'(?:W/)?"[^"]*"|\*')
+
+
+def not_modified(request: Request, entry: Entry) -> bool:
+    """Whether ``request``'s preconditions say its client holds ``entry`` already
+    (RFC 9110 13.2.2), for a 200 entry: If-None-Match by weak comparison (``*``
+    matches any), else If-Modified-Since against the entry's Last-Modified."""
+    if entry.status != 200 or request.method not in ("GET", "HEAD"):
+        return False
+    headers = request.headers
+    asked = headers.get_all("if-none-match")
+    if asked:
+        tags = {tag.removeprefix("W/") for field in asked for tag in _ENTITY_TAG.findall(field)}
+        etag = _entry_header(entry, "etag")
+        return "*" in tags or (etag is not None and etag.strip().removeprefix("W/") in tags)
+    since, modified = headers.get("if-modified-since"), _entry_header(entry, "last-modified")
+    if since is None or modified is None:
+        return False
+    try:
+        return parsedate_to_datetime(modified) <= parsedate_to_datetime(since)
+    except (TypeError, ValueError):  # not a date, or one naive and one aware: no precondition
+        return False
+
+
+def _entry_header(entry: Entry, name: str) -> str | None:
+    for key, value in entry.headers:
+        if key.lower() == name:
+            return value
+    return None
 
 
 def may_store(request: Request, response: Response) -> bool:

@@ -139,6 +139,9 @@ class Request:
     # the protocol this request asks to switch to, when the front door can switch
     # ("websocket"); nothing after its head was parsed (server.parsing)
     upgrade: str | None = None
+    # it carries If-None-Match or If-Modified-Since: a cache hit may be a 304 (set by
+    # server.parsing; server.freshness.not_modified reads the headers themselves)
+    conditional: bool = False
     _headers: Headers | None = None
     _path: str | None = None
     _query: bytes = b""

@@ -141,7 +141,10 @@ class RequestReader:
         self.instant_answers = 0  # requests answered from the parser (server.instant)
         self.last_instant = (b"", b"")  # the last one's target and method
         self.head_done = False
-        self.framing = False  # a body, framing header or oversized head was seen
+        # a body, a framing header, a precondition or an oversized head was seen: the
+        # request takes the usual way, and _take_body resets what these set
+        self.framing = False
+        self.conditional = False  # If-None-Match or If-Modified-Since
         self.version = "1.1"
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0
@@ -328,6 +331,9 @@ class RequestReader:
             coding = value.decode("latin-1")
             self.reject(501, f"client sent an unsupported Transfer-Encoding: {coding}")
 
+    def _on_precondition(self, value: bytes) -> None:
+        self.conditional = True  # the cache may answer 304 (server.freshness.not_modified)
+
     def _on_expect(self, value: bytes) -> None:
         if value.lower() == b"100-continue":
             # an HTTP/1.0 client cannot read a 100: ignore the expectation (RFC 9110 10.1.1)
@@ -419,18 +425,20 @@ class RequestReader:
             self._next_request()
             return
         method = _METHODS.get(parser.get_method()) or _method_name(parser.get_method())
-        self.pending.append(
-            Request(
-                method,
-                self.url,
-                self.version,
-                self.headers,
-                self.client,
-                parser.should_keep_alive(),
-                self._take_body() if self.framing else b"",
-                self.context,
-            )
+        conditional = self.conditional
+        request = Request(
+            method,
+            self.url,
+            self.version,
+            self.headers,
+            self.client,
+            parser.should_keep_alive(),
+            self._take_body() if self.framing else b"",
+            self.context,
         )
+        if conditional:
+            request.conditional = True
+        self.pending.append(request)
         self._next_request()
         if len(self.pending) >= self.max_pipelined:
             self.flow.read_paused = True
@@ -473,15 +481,19 @@ class RequestReader:
         self.expect_continue = False
         self.head_chunk_bytes = 0
         self.continue_owed = False  # a client may send its body without waiting for 100
+        self.conditional = False
         self.framing = False
         return payload
 
 
-# Headers that change how a request is framed; Host is counted inline in on_header.
+# Headers that change how a request is framed, and preconditions; Host is counted
+# inline in on_header.
 _HEADER_CHECKS: dict[bytes, Callable[[RequestReader, bytes], None]] = {
     b"content-length": RequestReader._on_content_length,
     b"transfer-encoding": RequestReader._on_transfer_encoding,
     b"expect": RequestReader._on_expect,
+    b"if-none-match": RequestReader._on_precondition,
+    b"if-modified-since": RequestReader._on_precondition,
 }
 _CHECKED_NAME_LENGTHS = frozenset(len(name) for name in (b"host", *_HEADER_CHECKS))
 # What a Host value may hold: reg-name or IP literal, and a port (RFC 3986 3.2.2);

@@ -132,11 +132,19 @@ def test_an_expired_entry_is_revalidated_by_its_etag(backend):
     assert counted(upstream, "e") == 2 and stats["revalidated"] == 1
 
 
-def test_a_client_condition_never_reaches_a_fill(backend):
+def test_a_client_condition_never_reaches_a_fill_and_is_answered_from_the_cache(backend):
+    target = "/cache/c?max_age=60&etag=v1"
     with Upstream() as upstream, caching_proxy(backend, upstream.port) as proxy:
-        reply = get(proxy.port, "/cache/c?max_age=60&etag=v1", ("If-None-Match", '"v1"'))
-    assert reply.status == 200 and reply.body == b"c #1"  # the fill is for everyone
+        holder = get(proxy.port, target, ("If-None-Match", '"v1"'))
+        other = get(proxy.port, target)  # the fill is for everyone: the whole page was stored
+        again = get(proxy.port, target, ("If-None-Match", 'W/"v1"'))
+        outdated = get(proxy.port, target, ("If-None-Match", '"v0"'))
     assert b"if-none-match" not in upstream.seen.heads[0].lower()
+    assert (holder.status, holder.header("x-cache"), holder.body) == (304, "MISS", b"")
+    assert (other.status, other.header("x-cache"), other.body) == (200, "HIT", b"c #1")
+    assert (again.status, again.header("x-cache"), again.header("etag")) == (304, "HIT", '"v1"')
+    assert (outdated.status, outdated.body) == (200, b"c #1")
+    assert counted(upstream, "c") == 1
 
 
 def test_stale_if_error_serves_the_stale_entry_while_the_upstream_fails(backend):
