@@ -359,6 +359,7 @@ class FleetTier:
         self._client: Any = None  # redis.asyncio.Redis or RedisCluster
         self._scripts: dict[str, Any] = {}
         self._waiters: set[asyncio.Future[None]] = set()  # woken when the breaker opens
+        self.parked = 0  # waits blocked on a notification right now
         self._prober: asyncio.Task[None] | None = None
         self._outage = False  # an error was logged, and no call has worked since
         self._announced = False  # the outage's end was logged
@@ -546,7 +547,11 @@ class FleetTier:
                     return ALONE  # waited the route's lock timeout
                 lease_left = answer[1] / 1000 if answer[1] > 0 else self.lease_ttl
                 wake = min(deadline, now + lease_left + WAKE_MARGIN)
-                message = await first_of(queue, broken, wake - now)
+                self.parked += 1
+                try:
+                    message = await first_of(queue, broken, wake - now)
+                finally:
+                    self.parked -= 1
                 if broken.done():
                     raise StoreUnavailable
                 if message == FAILED:

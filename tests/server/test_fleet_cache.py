@@ -33,6 +33,7 @@ from tests.loop_under_test import LoopUnderTest
 from tests.server.frontdoor_support import UserFolder, last_error_line, run_forkloop
 from tests.server.master_support import MasterUnderTest, alive, wait_for
 from tests.server.redis_support import ClusterUnderTest, StoreUnderTest
+from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,9 +98,7 @@ def test_a_waiter_on_another_server_is_notified_of_the_fill(store, backend: Loop
         lease = await first.acquire(b"/cold", 600)
         assert isinstance(lease, FleetLease)
         waiting = asyncio.ensure_future(second.acquire(b"/cold", 600))
-        while second.notifications.queues == {}:  # subscribed: it waits on its channel
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)  # and parked on it (a fill that ends earlier is found anyway)
+        await until(lambda: second.parked == 1, timeout=10)  # blocked on its channel
         lease.store(_entry(b"filled once"))
         got = await waiting
         assert isinstance(got, Hit) and got.waited and got.entry.body == b"filled once"
@@ -119,8 +118,7 @@ def test_a_filler_that_leaves_hands_the_fill_to_a_waiter_elsewhere(store):
         lease = await first.acquire(b"/left", 5)
         assert isinstance(lease, FleetLease)
         waiting = asyncio.ensure_future(second.acquire(b"/left", 5))
-        while second.notifications.queues == {}:  # subscribed: it waits on its channel
-            await asyncio.sleep(0.01)
+        await until(lambda: second.parked == 1, timeout=10)  # blocked on its channel
         lease.release()
         taken = await waiting
         assert isinstance(taken, FleetLease) and taken.took_over
@@ -139,8 +137,7 @@ def test_a_failed_fill_sends_its_waiters_to_compute_for_themselves(store):
         lease = await first.acquire(b"/private", 5)
         assert isinstance(lease, FleetLease)
         waiting = asyncio.ensure_future(second.acquire(b"/private", 5))
-        while second.notifications.queues == {}:
-            await asyncio.sleep(0.01)
+        await until(lambda: second.parked == 1, timeout=10)
         lease.fail()
         assert await waiting is ALONE
         await first.close()
@@ -156,8 +153,7 @@ def test_a_failed_fill_gives_its_error_to_its_waiters_elsewhere(store):
         lease = await first.acquire(b"/down", 600)
         assert isinstance(lease, FleetLease)
         waiting = asyncio.ensure_future(second.acquire(b"/down", 600))
-        while second.notifications.queues == {}:
-            await asyncio.sleep(0.01)
+        await until(lambda: second.parked == 1, timeout=10)
         now = time.monotonic()
         lease.error(Entry(503, [], "text/plain", b"origin down", now, now, now, now, 0.0))
         got = await waiting
@@ -232,8 +228,7 @@ def test_a_frozen_store_is_bypassed_and_waiters_are_woken(store):
         lease = await first.acquire(b"/frozen", 5)
         assert isinstance(lease, FleetLease)
         waiting = asyncio.ensure_future(second.acquire(b"/frozen", 30))
-        while second.notifications.queues == {}:
-            await asyncio.sleep(0.01)
+        await until(lambda: second.parked == 1, timeout=10)
         store.freeze()
         try:
             # the waiter asks again when the lease would expire: that call times out
@@ -265,8 +260,7 @@ def test_a_cluster_fills_once_with_value_lease_and_channel_in_one_slot(tmp_path)
                 lease = await first.acquire(key, 5)
                 assert isinstance(lease, FleetLease)
                 waiting = asyncio.ensure_future(second.acquire(key, 5))
-                while second.notifications.queues == {}:
-                    await asyncio.sleep(0.01)
+                await until(lambda: second.parked == 1, timeout=10)
                 lease.store(_entry(b"from the cluster"))
                 got = await waiting
                 assert isinstance(got, Hit) and got.waited, got
